@@ -1,0 +1,462 @@
+/* WebSocket broadcast load generator (one process, epoll, 127.0.0.1 only).
+ *
+ * Opens N subscriber connections (+ optional K stuck readers that are never
+ * read after the handshake) and, except in idle mode, one publisher.
+ * The publisher sends masked 100-byte text frames carrying a JSON object
+ * {"t":<CLOCK_MONOTONIC ns>,"p":"xxx..."}; subscribers parse frames, count
+ * deliveries and record latency (now - t) into a histogram.  The publisher's
+ * own deliveries are read and discarded (not counted).
+ *
+ * modes:
+ *   tput  send as fast as the server absorbs: at most WINDOW messages in
+ *         flight, where in-flight = sent - deliveries/live_subscribers, and
+ *         only when the publisher's previous frames were fully written.
+ *   rate  send RATE messages per second.
+ *   idle  open the connections, print {"ready":...} and hold them until
+ *         stdin has a line / EOF, or --hold seconds pass.
+ * Every phase is bounded in time; the program always exits by itself.
+ * Prints one JSON object on stdout at the end.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+#include "wsutil.h"
+
+enum { K_SUB, K_PUB, K_STUCK };
+enum { S_CONNECTING, S_HANDSHAKE, S_OPEN, S_CLOSED };
+
+typedef struct conn {
+    int fd, kind, state, want_out, retries;
+    char *in; size_t inlen, incap;
+    char *out; size_t outlen, outoff, outcap;
+    uint64_t received;
+} conn;
+
+/* options */
+static int port = 0, nsubs = 10, nstuck = 0, msgsize = 100, max_pending = 64;
+static double duration = 5, warmup = 1, rate = 200, connect_timeout = 60, hold = 120, drain = 0.5;
+static long window_deliveries = 20000;
+static long long prefill_msgs = 0, max_msgs = 50000000;
+static double prefill_max = 15;
+static const char *mode = "tput", *path = "/";
+static int stuck_rcvbuf = 4096;
+
+static conn *conns; static int nconns;
+static int epfd;
+static uint64_t errors, closed_unexpected, connect_failed, deliveries, deliveries_total, pub_received, bytes_in;
+static uint64_t sent, stalls, parse_errors;
+static int measuring, live_subs;
+static double forgiven;
+
+/* latency histogram in ns: 1us steps to 1ms, 100us to 100ms, 10ms to 10s */
+#define HB 3001
+static uint64_t hist[HB]; static uint64_t hcount; static uint64_t hmax;
+static void hrec(int64_t ns) {
+    if (ns < 0) ns = 0;
+    uint64_t us = (uint64_t)ns / 1000; int b;
+    if (us < 1000) b = (int)us;
+    else if (us < 100000) b = 1000 + (int)((us - 1000) / 100);
+    else if (us < 10000000) b = 1990 + (int)((us - 100000) / 10000);
+    else b = HB - 1;
+    if (b >= HB) b = HB - 1;
+    hist[b]++; hcount++; if (us > hmax) hmax = us;
+}
+static double hbucket_us(int b) {   /* upper bound of bucket */
+    if (b < 1000) return b + 1;
+    if (b < 1990) return 1000 + (b - 1000 + 1) * 100.0;
+    return 100000 + (b - 1990 + 1) * 10000.0;
+}
+static double hpct(double p) {
+    if (!hcount) return -1;
+    uint64_t want = (uint64_t)(p * hcount); if (want >= hcount) want = hcount - 1;
+    uint64_t acc = 0;
+    for (int b = 0; b < HB; b++) { acc += hist[b]; if (acc > want) return hbucket_us(b); }
+    return (double)hmax;
+}
+
+static inline int64_t now_ns(void) {
+    struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void ensure(char **buf, size_t *cap, size_t need) {
+    if (need <= *cap) return;
+    size_t c = *cap ? *cap : 4096;
+    while (c < need) c *= 2;
+    char *n = realloc(*buf, c);
+    if (!n) { perror("realloc"); exit(1); }
+    *buf = n; *cap = c;
+}
+
+static void set_events(conn *c, uint32_t ev) {
+    struct epoll_event e = {.events = ev, .data.u32 = (uint32_t)(c - conns)};
+    epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &e);
+}
+
+static void conn_close(conn *c, int unexpected) {
+    if (c->state == S_CLOSED) return;
+    if (c->state == S_OPEN && c->kind == K_SUB) live_subs--;
+    if (unexpected) closed_unexpected++;
+    epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    c->fd = -1;
+    c->state = S_CLOSED;
+}
+
+static uint64_t rng = 0x9E3779B97F4A7C15ULL;
+static inline uint64_t xr(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng; }
+
+static int start_connect(conn *c) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (fd < 0) { perror("socket"); errors++; return -1; }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (c->kind == K_STUCK) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &stuck_rcvbuf, sizeof stuck_rcvbuf);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int r = connect(fd, (struct sockaddr *)&a, sizeof a);
+    if (r < 0 && errno != EINPROGRESS) { close(fd); connect_failed++; return -1; }
+    c->fd = fd; c->state = S_CONNECTING; c->inlen = 0; c->outlen = c->outoff = 0;
+    struct epoll_event e = {.events = EPOLLOUT, .data.u32 = (uint32_t)(c - conns)};
+    epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &e);
+    return 0;
+}
+
+static void queue_out(conn *c, const char *d, size_t n) {
+    if (c->outoff && c->outoff == c->outlen) c->outoff = c->outlen = 0;
+    ensure(&c->out, &c->outcap, c->outlen + n);
+    memcpy(c->out + c->outlen, d, n); c->outlen += n;
+}
+
+/* returns 0 ok (maybe partial), -1 error */
+static int flush_out(conn *c) {
+    while (c->outoff < c->outlen) {
+        ssize_t w = send(c->fd, c->out + c->outoff, c->outlen - c->outoff, MSG_NOSIGNAL);
+        if (w > 0) { c->outoff += (size_t)w; continue; }
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        return -1;
+    }
+    if (c->outoff == c->outlen) c->outoff = c->outlen = 0;
+    int want = c->outlen > 0;
+    if (c->state == S_OPEN && want != c->want_out) {
+        c->want_out = want;
+        if (c->kind != K_STUCK || want) set_events(c, EPOLLIN | (want ? EPOLLOUT : 0));
+    }
+    return 0;
+}
+
+static void send_handshake(conn *c) {
+    uint8_t k[16]; for (int i = 0; i < 16; i++) k[i] = (uint8_t)xr();
+    char key[32]; wsu_b64(k, 16, key);
+    char req[512];
+    int n = snprintf(req, sizeof req,
+        "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n", path, port, key);
+    queue_out(c, req, (size_t)n);
+}
+
+static void masked_frame(conn *c, int op, const char *p, size_t n) {
+    char h[14]; size_t hl;
+    h[0] = (char)(0x80 | op);
+    if (n < 126) { h[1] = (char)(0x80 | n); hl = 2; }
+    else if (n < 65536) { h[1] = (char)(0x80 | 126); h[2] = (char)(n >> 8); h[3] = (char)n; hl = 4; }
+    else { h[1] = (char)(0x80 | 127); for (int i = 0; i < 8; i++) h[2+i] = (char)((uint64_t)n >> (56 - 8*i)); hl = 10; }
+    uint32_t m = (uint32_t)xr(); unsigned char mk[4]; memcpy(mk, &m, 4); memcpy(h + hl, mk, 4); hl += 4;
+    size_t at = c->outlen;
+    queue_out(c, h, hl);
+    queue_out(c, p, n);
+    unsigned char *q = (unsigned char *)c->out + at + hl;
+    for (size_t i = 0; i < n; i++) q[i] ^= mk[i & 3];
+}
+
+static char *payload;
+static void make_payload(int64_t t) {
+    int n = snprintf(payload, (size_t)msgsize + 1, "{\"t\":%lld,\"p\":\"", (long long)t);
+    for (int i = n; i < msgsize - 2; i++) payload[i] = 'x';
+    payload[msgsize - 2] = '"'; payload[msgsize - 1] = '}'; payload[msgsize] = 0;
+}
+
+static void on_message(conn *c, const unsigned char *p, size_t n, int64_t now) {
+    if (c->kind == K_PUB) { pub_received++; return; }
+    c->received++;
+    deliveries_total++;
+    if (!measuring) return;
+    deliveries++;
+    /* find "t": */
+    const unsigned char *e = p + n;
+    for (const unsigned char *q = p; q + 4 < e; q++) {
+        if (q[0] == '"' && q[1] == 't' && q[2] == '"') {
+            q += 3; while (q < e && (*q == ' ' || *q == ':')) q++;
+            int64_t v = 0; int any = 0;
+            while (q < e && *q >= '0' && *q <= '9') { v = v * 10 + (*q - '0'); q++; any = 1; }
+            if (any) hrec(now - v); else parse_errors++;
+            return;
+        }
+    }
+    parse_errors++;
+}
+
+/* parse frames from buf; returns bytes consumed, or -1 on close/error */
+static long parse_frames(conn *c, unsigned char *b, size_t len, int64_t now) {
+    size_t off = 0;
+    while (len - off >= 2) {
+        size_t avail = len - off;
+        int fin = b[off] & 0x80, op = b[off] & 0x0f, masked = b[off+1] & 0x80;
+        uint64_t pl = b[off+1] & 0x7f; size_t h = 2;
+        if (pl == 126) { if (avail < 4) break; pl = (uint64_t)b[off+2] << 8 | b[off+3]; h = 4; }
+        else if (pl == 127) { if (avail < 10) break; pl = 0; for (int i = 0; i < 8; i++) pl = pl << 8 | b[off+2+i]; h = 10; }
+        if (pl > (64u << 20)) { errors++; return -1; }
+        if (masked) h += 4;
+        if (avail < h + pl) break;
+        unsigned char *p = b + off + h;
+        if (masked) { unsigned char *m = p - 4; for (uint64_t i = 0; i < pl; i++) p[i] ^= m[i & 3]; }
+        if (op == 1 || op == 2 || op == 0) { if (fin) on_message(c, p, pl, now); }
+        else if (op == 9) { /* ping -> pong */
+            char tmp[128]; size_t n = pl < 125 ? pl : 125; memcpy(tmp, p, n);
+            masked_frame(c, 10, tmp, n);
+            if (flush_out(c) < 0) return -1;
+        } else if (op == 8) { return -1; }
+        off += h + pl;
+    }
+    return (long)off;
+}
+
+static unsigned char rbuf[1 << 18];
+
+static void on_readable(conn *c, int64_t now) {
+    ssize_t r = recv(c->fd, rbuf, sizeof rbuf, 0);
+    if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) { conn_close(c, 1); return; }
+    if (r < 0) return;
+    bytes_in += (uint64_t)r;
+    unsigned char *data; size_t len;
+    if (c->state == S_HANDSHAKE) {
+        ensure(&c->in, &c->incap, c->inlen + (size_t)r + 1);
+        memcpy(c->in + c->inlen, rbuf, (size_t)r); c->inlen += (size_t)r; c->in[c->inlen] = 0;
+        char *end = strstr(c->in, "\r\n\r\n");
+        if (!end) { if (c->inlen > 16384) { errors++; conn_close(c, 1); } return; }
+        if (strncmp(c->in, "HTTP/1.1 101", 12) != 0) {
+            if (errors < 3) fprintf(stderr, "loadgen: handshake refused: %.*s\n", (int)(strchr(c->in, '\r') - c->in), c->in);
+            errors++; conn_close(c, 0); return;
+        }
+        size_t used = (size_t)(end + 4 - c->in);
+        memmove(c->in, c->in + used, c->inlen - used); c->inlen -= used;
+        c->state = S_OPEN;
+        if (c->kind == K_SUB) live_subs++;
+        if (c->kind == K_STUCK) { set_events(c, 0); return; }  /* never read again */
+        set_events(c, EPOLLIN);
+        if (!c->inlen) return;
+        data = (unsigned char *)c->in; len = c->inlen;
+    } else if (c->inlen) {
+        ensure(&c->in, &c->incap, c->inlen + (size_t)r);
+        memcpy(c->in + c->inlen, rbuf, (size_t)r); c->inlen += (size_t)r;
+        data = (unsigned char *)c->in; len = c->inlen;
+    } else { data = rbuf; len = (size_t)r; }
+    long used = parse_frames(c, data, len, now);
+    if (used < 0) { conn_close(c, 1); return; }
+    size_t rest = len - (size_t)used;
+    if (data == rbuf) {
+        if (rest) { ensure(&c->in, &c->incap, rest); memcpy(c->in, rbuf + used, rest); }
+        c->inlen = rest;
+    } else {
+        if (used) memmove(c->in, c->in + used, rest);
+        c->inlen = rest;
+    }
+}
+
+static void on_event(conn *c, uint32_t ev, int64_t now) {
+    if (c->state == S_CLOSED) return;
+    if (c->state == S_CONNECTING) {
+        int err = 0; socklen_t l = sizeof err;
+        getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &l);
+        if (err || (ev & (EPOLLERR | EPOLLHUP))) { connect_failed++; conn_close(c, 0); return; }
+        c->state = S_HANDSHAKE;
+        send_handshake(c);
+        if (flush_out(c) < 0) { errors++; conn_close(c, 1); return; }
+        set_events(c, EPOLLIN | (c->outlen ? EPOLLOUT : 0));
+        return;
+    }
+    if (ev & EPOLLOUT) { if (flush_out(c) < 0) { conn_close(c, 1); return; }
+                         if (c->state == S_HANDSHAKE && !c->outlen) set_events(c, EPOLLIN); }
+    if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) on_readable(c, now);
+}
+
+static double arg_d(const char *s) { return atof(s); }
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i]; const char *v = i + 1 < argc ? argv[i+1] : "0";
+        if (!strcmp(a, "--port")) { port = atoi(v); i++; }
+        else if (!strcmp(a, "--mode")) { mode = v; i++; }
+        else if (!strcmp(a, "--subs")) { nsubs = atoi(v); i++; }
+        else if (!strcmp(a, "--stuck")) { nstuck = atoi(v); i++; }
+        else if (!strcmp(a, "--size")) { msgsize = atoi(v); i++; }
+        else if (!strcmp(a, "--duration")) { duration = arg_d(v); i++; }
+        else if (!strcmp(a, "--warmup")) { warmup = arg_d(v); i++; }
+        else if (!strcmp(a, "--rate")) { rate = arg_d(v); i++; }
+        else if (!strcmp(a, "--window")) { window_deliveries = atol(v); i++; }
+        else if (!strcmp(a, "--connect-timeout")) { connect_timeout = arg_d(v); i++; }
+        else if (!strcmp(a, "--hold")) { hold = arg_d(v); i++; }
+        else if (!strcmp(a, "--max-pending")) { max_pending = atoi(v); i++; }
+        else if (!strcmp(a, "--path")) { path = v; i++; }
+        else if (!strcmp(a, "--prefill-msgs")) { prefill_msgs = atoll(v); i++; }
+        else if (!strcmp(a, "--prefill-max")) { prefill_max = arg_d(v); i++; }
+        else if (!strcmp(a, "--max-msgs")) { max_msgs = atoll(v); i++; }
+        else { fprintf(stderr, "unknown option %s\n", a); return 2; }
+    }
+    if (!port || msgsize < 40 || nsubs < 0) { fprintf(stderr, "usage: loadgen --port P [--mode tput|rate|idle] [--subs N] ...\n"); return 2; }
+    signal(SIGPIPE, SIG_IGN);
+    int idle = !strcmp(mode, "idle"), tput = !strcmp(mode, "tput");
+    int npub = idle ? 0 : 1;
+    nconns = nsubs + nstuck + npub;
+    conns = calloc((size_t)nconns + 1, sizeof *conns);
+    for (int i = 0; i < nconns; i++) {
+        conns[i].fd = -1; conns[i].state = S_CLOSED;
+        conns[i].kind = i < nstuck ? K_STUCK : (i < nstuck + nsubs ? K_SUB : K_PUB);
+    }
+    payload = malloc((size_t)msgsize + 16);
+    epfd = epoll_create1(0);
+    struct epoll_event evs[1024];
+    int64_t t0 = now_ns();
+
+    /* ---- connect phase: at most max_pending handshakes in flight ---- */
+    int next = 0, done = 0;
+    int64_t deadline = t0 + (int64_t)(connect_timeout * 1e9);
+    while (done < nconns && now_ns() < deadline) {
+        int pending = 0;
+        for (int i = 0; i < next; i++) if (conns[i].state == S_CONNECTING || conns[i].state == S_HANDSHAKE) pending++;
+        while (next < nconns && pending < max_pending) {
+            conn *c = &conns[next++];
+            if (start_connect(c) == 0) pending++;
+        }
+        int n = epoll_wait(epfd, evs, 1024, 50);
+        int64_t now = now_ns();
+        for (int i = 0; i < n; i++) on_event(&conns[evs[i].data.u32], evs[i].events, now);
+        done = 0;
+        for (int i = 0; i < next; i++) if (conns[i].state == S_OPEN || conns[i].state == S_CLOSED) done++;
+        if (next < nconns) done = done < next ? done : done;  /* keep looping until all started */
+        if (next >= nconns && pending == 0) break;
+    }
+    int established = 0, est_subs = 0, est_stuck = 0, pub_ok = 0;
+    for (int i = 0; i < nconns; i++) if (conns[i].state == S_OPEN) {
+        established++;
+        if (conns[i].kind == K_SUB) est_subs++; else if (conns[i].kind == K_STUCK) est_stuck++; else pub_ok = 1;
+    }
+    double connect_s = (now_ns() - t0) / 1e9;
+    conn *pub = npub ? &conns[nconns - 1] : NULL;
+
+    int64_t ts = now_ns(), tm = 0, tend = 0;
+    if (idle) {
+        printf("{\"ready\":true,\"established\":%d,\"connect_s\":%.3f}\n", established, connect_s);
+        fflush(stdout);
+        int fl = fcntl(0, F_GETFL); fcntl(0, F_SETFL, fl | O_NONBLOCK);
+        struct epoll_event e = {.events = EPOLLIN, .data.u32 = (uint32_t)nconns};
+        int stdin_ok = epoll_ctl(epfd, EPOLL_CTL_ADD, 0, &e) == 0;
+        int64_t until = ts + (int64_t)(hold * 1e9);
+        int quit = 0;
+        while (!quit && now_ns() < until) {
+            int n = epoll_wait(epfd, evs, 1024, 100);
+            int64_t now = now_ns();
+            for (int i = 0; i < n; i++) {
+                if (evs[i].data.u32 == (uint32_t)nconns) { quit = 1; continue; }
+                on_event(&conns[evs[i].data.u32], evs[i].events, now);
+            }
+            (void)stdin_ok;
+        }
+        tend = now_ns(); tm = ts;
+    } else if (pub_ok && est_subs > 0) {
+        /* measuring starts after the warmup and, with --prefill-msgs, once that many
+           messages were sent (or --prefill-max seconds passed): this lets a stuck
+           reader's kernel buffers fill before the measured window. */
+        int64_t tstart_meas = ts + (int64_t)(warmup * 1e9);
+        int64_t tprefill_end = ts + (int64_t)(prefill_max * 1e9);
+        int64_t tstop = INT64_MAX;
+        double win_msgs = (double)window_deliveries / (est_subs > 0 ? est_subs : 1);
+        if (win_msgs < 2) win_msgs = 2;
+        int64_t last_progress = ts; uint64_t last_total = 0;
+        double interval = rate > 0 ? 1e9 / rate : 1e9;
+        double next_send = (double)ts;
+        uint64_t meas_sent0 = 0;
+        for (;;) {
+            int64_t now = now_ns();
+            if (!measuring && now >= tstart_meas && ((long long)sent >= prefill_msgs || now >= tprefill_end)) {
+                measuring = 1; tm = now; meas_sent0 = sent; tstop = now + (int64_t)(duration * 1e9);
+            }
+            if (now >= tstop) break;
+            /* publisher */
+            if (pub->state == S_OPEN && pub->outlen == 0 && (long long)sent < max_msgs) {
+                int burst = 0;
+                if (tput) {
+                    if (deliveries_total != last_total) { last_total = deliveries_total; last_progress = now; }
+                    double inflight = (double)sent - forgiven - (live_subs > 0 ? (double)deliveries_total / live_subs : 0);
+                    if (inflight >= win_msgs && now - last_progress > 200000000LL) {
+                        forgiven += inflight; stalls++; last_progress = now; inflight = 0;
+                    }
+                    while (inflight < win_msgs && burst < 64) {
+                        make_payload(now_ns());
+                        masked_frame(pub, 1, payload, (size_t)msgsize);
+                        sent++; burst++; inflight += 1;
+                    }
+                } else {
+                    while ((double)now >= next_send && burst < 64) {
+                        make_payload(now_ns());
+                        masked_frame(pub, 1, payload, (size_t)msgsize);
+                        sent++; burst++; next_send += interval;
+                    }
+                    if ((double)now > next_send + 1e9) next_send = (double)now; /* do not build unbounded debt */
+                }
+                if (burst && flush_out(pub) < 0) { conn_close(pub, 1); }
+            }
+            int timeout_ms = 1;
+            int n = epoll_wait(epfd, evs, 1024, timeout_ms);
+            now = now_ns();
+            for (int i = 0; i < n; i++) on_event(&conns[evs[i].data.u32], evs[i].events, now);
+            if (live_subs == 0 && measuring) break;
+        }
+        tend = now_ns();
+        sent -= meas_sent0; /* report messages sent during the measured window */
+        if (!tm) tm = tend;
+    } else {
+        tend = tm = now_ns();
+    }
+    double secs = (tend - tm) / 1e9; if (secs <= 0) secs = 1e-9;
+    uint64_t smin = UINT64_MAX, smax = 0; int closed_subs = 0;
+    for (int i = 0; i < nconns; i++) if (conns[i].kind == K_SUB) {
+        if (conns[i].state != S_OPEN) { closed_subs++; continue; }
+        if (conns[i].received < smin) smin = conns[i].received;
+        if (conns[i].received > smax) smax = conns[i].received;
+    }
+    if (smin == UINT64_MAX) smin = 0;
+    int stuck_open = 0;
+    for (int i = 0; i < nconns; i++) if (conns[i].kind == K_STUCK && conns[i].state == S_OPEN) stuck_open++;
+    struct rusage ru; getrusage(RUSAGE_SELF, &ru);
+    printf("{\"mode\":\"%s\",\"subs\":%d,\"stuck\":%d,\"established\":%d,\"est_subs\":%d,\"est_stuck\":%d,"
+           "\"publisher\":%s,\"connect_s\":%.3f,\"prefill_s\":%.3f,\"seconds\":%.3f,\"sent\":%llu,\"msgs_per_s\":%.1f,"
+           "\"deliveries\":%llu,\"deliveries_per_s\":%.1f,\"lat_count\":%llu,\"lat_p50_us\":%.0f,"
+           "\"lat_p99_us\":%.0f,\"lat_max_us\":%llu,\"sub_min\":%llu,\"sub_max\":%llu,\"closed_subs\":%d,"
+           "\"stuck_open_at_end\":%d,\"stalls\":%llu,\"errors\":%llu,\"connect_failed\":%llu,"
+           "\"closed_unexpected\":%llu,\"parse_errors\":%llu,\"cpu_s\":%.3f}\n",
+           mode, nsubs, nstuck, established, est_subs, est_stuck, pub_ok ? "true" : "false", connect_s, (tm - ts) / 1e9, secs,
+           (unsigned long long)sent, sent / secs, (unsigned long long)deliveries, deliveries / secs,
+           (unsigned long long)hcount, hpct(0.50), hpct(0.99), (unsigned long long)hmax,
+           (unsigned long long)smin, (unsigned long long)smax, closed_subs, stuck_open,
+           (unsigned long long)stalls, (unsigned long long)errors, (unsigned long long)connect_failed,
+           (unsigned long long)closed_unexpected, (unsigned long long)parse_errors,
+           ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6);
+    fflush(stdout);
+    (void)drain; (void)done;
+    return 0;
+}

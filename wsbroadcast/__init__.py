@@ -1,0 +1,23 @@
+"""wsbroadcast: a threaded, synchronous WebSocket publish/subscribe broker."""
+
+from .config import Config
+from .errors import (
+    AuthError, BrokerUnavailable, ClientError, CloseCode, ConnectionClosed, ErrorCode,
+    ProtocolError, ServerClosed, StoreError, TopicError, WsBroadcastError,
+)
+from .server import Server
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthError", "BrokerUnavailable", "Client", "ClientError", "CloseCode", "Config",
+    "ConnectionClosed", "ErrorCode", "ProtocolError", "Server", "ServerClosed", "StoreError",
+    "TopicError", "WsBroadcastError", "__version__",
+]
+
+
+def __getattr__(name: str):  # the client imports simple-websocket only when used
+    if name == "Client":
+        from .client import Client
+        return Client
+    raise AttributeError(name)

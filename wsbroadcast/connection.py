@@ -1,0 +1,94 @@
+"""One client connection's state, shared by its reader thread, the hub and the writer.
+
+Each field has one owner, named in the comments below; a field read by a
+thread that does not own it is a single attribute read (atomic under the GIL)
+and tolerates a stale value.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+import time
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from .envelope import PLAIN, V1
+
+_ids = itertools.count(1)
+
+
+class TokenBucket:
+    """A token bucket: ``rate`` tokens per second, at most ``burst`` saved up."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = time.monotonic()
+
+    def take(self, now: Optional[float] = None) -> bool:
+        """Take one token; False when none is left."""
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class Connection:
+    """A WebSocket connection: identity, subscriptions, outbox and close state."""
+
+    def __init__(self, sock: socket.socket, addr: Tuple[str, int], kind: str = V1,
+                 claims: Any = None, max_outbox: int = 1 << 20,
+                 rate: Optional[TokenBucket] = None, expires: Optional[float] = None) -> None:
+        self.id = next(_ids)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.addr = addr
+        self.kind = kind
+        self.is_plain = kind == PLAIN
+        self.claims = claims
+        self.max_outbox = max_outbox
+        #: wall-clock time at which the credentials expire (None: never)
+        self.expires = expires
+
+        # --- owned by the hub, under Hub.lock ---
+        self.patterns: Set[str] = set()
+        #: topic -> (buffered live deliveries, their bytes) while a replay runs
+        self.replays: Dict[str, List[Any]] = {}
+        self.registered = False
+
+        # --- owned by the reader thread ---
+        self.rate = rate
+        self.last_seen = time.monotonic()  # read by the writer for keepalive
+
+        # --- owned by the writer thread ---
+        self.out: List[bytes] = []  # frames not yet (fully) sent
+        self.head_sent = 0  # bytes of out[0] already sent
+        self.out_bytes = 0  # unsent bytes in out (read by the replaying reader)
+        self.waiting_write = False  # registered in the writer's selector
+        self.close_sent = False
+        self.close_code: Optional[int] = None
+        self.close_deadline = 0.0
+        self.ping_sent_at = 0.0
+        self.dead = False  # socket failed or was torn down; nothing more is written
+        self.attached = False  # known to the writer
+
+        #: set by the writer when the close frame is flushed (or can never be)
+        self.flushed = threading.Event()
+        #: set by the writer when the outbox drains below the replay low-water mark
+        self.drained = threading.Event()
+        self.drained.set()
+
+    def __repr__(self) -> str:
+        return "<Connection #%d %s:%s %s>" % (self.id, self.addr[0], self.addr[1], self.kind)
+
+    @property
+    def label(self) -> str:
+        """Who this is, for logs: connection id and peer address."""
+        return "#%d %s:%s" % (self.id, self.addr[0], self.addr[1])

@@ -1,0 +1,168 @@
+"""The JSON envelope: client frames parsed into commands, server frames built from values.
+
+Sans-I/O: text in, command objects out; values in, bytes out (PROTOCOL.md sections 3-4).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, NamedTuple, Optional, Union
+
+from .errors import ErrorCode, ProtocolError, TopicError
+from .topics import is_wildcard, validate_pattern, validate_topic
+
+PLAIN = "plain"
+V1 = "v1"
+SUBPROTOCOL = "wsbroadcast.v1"
+SEED_TOPIC = "broadcast"
+
+_MISSING = object()
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class Subscribe(NamedTuple):
+    topic: str
+    id: Any
+    since: Optional[int]
+    epoch: Optional[str]
+
+
+class Unsubscribe(NamedTuple):
+    topic: str
+    id: Any
+
+
+class Publish(NamedTuple):
+    topic: str
+    data: str  # JSON text of the published value
+    id: Any  # _MISSING when the frame carried no id
+
+
+class Ping(NamedTuple):
+    id: Any
+
+
+class Invalid(NamedTuple):
+    """A refused frame: answered with an error frame."""
+
+    code: ErrorCode
+    message: str
+    id: Any
+
+
+Command = Union[Subscribe, Unsubscribe, Publish, Ping, Invalid]
+
+
+def has_id(value: Any) -> bool:
+    """True when a command carried an ``id``."""
+    return value is not _MISSING
+
+
+def encode_json(value: Any) -> str:
+    """Compact JSON text of ``value`` (raises ValueError/TypeError when not JSON)."""
+    return _dumps(value)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError("invalid JSON constant " + name)
+
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def parse_json(text: str) -> Any:
+    """Strict JSON (no NaN/Infinity); raises ValueError."""
+    return _decoder.decode(text)
+
+
+def parse_client_frame(text: str, kind: str) -> Command:
+    """Parse one client text frame of a ``plain`` or ``v1`` connection into a command."""
+    try:
+        obj = parse_json(text)
+    except (ValueError, RecursionError):
+        return Invalid(ErrorCode.BAD_JSON, "frame is not valid JSON", _MISSING)
+    if not isinstance(obj, dict):
+        return Invalid(ErrorCode.BAD_REQUEST, "frame must be a JSON object", _MISSING)
+    ident = obj.get("id", _MISSING)
+    kind_of = obj.get("type", _MISSING)
+    try:
+        if kind_of == "publish":
+            topic = validate_topic(_field(obj, "topic"))
+            if "data" not in obj:
+                raise ProtocolError("publish needs 'data'")
+            return Publish(topic, encode_json(obj["data"]), ident)
+        if kind_of == "subscribe":
+            pattern = validate_pattern(_field(obj, "topic"))
+            since = obj.get("since")
+            epoch = obj.get("epoch")
+            if since is not None:
+                if type(since) is not int or since < 0:
+                    raise ProtocolError("'since' must be a non-negative integer")
+                if is_wildcard(pattern):
+                    raise ProtocolError("'since' is not allowed on a wildcard pattern")
+            if epoch is not None and not isinstance(epoch, str):
+                raise ProtocolError("'epoch' must be a string")
+            return Subscribe(pattern, ident, since, epoch)
+        if kind_of == "unsubscribe":
+            return Unsubscribe(validate_pattern(_field(obj, "topic")), ident)
+        if kind_of == "ping":
+            return Ping(ident)
+    except ProtocolError as exc:
+        return Invalid(exc.code, exc.message, ident)
+    except (ValueError, TypeError, RecursionError):
+        return Invalid(ErrorCode.BAD_REQUEST, "'data' is not a JSON value", ident)
+    if kind == PLAIN:
+        # the seed's form: the object itself, verbatim, on the seed topic
+        return Publish(SEED_TOPIC, text, _MISSING)
+    if kind_of is _MISSING:
+        return Invalid(ErrorCode.UNKNOWN_TYPE, "frame has no 'type'", ident)
+    return Invalid(ErrorCode.UNKNOWN_TYPE, "unknown frame type", ident)
+
+
+def _field(obj: Dict[str, Any], name: str) -> Any:
+    if name not in obj:
+        raise ProtocolError("missing field %r" % name)
+    value = obj[name]
+    if not isinstance(value, str):
+        if name == "topic":
+            raise TopicError("'topic' must be a string")
+        raise ProtocolError("field %r must be a string" % name)
+    return value
+
+
+def message_text(topic: str, seq: int, data: str) -> str:
+    """The v1 delivery envelope for one stored message."""
+    return '{"type":"message","topic":"%s","seq":%d,"data":%s}' % (topic, seq, data)
+
+
+def _with_id(obj: Dict[str, Any], ident: Any) -> Dict[str, Any]:
+    if ident is not _MISSING:
+        obj["id"] = ident
+    return obj
+
+
+def ack_text(ident: Any, topic: str, seq: Optional[int] = None, epoch: Optional[str] = None,
+             recovered: Optional[bool] = None) -> str:
+    """An ack frame's text; fields left None are omitted."""
+    obj: Dict[str, Any] = _with_id({"type": "ack"}, ident)
+    obj["topic"] = topic
+    if seq is not None:
+        obj["seq"] = seq
+    if epoch is not None:
+        obj["epoch"] = epoch
+    if recovered is not None:
+        obj["recovered"] = recovered
+    return encode_json(obj)
+
+
+def error_text(ident: Any, code: Union[ErrorCode, str], message: str) -> str:
+    """An error frame's text."""
+    obj = _with_id({"type": "error"}, ident)
+    obj["code"] = str(code)
+    obj["message"] = message
+    return encode_json(obj)
+
+
+def pong_text(ident: Any) -> str:
+    """The answer to a ping frame."""
+    return encode_json(_with_id({"type": "pong"}, ident))

@@ -1,0 +1,123 @@
+"""Errors, error codes and close codes of wsbroadcast.
+
+Exception tree::
+
+    WsBroadcastError
+    ├── ProtocolError            a client frame the contract refuses (has ``code``)
+    │   ├── TopicError           bad_topic
+    │   └── PermissionDenied     forbidden
+    ├── AuthError                a token or key that does not authenticate (HTTP 401)
+    ├── StoreError               the message store could not read or write
+    ├── BrokerUnavailable        the broker (e.g. Redis) cannot take a publish now
+    ├── ServerClosed             an operation on a server that is shut down
+    └── ClientError              the Python client's failures
+        └── ConnectionClosed     the client's connection is closed (has ``code``)
+
+Every error that reaches a WebSocket client is an error frame with one of the
+``ErrorCode`` values; every close uses a ``CloseCode``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Optional
+
+
+class ErrorCode(str, enum.Enum):
+    """Error codes of error frames and HTTP error bodies (PROTOCOL.md sections 1 and 4)."""
+
+    BAD_JSON = "bad_json"
+    BAD_REQUEST = "bad_request"
+    BAD_TOPIC = "bad_topic"
+    UNKNOWN_TYPE = "unknown_type"
+    FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+    # HTTP only
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN_ORIGIN = "forbidden_origin"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    UNAVAILABLE = "unavailable"
+    UPGRADE_REQUIRED = "upgrade_required"
+    # store/broker failure seen by a publisher
+    INTERNAL = "internal_error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes (PROTOCOL.md section 7)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+
+
+class WsBroadcastError(Exception):
+    """Base of every wsbroadcast exception."""
+
+
+class ProtocolError(WsBroadcastError):
+    """A client frame refused by the contract; answered with an error frame."""
+
+    code: ErrorCode = ErrorCode.BAD_REQUEST
+
+    def __init__(self, message: str, code: Optional[ErrorCode] = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class TopicError(ProtocolError):
+    """An invalid topic or pattern."""
+
+    code = ErrorCode.BAD_TOPIC
+
+
+class PermissionDenied(ProtocolError):
+    """A subscribe or publish outside the connection's permissions."""
+
+    code = ErrorCode.FORBIDDEN
+
+
+class AuthError(WsBroadcastError):
+    """Credentials that are missing, malformed, badly signed or expired."""
+
+
+class StoreError(WsBroadcastError):
+    """The message store failed to read or write."""
+
+
+class BrokerUnavailable(WsBroadcastError):
+    """The broker cannot accept a publish right now (for example Redis is down)."""
+
+
+class ServerClosed(WsBroadcastError, RuntimeError):
+    """The server is shut down or not started."""
+
+
+class ClientError(WsBroadcastError):
+    """A failure of the Python client."""
+
+
+class ConnectionClosed(ClientError):
+    """The client's connection is closed."""
+
+    def __init__(self, code: Optional[int] = None, reason: str = "") -> None:
+        super().__init__(f"connection closed (code={code}, reason={reason!r})")
+        self.code = code
+        self.reason = reason

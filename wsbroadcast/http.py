@@ -1,0 +1,375 @@
+"""HTTP on the broker's port: request parsing with h11, routing, and the upgrade decision.
+
+Every connection starts here, in its own thread. Plain HTTP requests are answered
+(keep-alive supported); a WebSocket upgrade on the configured path that passes
+the origin, auth and limit checks is handed back as an ``Upgrade`` for the
+reader to run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
+from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
+
+from .envelope import PLAIN, SUBPROTOCOL, V1, encode_json, parse_json
+from .errors import AuthError, BrokerUnavailable, ErrorCode, StoreError, TopicError
+from .topics import is_wildcard, validate_pattern, validate_topic
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .server import Server
+
+logger = logging.getLogger(__name__)
+
+_STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+_REASONS = {
+    200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
+    404: b"Not Found", 405: b"Method Not Allowed", 413: b"Payload Too Large",
+    415: b"Unsupported Media Type", 426: b"Upgrade Required", 429: b"Too Many Requests",
+    500: b"Internal Server Error", 503: b"Service Unavailable",
+}
+_STATUS_OF = {
+    ErrorCode.BAD_JSON: 400, ErrorCode.BAD_REQUEST: 400, ErrorCode.BAD_TOPIC: 400,
+    ErrorCode.UNAUTHORIZED: 401, ErrorCode.FORBIDDEN: 403, ErrorCode.FORBIDDEN_ORIGIN: 403,
+    ErrorCode.NOT_FOUND: 404, ErrorCode.METHOD_NOT_ALLOWED: 405, ErrorCode.TOO_LARGE: 413,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415, ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.UNAVAILABLE: 503, ErrorCode.UPGRADE_REQUIRED: 426,
+}
+#: known paths and the methods each accepts (the WebSocket path is added per server)
+_ROUTES = {"/": ("GET", "HEAD"), "/healthz": ("GET", "HEAD"), "/metrics": ("GET", "HEAD"),
+           "/publish": ("POST",), "/history": ("GET", "HEAD")}
+_MAX_HEADER = 16384
+
+
+class HttpError(Exception):
+    """An HTTP error answer: status from the code, JSON body."""
+
+    def __init__(self, code: ErrorCode, message: str, headers: Optional[List[Tuple[str, str]]] = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = _STATUS_OF.get(code, 400)
+        self.headers = headers or []
+
+
+class Upgrade:
+    """An accepted WebSocket upgrade, ready for the reader."""
+
+    def __init__(self, ws: WSConnection, kind: str, claims: Any, trailing: bytes,
+                 refuse: Optional[Tuple[int, str]] = None) -> None:
+        self.ws = ws
+        self.kind = kind
+        self.claims = claims
+        self.trailing = trailing
+        #: (close code, reason) when the connection must be closed right after the upgrade
+        self.refuse = refuse
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _header(headers: List[Tuple[bytes, bytes]], name: bytes) -> Optional[str]:
+    for k, v in headers:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+def _load_static(name: str) -> bytes:
+    with open(os.path.join(_STATIC, name), "rb") as f:
+        return f.read()
+
+
+class HttpSession:
+    """Serves one TCP connection's HTTP requests until an upgrade or the end."""
+
+    def __init__(self, server: "Server", sock: socket.socket, addr: Tuple[str, int]) -> None:
+        self.server = server
+        self.config = server.config
+        self.sock = sock
+        self.addr = addr
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER)
+
+    # ------------------------------------------------------------------ I/O
+    def _recv(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Timeout()
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            raise _Timeout() from None
+        self.h11.receive_data(data)
+
+    def _next(self, deadline: float) -> Any:
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                self._recv(deadline)
+                continue
+            return event
+
+    def _send(self, *events: Any) -> None:
+        data = b"".join(self.h11.send(e) or b"" for e in events)
+        self.sock.settimeout(self.config.handshake_timeout)
+        self.sock.sendall(data)
+
+    def respond(self, status: int, body: bytes, content_type: str = "application/json",
+                headers: Optional[List[Tuple[str, str]]] = None, head: bool = False) -> None:
+        """Send one complete response."""
+        hdrs = [("content-type", content_type), ("content-length", str(len(body))),
+                ("cache-control", "no-store")]
+        if headers:
+            hdrs.extend(headers)
+        if self.server.shutting_down:
+            hdrs.append(("connection", "close"))
+        self._send(h11.Response(status_code=status, headers=hdrs, reason=_REASONS.get(status, b"")),
+                   h11.Data(data=b"" if head else body), h11.EndOfMessage())
+
+    def error(self, err: HttpError, head: bool = False) -> None:
+        """Send the JSON error answer of ``err``."""
+        body = encode_json({"error": str(err.code), "message": err.message}).encode()
+        hdrs = list(err.headers)
+        if err.status == 401:
+            hdrs.append(("www-authenticate", "Bearer"))
+        self.respond(err.status, body, headers=hdrs, head=head)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> Optional[Upgrade]:
+        """Answer requests; return an ``Upgrade`` or None when the connection is done."""
+        timeout = self.config.handshake_timeout
+        while True:
+            deadline = time.monotonic() + timeout
+            try:
+                event = self._next(deadline)
+            except _Timeout:
+                logger.debug("handshake timeout from %s", self.addr[0])
+                return None
+            except h11.RemoteProtocolError as exc:
+                self._bad_request(exc)
+                return None
+            if isinstance(event, (h11.ConnectionClosed,)) or event is h11.PAUSED:
+                return None
+            if not isinstance(event, h11.Request):
+                return None
+            try:
+                upgrade = self._route(event, deadline)
+            except HttpError as err:
+                try:
+                    self.error(err, head=event.method == b"HEAD")
+                except h11.LocalProtocolError:
+                    return None
+            except _Timeout:
+                return None
+            except h11.RemoteProtocolError as exc:
+                self._bad_request(exc)
+                return None
+            else:
+                if upgrade is not None:
+                    return upgrade
+            if self.server.shutting_down:
+                return None
+            if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+                self.h11.start_next_cycle()
+            else:
+                return None
+
+    def _bad_request(self, exc: Exception) -> None:
+        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            try:
+                self.error(HttpError(ErrorCode.BAD_REQUEST, "malformed HTTP request"))
+            except (h11.LocalProtocolError, OSError):
+                pass
+
+    def _route(self, req: h11.Request, deadline: float) -> Optional[Upgrade]:
+        target = req.target.decode("latin-1")
+        url = urlsplit(target)
+        path = url.path
+        method = req.method.decode("latin-1")
+        upgrade = (_header(req.headers, b"upgrade") or "").lower() == "websocket"
+        if path == self.config.path:
+            if not upgrade:
+                if method != "GET":
+                    raise HttpError(ErrorCode.METHOD_NOT_ALLOWED, "use GET with an upgrade",
+                                    [("allow", "GET")])
+                raise HttpError(ErrorCode.UPGRADE_REQUIRED, "this endpoint speaks WebSocket",
+                                [("upgrade", "websocket"), ("connection", "Upgrade")])
+            return self._upgrade(req, url, deadline)
+        if upgrade:
+            raise HttpError(ErrorCode.NOT_FOUND, "no WebSocket endpoint at this path")
+        methods = _ROUTES.get(path)
+        if methods is None:
+            raise HttpError(ErrorCode.NOT_FOUND, "not found")
+        if method not in methods:
+            raise HttpError(ErrorCode.METHOD_NOT_ALLOWED, "method not allowed",
+                            [("allow", ", ".join(methods))])
+        head = method == "HEAD"
+        if path == "/":
+            self.respond(200, self.server.demo_page(), "text/html; charset=utf-8", head=head)
+        elif path == "/healthz":
+            health = self.server.health()
+            status = 200 if health["status"] != "shutting_down" else 503
+            self.respond(status, encode_json(health).encode(), head=head)
+        elif path == "/metrics":
+            body, ctype = self.server.metrics.exposition()
+            self.respond(200, body, ctype, head=head)
+        elif path == "/publish":
+            self._publish(req, url, deadline)
+        elif path == "/history":
+            self._history(req, url, head)
+        return None
+
+    # ------------------------------------------------------------------ endpoints
+    def _credentials(self, req: h11.Request, url: Any) -> Any:
+        """Claims of an HTTP request (API key or token); None when it may do anything."""
+        try:
+            claims = self.server.auth.authenticate_http(req.headers, _query_token(url))
+        except AuthError as exc:
+            raise HttpError(ErrorCode.UNAUTHORIZED, str(exc)) from None
+        return None if claims.is_allow_all else claims
+
+    def _read_body(self, req: h11.Request, deadline: float) -> bytes:
+        limit = self.config.max_message_size
+        length = _header(req.headers, b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise HttpError(ErrorCode.TOO_LARGE, "body over %d bytes" % limit)
+        chunks: List[bytes] = []
+        size = 0
+        while True:
+            event = self._next(deadline)
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    raise HttpError(ErrorCode.TOO_LARGE, "body over %d bytes" % limit)
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:
+                raise HttpError(ErrorCode.BAD_REQUEST, "incomplete body")
+
+    def _publish(self, req: h11.Request, url: Any, deadline: float) -> None:
+        server = self.server
+        if server.shutting_down:
+            raise HttpError(ErrorCode.UNAVAILABLE, "server is shutting down")
+        ctype = (_header(req.headers, b"content-type") or "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise HttpError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "send application/json")
+        body = self._read_body(req, deadline)
+        claims = self._credentials(req, url)
+        try:
+            obj = parse_json(body.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise HttpError(ErrorCode.BAD_JSON, "body is not valid JSON") from None
+        if not isinstance(obj, dict) or "data" not in obj or "topic" not in obj:
+            raise HttpError(ErrorCode.BAD_REQUEST, "body must be {\"topic\": T, \"data\": D}")
+        topic = obj["topic"]
+        try:
+            validate_topic(topic)
+        except TopicError as exc:
+            raise HttpError(ErrorCode.BAD_TOPIC, exc.message) from None
+        if claims is not None and not claims.can_publish(topic):
+            raise HttpError(ErrorCode.FORBIDDEN, "not allowed to publish on %s" % topic)
+        if not server.http_rate_ok(self.addr[0]):
+            raise HttpError(ErrorCode.RATE_LIMITED, "publish rate limit exceeded")
+        try:
+            seq, epoch = server.hub.publish(topic, encode_json(obj["data"]))
+        except (StoreError, BrokerUnavailable) as exc:
+            raise HttpError(ErrorCode.UNAVAILABLE, "message not stored: %s" % exc) from None
+        self.respond(200, encode_json({"topic": topic, "seq": seq, "epoch": epoch}).encode())
+
+    def _history(self, req: h11.Request, url: Any, head: bool) -> None:
+        query = parse_qs(url.query, keep_blank_values=True)
+        topic = (query.get("topic") or [""])[0]
+        try:
+            validate_pattern(topic)
+        except TopicError as exc:
+            raise HttpError(ErrorCode.BAD_TOPIC, exc.message) from None
+        if is_wildcard(topic):
+            raise HttpError(ErrorCode.BAD_TOPIC, "history needs a concrete topic")
+        since = _int_param(query, "since", 0, 0, None)
+        limit = _int_param(query, "limit", 100, 1, 1000)
+        claims = self._credentials(req, url)
+        if claims is not None and not claims.can_subscribe(topic):
+            raise HttpError(ErrorCode.FORBIDDEN, "not allowed to read %s" % topic)
+        try:
+            rows = self.server.hub.history(topic, since, limit)
+        except StoreError as exc:
+            raise HttpError(ErrorCode.UNAVAILABLE, "history unavailable: %s" % exc) from None
+        body = "[" + ",".join('{"topic":"%s","seq":%d,"data":%s}' % (m.topic, m.seq, m.data)
+                              for m in rows) + "]"
+        self.respond(200, body.encode("utf-8"), head=head)
+
+    # ------------------------------------------------------------------ upgrade
+    def _upgrade(self, req: h11.Request, url: Any, deadline: float) -> Optional[Upgrade]:
+        server = self.server
+        if server.shutting_down:
+            raise HttpError(ErrorCode.UNAVAILABLE, "server is shutting down")
+        origin = _header(req.headers, b"origin")
+        if origin is not None and not server.origin_allowed(origin, _header(req.headers, b"host")):
+            raise HttpError(ErrorCode.FORBIDDEN_ORIGIN, "origin not allowed")
+        claims = None
+        if server.auth.enabled:
+            try:
+                claims = server.auth.authenticate_request(req.headers, _query_token(url))
+            except AuthError as exc:
+                raise HttpError(ErrorCode.UNAUTHORIZED, str(exc)) from None
+            if claims.is_allow_all:
+                claims = None
+        offered = []
+        for value in (v for k, v in req.headers if k == b"sec-websocket-protocol"):
+            offered.extend(p.strip() for p in value.decode("latin-1").split(","))
+        kind = V1 if SUBPROTOCOL in offered else PLAIN
+        ws = WSConnection(ConnectionType.SERVER)
+        try:
+            ws.initiate_upgrade_connection(req.headers, req.target)
+            events = list(ws.events())
+        except WsRemoteProtocolError:
+            raise HttpError(ErrorCode.BAD_REQUEST, "invalid WebSocket handshake") from None
+        if not events or not isinstance(events[0], Request):
+            raise HttpError(ErrorCode.BAD_REQUEST, "invalid WebSocket handshake")
+        refuse = server.admit(self.addr[0])
+        accept = ws.send(AcceptConnection(subprotocol=SUBPROTOCOL if kind == V1 else None))
+        self.sock.settimeout(self.config.handshake_timeout)
+        self.sock.sendall(accept)
+        trailing, _closed = self.h11.trailing_data
+        return Upgrade(ws, kind, claims, trailing, refuse)
+
+
+def _query_token(url: Any) -> Optional[str]:
+    values = parse_qs(url.query).get("token")
+    return values[0] if values else None
+
+
+def _int_param(query: Dict[str, List[str]], name: str, default: int, low: int,
+               high: Optional[int]) -> int:
+    values = query.get(name)
+    if not values:
+        return default
+    raw = values[0]
+    try:
+        value = int(raw)
+    except ValueError:
+        raise HttpError(ErrorCode.BAD_REQUEST, "%r must be an integer" % name) from None
+    if value < low or (high is not None and value > high):
+        bound = "%d..%d" % (low, high) if high is not None else ">= %d" % low
+        raise HttpError(ErrorCode.BAD_REQUEST, "%r must be %s" % (name, bound))
+    return value
+
+
+def load_demo_page() -> bytes:
+    """The demo page's HTML."""
+    try:
+        return _load_static("index.html")
+    except OSError:
+        return b"<!doctype html><title>wsbroadcast</title><p>demo page missing</p>"

@@ -1,0 +1,71 @@
+"""Prometheus metrics of one server, read from the server's own counters at scrape time."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator, Tuple
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .server import Server
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.25, 0.5, 1.0, 2.5)
+
+
+class _ServerCollector:
+    """Counters the hot paths keep as plain integers, exposed without per-event cost."""
+
+    def __init__(self, server: "Server") -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        srv = self.server
+        stats = srv.writer.stats
+        yield GaugeMetricFamily("wsbroadcast_connections_open",
+                                "WebSocket connections open now", value=len(srv.hub))
+        yield CounterMetricFamily("wsbroadcast_connections_accepted",
+                                  "TCP connections accepted", value=srv.accepted)
+        yield CounterMetricFamily("wsbroadcast_websockets_accepted",
+                                  "WebSocket upgrades accepted", value=srv.upgraded)
+        yield CounterMetricFamily("wsbroadcast_messages_received",
+                                  "messages published (WebSocket, HTTP and in-process)",
+                                  value=srv.hub.received)
+        yield CounterMetricFamily("wsbroadcast_messages_delivered",
+                                  "messages queued for delivery to a connection",
+                                  value=stats.delivered)
+        yield CounterMetricFamily("wsbroadcast_bytes_out", "bytes written to WebSocket connections",
+                                  value=stats.bytes_out)
+        yield CounterMetricFamily("wsbroadcast_slow_consumer_closes",
+                                  "connections closed as slow consumers", value=stats.slow_consumers)
+        codes = CounterMetricFamily("wsbroadcast_close_codes",
+                                    "close frames sent, by close code", labels=["code"])
+        for code, n in sorted(list(stats.close_codes.items())):
+            codes.add_metric([str(code)], n)
+        yield codes
+        yield GaugeMetricFamily("wsbroadcast_writer_queue_depth",
+                                "items waiting in the writer's channel", value=srv.writer.depth())
+
+
+class Metrics:
+    """The registry of one server and its exposition."""
+
+    def __init__(self, server: "Server") -> None:
+        self.server = server
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_ServerCollector(server))  # type: ignore[arg-type]
+        self.latency = Histogram("wsbroadcast_publish_to_write_seconds",
+                                 "time from publish to the writer's send of its frames",
+                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+    def exposition(self) -> Tuple[bytes, str]:
+        """The text exposition format and its content type."""
+        samples = self.server.writer.stats.latency_samples
+        taken = samples[:]
+        del samples[:len(taken)]
+        observe = self.latency.observe
+        for value in taken:
+            observe(value)
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,174 @@
+"""The reader: one thread per WebSocket connection, where a message enters the broker.
+
+It feeds received bytes to wsproto, turns each complete text message into a
+command (``envelope.parse_client_frame``) and hands the commands of one chunk to
+the hub as one batch. It never writes to the socket: replies go through the
+writer's channel. It owns the end of the connection: after the close handshake
+(or its grace period) it detaches the connection from the writer and closes
+the socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import time
+from typing import TYPE_CHECKING, Any, List, Optional
+
+from wsproto.connection import ConnectionState
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+
+from .connection import Connection
+from .envelope import parse_client_frame
+from .errors import CloseCode
+from .writer import ATTACH, CLOSE, DETACH, SEND
+from .wsframe import pong_frame
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .hub import Hub
+    from .writer import Writer
+    from wsproto import WSConnection
+
+logger = logging.getLogger(__name__)
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+RECV_SIZE = 65536
+
+
+class Reader:
+    """Runs one WebSocket connection from the upgrade to the closed socket."""
+
+    def __init__(self, conn: Connection, ws: "WSConnection", hub: "Hub", writer: "Writer",
+                 max_message_size: int, close_timeout: float) -> None:
+        self.conn = conn
+        self.ws = ws
+        self.hub = hub
+        self.writer = writer
+        self.max_message_size = max_message_size
+        self.close_timeout = close_timeout
+        self._parts: List[str] = []
+        self._size = 0
+        self._failed = False  # wsproto reported a protocol error or we refused the input
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self, trailing: bytes = b"", refuse: Optional[tuple] = None,
+            on_open: Any = None) -> None:
+        """Serve the connection until it is closed; always releases the socket."""
+        conn = self.conn
+        try:
+            conn.sock.settimeout(None)  # the writer needs a socket without timeout
+            self.writer.put(((ATTACH, conn),))
+            if refuse is not None:
+                self._close(refuse[0], refuse[1])
+            else:
+                self.hub.add(conn)
+                if on_open is not None:
+                    on_open(conn)
+                if trailing:
+                    self._feed(trailing)
+            self._loop()
+        except Exception:
+            logger.exception("reader of %s failed", conn.label)
+            self._close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self._finish()
+
+    def _loop(self) -> None:
+        conn = self.conn
+        recv = conn.sock.recv
+        while True:
+            try:
+                data = recv(RECV_SIZE)
+            except OSError:
+                return
+            if not data:
+                return
+            conn.last_seen = time.monotonic()
+            if self._failed:
+                continue  # discard until the peer closes or the grace period ends
+            if self._feed(data):
+                return
+
+    def _finish(self) -> None:
+        conn = self.conn
+        self.hub.remove(conn)
+        if conn.close_sent and not conn.dead:
+            # let the close frame out; the writer sets this, or tears down at the deadline
+            conn.flushed.wait(self.close_timeout + 1.0)
+        done = threading.Event()
+        self.writer.put(((DETACH, conn, done),))
+        if not done.wait(self.close_timeout + 5.0):
+            logger.error("writer did not release %s", conn.label)
+        try:
+            if conn.out_bytes or not conn.flushed.is_set() and conn.close_sent:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ input
+    def _feed(self, data: bytes) -> bool:
+        """Process received bytes; True when the connection is finished."""
+        ws = self.ws
+        ws.receive_data(data)
+        commands: List[Any] = []
+        finished = False
+        conn = self.conn
+        for event in ws.events():
+            kind = type(event)
+            if kind is TextMessage:
+                if conn.close_sent:
+                    continue
+                self._size += len(event.data.encode("utf-8")) if not event.data.isascii() else len(event.data)
+                if self._size > self.max_message_size:
+                    self._refuse(CloseCode.MESSAGE_TOO_BIG, "message too big")
+                    break
+                if not event.message_finished:
+                    self._parts.append(event.data)
+                    continue
+                if self._parts:
+                    self._parts.append(event.data)
+                    text = "".join(self._parts)
+                    self._parts = []
+                else:
+                    text = event.data
+                self._size = 0
+                commands.append(parse_client_frame(text, conn.kind))
+            elif kind is BytesMessage:
+                self._refuse(CloseCode.UNSUPPORTED_DATA, "binary messages are not accepted")
+                break
+            elif kind is Ping:
+                self.writer.put(((SEND, conn, pong_frame(event.payload)),))
+            elif kind is Pong:
+                pass
+            elif kind is CloseConnection:
+                if ws.state is ConnectionState.REMOTE_CLOSING:
+                    # a close from the peer: echo its code (1000 when it gave none)
+                    code = event.code if event.code not in (1005, 1006) else 1000
+                    if commands:
+                        self.hub.handle(conn, commands)
+                        commands = []
+                    self._close(code, "")
+                    finished = True
+                else:
+                    # a protocol error found by wsproto, state still OPEN
+                    self._refuse(event.code, event.reason or "protocol error")
+                break
+        if commands and not conn.close_sent:
+            self.hub.handle(conn, commands)
+        return finished
+
+    def _refuse(self, code: int, reason: str) -> None:
+        """Fail the connection: close frame, then discard input until the peer goes."""
+        self._failed = True
+        self._parts = []
+        self._close(code, reason)
+
+    def _close(self, code: int, reason: str) -> None:
+        self.writer.put(((CLOSE, self.conn, int(code), reason),))
+

@@ -1,0 +1,354 @@
+"""The server: listening socket, accept loop, connection threads, and the embedding API.
+
+In the spirit of ``socketserver``::
+
+    with wsbroadcast.Server("127.0.0.1", port=0) as srv:   # started in background threads
+        srv.publish("news", {"title": "hello"})
+        print(srv.port)
+
+``serve_forever()`` runs until ``shutdown()``; ``start()`` returns at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import socket
+import ssl
+import threading
+import time
+from typing import Any, Dict, Optional, Set, Tuple
+
+from .auth import Authenticator
+from .config import Config
+from .connection import Connection, TokenBucket
+from .envelope import PLAIN, encode_json
+from .errors import CloseCode, ServerClosed
+from .http import HttpSession, load_demo_page
+from .hub import Hub
+from .metrics import Metrics
+from .reader import Reader
+from .store import MessageStore, RetentionTrimmer, open_store
+from .topics import validate_topic
+from .writer import CLOSE_ALL, Writer
+
+logger = logging.getLogger(__name__)
+
+
+class Server:
+    """A wsbroadcast server: one port, HTTP and WebSocket, one writer thread."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8080, config: Optional[Config] = None,
+                 store: Optional[MessageStore] = None, **settings: Any) -> None:
+        base = config or Config()
+        self.config = base.replace(host=host, port=port, **settings)
+        cfg = self.config
+        self.store = store if store is not None else open_store(
+            cfg.store, cfg.history_size, cfg.history_ttl)
+        self.writer = Writer(cfg.queue_size, cfg.close_timeout, cfg.ping_interval, cfg.ping_timeout)
+        self.hub = Hub(self.store, self.writer, cfg.max_subscriptions)
+        self.auth = Authenticator(secret=cfg.secret, public_key=cfg.public_key, api_key=cfg.api_key)
+        self.metrics = Metrics(self)
+        self.scheme = "https" if cfg.certfile else "http"
+        self._ssl: Optional[ssl.SSLContext] = None
+        if cfg.certfile:
+            self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._ssl.load_cert_chain(cfg.certfile, cfg.keyfile)
+        self.shutting_down = False
+        self.started_at = 0.0
+        self.accepted = 0  # TCP connections accepted (accept thread only)
+        self.upgraded = 0  # WebSocket connections admitted (under _count_lock)
+        self._listener: Optional[socket.socket] = None
+        self._trimmer: Optional[RetentionTrimmer] = None
+        self._accept_thread: Optional[threading.Thread] = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._started = False
+        # _count_lock guards: _open (admitted WebSocket connections), _per_ip, upgraded, _http_buckets
+        self._count_lock = threading.Lock()
+        self._open = 0
+        self._per_ip: Dict[str, int] = {}
+        self._http_buckets: Dict[str, TokenBucket] = {}
+        # _threads_lock guards: _threads (connection thread -> its socket); notified when one ends
+        self._threads_lock = threading.Condition()
+        self._threads: Dict[threading.Thread, socket.socket] = {}
+        self._demo: Optional[bytes] = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        if self._listener is None:
+            raise ServerClosed("server is not started")
+        return self._listener.getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL of this server."""
+        scheme = "wss" if self._ssl else "ws"
+        return "%s://%s:%d%s" % (scheme, self.config.host, self.port, self.config.path)
+
+    @property
+    def http_url(self) -> str:
+        """The base HTTP URL of this server."""
+        return "%s://%s:%d" % (self.scheme, self.config.host, self.port)
+
+    def start(self) -> "Server":
+        """Bind, listen and run the accept loop and the writer in background threads."""
+        if self._started:
+            return self
+        cfg = self.config
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cfg.host, cfg.port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        self._listener = sock
+        self._started = True
+        self.started_at = time.monotonic()
+        if cfg.thread_stack_size:
+            try:
+                threading.stack_size(cfg.thread_stack_size)
+            except (ValueError, RuntimeError):
+                logger.warning("cannot set thread stack size to %d", cfg.thread_stack_size)
+        self.writer.start()
+        self._trimmer = RetentionTrimmer(self.store)
+        self._trimmer.start()
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="wsbroadcast-accept",
+                                               daemon=True)
+        self._accept_thread.start()
+        logger.info("listening on %s", self.url)
+        return self
+
+    def serve_forever(self) -> None:
+        """Start if needed and block until ``shutdown()`` has finished."""
+        self.start()
+        while not self._stopped.wait(0.5):
+            pass
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Close every connection with 1001, stop all threads and join them."""
+        if self._stopping:
+            self._stopped.wait(timeout)
+            return
+        self._stopping = True
+        self.shutting_down = True
+        if not self._started:
+            self._stopped.set()
+            return
+        timeout = self.config.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        logger.info("shutting down")
+        self.writer.put(((CLOSE_ALL, CloseCode.GOING_AWAY, "server shutting down"),))
+        with self._threads_lock:
+            while self._open and time.monotonic() < deadline:
+                self._threads_lock.wait(max(0.01, deadline - time.monotonic()))
+        # stop accepting, then end whatever is left (handshakes, keep-alive HTTP)
+        self._wake_w.send(b"\0")
+        if self._accept_thread is not None:
+            self._accept_thread.join(5.0)
+        with self._threads_lock:
+            leftover = list(self._threads.items())
+        for _thread, sock in leftover:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread, _sock in leftover:
+            thread.join(max(0.1, deadline + 5.0 - time.monotonic()))
+        self.writer.stop()
+        if self._trimmer is not None:
+            self._trimmer.stop()
+        self.store.close()
+        if self._listener is not None:
+            self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        self._stopped.set()
+        logger.info("stopped")
+
+    # ------------------------------------------------------------------ accept
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        pause = 0.0
+        try:
+            while True:
+                events = sel.select(pause or None)
+                pause = 0.0
+                if any(key.fileobj is self._wake_r for key, _ in events):
+                    return
+                for _ in range(64):
+                    try:
+                        sock, addr = self._listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as exc:
+                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                            logger.error("accept failed: %s; pausing accepts", exc)
+                            pause = 0.1
+                            break
+                        raise
+                    self.accepted += 1
+                    self._spawn(sock, addr)
+        finally:
+            sel.close()
+
+    def _spawn(self, sock: socket.socket, addr: Tuple[str, int]) -> None:
+        sock.setblocking(True)
+        thread = threading.Thread(target=self._handle, args=(sock, addr),
+                                  name="wsbroadcast-conn-%s:%s" % (addr[0], addr[1]), daemon=True)
+        with self._threads_lock:
+            self._threads[thread] = sock
+        try:
+            thread.start()
+        except RuntimeError as exc:  # cannot start a new thread
+            logger.error("cannot start a connection thread: %s", exc)
+            with self._threads_lock:
+                self._threads.pop(thread, None)
+            sock.close()
+
+    def _handle(self, sock: socket.socket, addr: Tuple[str, int]) -> None:
+        cfg = self.config
+        try:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if cfg.socket_sndbuf:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_sndbuf)
+            except OSError:
+                pass
+            if self._ssl is not None:
+                sock.settimeout(cfg.handshake_timeout)
+                try:
+                    sock = self._ssl.wrap_socket(sock, server_side=True)
+                except (OSError, ssl.SSLError) as exc:
+                    logger.debug("TLS handshake with %s failed: %s", addr[0], exc)
+                    return
+                with self._threads_lock:
+                    self._threads[threading.current_thread()] = sock
+            upgrade = HttpSession(self, sock, addr).run()
+            if upgrade is None:
+                return
+            claims = upgrade.claims
+            conn = Connection(
+                sock, addr, upgrade.kind, claims=claims, max_outbox=cfg.max_outbox,
+                rate=(TokenBucket(cfg.max_publish_rate, cfg.publish_burst or max(1.0, cfg.max_publish_rate))
+                      if cfg.max_publish_rate > 0 else None),
+                expires=getattr(claims, "exp", None))
+            reader = Reader(conn, upgrade.ws, self.hub, self.writer,
+                            cfg.max_message_size, cfg.close_timeout)
+            try:
+                reader.run(upgrade.trailing, upgrade.refuse, on_open=self._on_open)
+            finally:
+                if upgrade.refuse is None:
+                    self._release(addr[0])
+        except OSError as exc:
+            logger.debug("connection from %s ended: %s", addr[0], exc)
+        except Exception:
+            logger.exception("connection thread for %s failed", addr[0])
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+            with self._threads_lock:
+                self._threads.pop(threading.current_thread(), None)
+                self._threads_lock.notify_all()
+
+    def _on_open(self, conn: Connection) -> None:
+        if conn.kind == PLAIN:
+            self.hub.subscribe_seed(conn)
+
+    # ------------------------------------------------------------------ admission
+    def admit(self, ip: str) -> Optional[Tuple[int, str]]:
+        """Count a new WebSocket connection, or say why it must be closed (1013)."""
+        cfg = self.config
+        with self._count_lock:
+            if self._open >= cfg.max_connections:
+                return (CloseCode.TRY_AGAIN_LATER, "server over its connection limit")
+            per_ip = self._per_ip.get(ip, 0)
+            if cfg.max_connections_per_ip and per_ip >= cfg.max_connections_per_ip:
+                return (CloseCode.TRY_AGAIN_LATER, "too many connections from this address")
+            self._open += 1
+            self._per_ip[ip] = per_ip + 1
+            self.upgraded += 1
+        return None
+
+    def _release(self, ip: str) -> None:
+        with self._count_lock:
+            self._open -= 1
+            left = self._per_ip.get(ip, 1) - 1
+            if left > 0:
+                self._per_ip[ip] = left
+            else:
+                self._per_ip.pop(ip, None)
+        with self._threads_lock:
+            self._threads_lock.notify_all()
+
+    def http_rate_ok(self, ip: str) -> bool:
+        """Take a token from the HTTP publish bucket of this address."""
+        rate = self.config.max_publish_rate
+        if rate <= 0:
+            return True
+        with self._count_lock:
+            bucket = self._http_buckets.get(ip)
+            if bucket is None:
+                if len(self._http_buckets) > 10000:
+                    self._http_buckets.clear()
+                bucket = self._http_buckets[ip] = TokenBucket(
+                    rate, self.config.publish_burst or max(1.0, rate))
+            return bucket.take()
+
+    def origin_allowed(self, origin: str, host: Optional[str]) -> bool:
+        """True when a browser's Origin is the server's own or an allowed one."""
+        allowed = self.config.allowed_origins
+        if "*" in allowed:
+            return True
+        origin = origin.strip().rstrip("/").lower()
+        if host and origin == ("%s://%s" % (self.scheme, host.strip())).lower():
+            return True
+        return origin in (a.rstrip("/").lower() for a in allowed)
+
+    # ------------------------------------------------------------------ API
+    def publish(self, topic: str, data: Any) -> Tuple[int, str]:
+        """Publish ``data`` (any JSON value) on ``topic`` from any thread; returns (seq, epoch)."""
+        if self.shutting_down:
+            raise ServerClosed("server is shutting down")
+        validate_topic(topic)
+        return self.hub.publish(topic, encode_json(data))
+
+    def health(self) -> Dict[str, Any]:
+        """The /healthz document."""
+        status = "shutting_down" if self.shutting_down else "ok"
+        if not self.writer.alive and not self.shutting_down:
+            status = "degraded"
+        return {
+            "status": status,
+            "uptime": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
+            "connections": len(self.hub),
+            "writer": {"state": self.writer.state, "alive": self.writer.alive,
+                       "queue_depth": self.writer.depth()},
+        }
+
+    def demo_page(self) -> bytes:
+        """The demo page served at /."""
+        if self._demo is None:
+            self._demo = load_demo_page()
+        return self._demo
+
+    def thread_count(self) -> int:
+        """Connection threads alive now."""
+        with self._threads_lock:
+            return len(self._threads)

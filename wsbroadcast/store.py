@@ -1,0 +1,707 @@
+"""The message store: per-topic sequence numbers, epochs and retained history.
+
+One interface (:class:`MessageStore`), two implementations:
+
+- :class:`MemoryStore`: a bounded ring per topic; one random epoch per instance,
+  so a restart starts a new numbering (PROTOCOL.md section 4).
+- :class:`SqliteStore`: one SQLite file in WAL mode. Each topic's epoch and last
+  seq live in their own table, so seqs survive trimming, ``history_size`` 0 and
+  restarts (same file => same epoch, seqs continue).
+
+Threading contract: ``append_batch`` and ``latest`` are called by one thread at a
+time (the hub holds its lock around them). ``since``, ``oldest`` and ``trim`` may be
+called from any thread concurrently with them. Every failure to read or write
+surfaces as :class:`~wsbroadcast.errors.StoreError`; ``append_batch`` is
+all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import itertools
+import logging
+import os
+import pathlib
+import secrets
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from typing import (
+    Callable,
+    Deque,
+    Dict,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
+
+from .errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "StoredMessage",
+    "MessageStore",
+    "MemoryStore",
+    "SqliteStore",
+    "RetentionTrimmer",
+    "open_store",
+]
+
+Clock = Callable[[], float]
+
+
+class StoredMessage(NamedTuple):
+    """One stored message; ``data`` is the published value as JSON text, verbatim."""
+
+    topic: str
+    seq: int
+    data: str
+    time: float
+
+
+def _new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
+def _check_retention(history_size: int, history_ttl: Optional[float]) -> None:
+    if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 0:
+        raise ValueError("history_size must be an int >= 0, got %r" % (history_size,))
+    if history_ttl is not None and (
+        isinstance(history_ttl, bool) or not isinstance(history_ttl, (int, float)) or history_ttl < 0
+    ):
+        raise ValueError("history_ttl must be None or a number >= 0, got %r" % (history_ttl,))
+
+
+def _check_items(items: Sequence[Tuple[str, str]]) -> None:
+    for item in items:
+        if (
+            not isinstance(item, (tuple, list))
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or not isinstance(item[1], str)
+        ):
+            raise StoreError("append_batch items must be (topic: str, data: str) tuples")
+
+
+class MessageStore(abc.ABC):
+    """Sequence numbers, epochs and retained history of topics.
+
+    Attributes:
+        history_size: most messages kept per topic (0 keeps none; seqs still count).
+        history_ttl: seconds a message is kept, or None for no age limit.
+        read_only: True when appends are refused (e.g. an unwritable SQLite file).
+    """
+
+    history_size: int
+    history_ttl: Optional[float]
+    read_only: bool = False
+
+    @abc.abstractmethod
+    def latest(self, topic: str) -> Tuple[int, str]:
+        """Return ``(last seq, epoch)`` of ``topic``; ``(0, epoch)`` if never published."""
+
+    @abc.abstractmethod
+    def append_batch(self, items: Sequence[Tuple[str, str]]) -> List[Tuple[int, str]]:
+        """Store ``[(topic, data_json), ...]`` as one transaction; return ``[(seq, epoch), ...]``.
+
+        Each item gets its topic's next seq, in item order. On failure raise
+        StoreError and leave every seq as if the call never happened.
+        """
+
+    @abc.abstractmethod
+    def since(self, topic: str, seq: int, limit: int) -> List[StoredMessage]:
+        """Return at most ``limit`` stored messages of ``topic`` with seq > ``seq``, oldest first."""
+
+    @abc.abstractmethod
+    def oldest(self, topic: str) -> int:
+        """Return the seq of the oldest stored message of ``topic``, 0 if none is stored."""
+
+    @abc.abstractmethod
+    def trim(self, now: Optional[float] = None) -> int:
+        """Apply retention (``history_size`` per topic, ``history_ttl``); return rows removed."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release resources; idempotent. Later appends and reads raise StoreError."""
+
+    def __enter__(self) -> "MessageStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- memory
+
+
+class MemoryStore(MessageStore):
+    """History in memory: a ``deque(maxlen=history_size)`` per topic.
+
+    Count retention is immediate (the deque drops the oldest on append), so
+    :meth:`trim` only removes messages by age, or by count after ``history_size``
+    was lowered; its return value counts only what that call removed.
+    """
+
+    def __init__(
+        self,
+        history_size: int = 1000,
+        history_ttl: Optional[float] = None,
+        *,
+        clock: Clock = time.time,
+    ) -> None:
+        _check_retention(history_size, history_ttl)
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.read_only = False
+        self.epoch = _new_epoch()
+        self._clock = clock
+        # _lock guards _rings, _last and _closed. Each ring holds consecutive seqs,
+        # oldest on the left; a topic without stored messages has no ring.
+        self._lock = threading.Lock()
+        self._rings: Dict[str, Deque[StoredMessage]] = {}
+        self._last: Dict[str, int] = {}
+        self._closed = False
+
+    def latest(self, topic: str) -> Tuple[int, str]:
+        with self._lock:
+            return self._last.get(topic, 0), self.epoch
+
+    def append_batch(self, items: Sequence[Tuple[str, str]]) -> List[Tuple[int, str]]:
+        _check_items(items)
+        now = self._clock()
+        size = self.history_size
+        out: List[Tuple[int, str]] = []
+        with self._lock:
+            if self._closed:
+                raise StoreError("store is closed")
+            for topic, data in items:
+                seq = self._last.get(topic, 0) + 1
+                self._last[topic] = seq
+                out.append((seq, self.epoch))
+                if size <= 0:
+                    continue
+                ring = self._rings.get(topic)
+                if ring is None or ring.maxlen != size:
+                    ring = collections.deque(ring or (), maxlen=size)
+                    self._rings[topic] = ring
+                ring.append(StoredMessage(topic, seq, data, now))
+        return out
+
+    def since(self, topic: str, seq: int, limit: int) -> List[StoredMessage]:
+        if limit <= 0:
+            return []
+        with self._lock:
+            if self._closed:
+                raise StoreError("store is closed")
+            ring = self._rings.get(topic)
+            if not ring:
+                return []
+            start = max(0, seq + 1 - ring[0].seq)
+            if start >= len(ring):
+                return []
+            return list(itertools.islice(ring, start, start + limit))
+
+    def oldest(self, topic: str) -> int:
+        with self._lock:
+            if self._closed:
+                raise StoreError("store is closed")
+            ring = self._rings.get(topic)
+            return ring[0].seq if ring else 0
+
+    def trim(self, now: Optional[float] = None) -> int:
+        size = self.history_size
+        ttl = self.history_ttl
+        removed = 0
+        with self._lock:
+            if self._closed:
+                return 0
+            if now is None and ttl is not None:
+                now = self._clock()
+            cutoff = None if ttl is None or now is None else now - ttl
+            for topic in list(self._rings):
+                ring = self._rings[topic]
+                while len(ring) > size:
+                    ring.popleft()
+                    removed += 1
+                if cutoff is not None:
+                    while ring and ring[0].time < cutoff:
+                        ring.popleft()
+                        removed += 1
+                if not ring:
+                    del self._rings[topic]
+        return removed
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._rings.clear()
+
+
+# --------------------------------------------------------------------------- sqlite
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta ("
+    " key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS topics ("
+    " topic TEXT PRIMARY KEY, epoch TEXT NOT NULL, last_seq INTEGER NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS messages ("
+    " topic TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, time REAL NOT NULL,"
+    " PRIMARY KEY (topic, seq))",
+)
+_SCHEMA_VERSION = "1"
+_MAX_IDLE_READERS = 8
+
+
+class SqliteStore(MessageStore):
+    """History in one SQLite file (WAL, ``synchronous=NORMAL``, FULL with ``full_sync``).
+
+    ``path`` is a file path, ``":memory:"`` (no persistence; reads share the writer
+    connection), or an SQLite ``file:`` URI (e.g. ``file:/x/h.db?mode=ro``).
+
+    Opening: the file is opened read-write and the schema created. If that fails
+    (read-only file or directory, another process holding the write lock, ...)
+    the file is opened read-only instead: ``read_only`` is True, reads work,
+    ``append_batch`` raises StoreError and ``trim`` does nothing. If it cannot be
+    opened at all (missing directory, not a database, no schema in a read-only
+    file) the constructor raises StoreError.
+
+    This process must be the only writer of the file: topic metadata (epoch,
+    last seq) is cached in memory and updated only after a successful commit.
+    Reads use a small pool of read-only WAL connections, so they run
+    concurrently with the writer and each sees a committed snapshot (a batch is
+    never seen torn); if a reader connection cannot be opened, reads fall back to
+    the writer connection.
+
+    Count retention is applied by :meth:`trim` (call it periodically, e.g. with
+    :class:`RetentionTrimmer`), so between trims a topic can hold more than
+    ``history_size`` rows.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        history_size: int = 1000,
+        history_ttl: Optional[float] = None,
+        full_sync: bool = False,
+        *,
+        clock: Clock = time.time,
+    ) -> None:
+        _check_retention(history_size, history_ttl)
+        self.path = str(path)
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.full_sync = bool(full_sync)
+        self.read_only = False
+        self._clock = clock
+        self._is_uri = self.path.startswith("file:")
+        self._shared_reads = self.path == ":memory:"
+        if self._is_uri or self._shared_reads:
+            self._reader_uri = self.path
+        else:
+            self._reader_uri = pathlib.Path(os.path.abspath(self.path)).as_uri() + "?mode=ro"
+
+        # _wlock guards the writer connection _writer and everything only the writer
+        # changes: _meta, _dirty, _trimmed_size, _oldest_time; _closed is set holding
+        # both _wlock and _pool_lock, so either one suffices to read it. Lock order:
+        # the hub's lock, then _wlock, then _pool_lock; never the other way round.
+        self._wlock = threading.Lock()
+        # topic -> (epoch, last_seq); a committed mirror of the topics table. Read
+        # without the lock by latest() (same thread as append_batch, dict.get is atomic).
+        self._meta: Dict[str, Tuple[str, int]] = {}
+        # topics appended since the last count trim.
+        self._dirty: Set[str] = set()
+        # history_size of the last full count trim (None: every topic needs a check).
+        self._trimmed_size: Optional[int] = None
+        # topic -> time of its oldest stored row (None until a TTL trim needs it).
+        self._oldest_time: Optional[Dict[str, float]] = None
+        self._closed = False
+
+        # _pool_lock guards _idle (reader connections not in use) and _readers (every
+        # open reader connection). A reader connection is used by one thread at a time.
+        self._pool_lock = threading.Lock()
+        self._idle: List[sqlite3.Connection] = []
+        self._readers: Set[sqlite3.Connection] = set()
+        self._reader_failed = False
+
+        self._writer = self._open()
+        self.epoch = self._load()
+        logger.info(
+            "sqlite store %s opened%s: %d topics, epoch %s",
+            self.path,
+            " read-only" if self.read_only else "",
+            len(self._meta),
+            self.epoch,
+        )
+
+    # -- opening
+
+    def _connect(self, target: str, uri: bool) -> sqlite3.Connection:
+        return sqlite3.connect(
+            target, uri=uri, timeout=5.0, isolation_level=None, check_same_thread=False
+        )
+
+    def _open(self) -> sqlite3.Connection:
+        conn: Optional[sqlite3.Connection] = None
+        try:
+            conn = self._connect(self.path, self._is_uri)
+            self._init_schema(conn)
+            return conn
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            if self._shared_reads:
+                raise StoreError("cannot open sqlite store %s: %s" % (self.path, exc)) from exc
+            first = exc
+        logger.warning(
+            "sqlite store %s is not writable (%s); opening it read-only", self.path, first
+        )
+        try:
+            conn = self._connect(self._reader_uri, True)
+            conn.execute("SELECT 1 FROM topics LIMIT 1").fetchall()
+            self.read_only = True
+            return conn
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            raise StoreError(
+                "cannot open sqlite store %s: %s (read-only: %s)" % (self.path, first, exc)
+            ) from exc
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal" and not self._shared_reads:
+            raise sqlite3.OperationalError("cannot switch to WAL (journal_mode=%s)" % mode)
+        conn.execute("PRAGMA synchronous=%s" % ("FULL" if self.full_sync else "NORMAL"))
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _SCHEMA:
+                conn.execute(stmt)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (_new_epoch(),)
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (_SCHEMA_VERSION,)
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
+    def _load(self) -> str:
+        conn = self._writer
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+            if row is None:
+                raise StoreError("sqlite store %s has no epoch (not a wsbroadcast store?)" % self.path)
+            for topic, epoch, last_seq in conn.execute("SELECT topic, epoch, last_seq FROM topics"):
+                self._meta[topic] = (epoch, last_seq)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError("cannot read sqlite store %s: %s" % (self.path, exc)) from exc
+        except StoreError:
+            conn.close()
+            raise
+        return str(row[0])
+
+    # -- reading
+
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        """Lend a reader connection (or the writer, under _wlock, as a fallback)."""
+        if self._shared_reads or self._reader_failed:
+            with self._wlock:
+                self._check_open()
+                yield self._writer
+            return
+        with self._pool_lock:
+            self._check_open()
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            try:
+                conn = self._connect(self._reader_uri, True)
+            except sqlite3.Error as exc:
+                logger.warning(
+                    "cannot open a reader connection to %s (%s); reading through the writer",
+                    self.path,
+                    exc,
+                )
+                self._reader_failed = True
+            else:
+                with self._pool_lock:
+                    self._readers.add(conn)
+        if conn is None:
+            with self._wlock:
+                self._check_open()
+                yield self._writer
+            return
+        keep = False
+        try:
+            yield conn
+            keep = True
+        finally:
+            with self._pool_lock:
+                if keep and not self._closed and len(self._idle) < _MAX_IDLE_READERS:
+                    self._idle.append(conn)
+                    conn = None
+                else:
+                    self._readers.discard(conn)
+            if conn is not None:
+                conn.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("store is closed")
+
+    def latest(self, topic: str) -> Tuple[int, str]:
+        meta = self._meta.get(topic)
+        if meta is None:
+            return 0, self.epoch
+        return meta[1], meta[0]
+
+    def since(self, topic: str, seq: int, limit: int) -> List[StoredMessage]:
+        if limit <= 0:
+            return []
+        try:
+            with self._reader() as conn:
+                rows = conn.execute(
+                    "SELECT topic, seq, data, time FROM messages"
+                    " WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    (topic, seq, limit),
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError("cannot read history of %r: %s" % (topic, exc)) from exc
+        return [StoredMessage(*row) for row in rows]
+
+    def oldest(self, topic: str) -> int:
+        try:
+            with self._reader() as conn:
+                row = conn.execute(
+                    "SELECT MIN(seq) FROM messages WHERE topic = ?", (topic,)
+                ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError("cannot read history of %r: %s" % (topic, exc)) from exc
+        return int(row[0]) if row and row[0] is not None else 0
+
+    # -- writing
+
+    def append_batch(self, items: Sequence[Tuple[str, str]]) -> List[Tuple[int, str]]:
+        _check_items(items)
+        with self._wlock:
+            self._check_open()
+            if self.read_only:
+                raise StoreError("sqlite store %s is read-only" % self.path)
+            if not items:
+                return []
+            now = self._clock()
+            keep_rows = self.history_size > 0
+            pending: Dict[str, Tuple[str, int]] = {}
+            rows: List[Tuple[str, int, str, float]] = []
+            out: List[Tuple[int, str]] = []
+            for topic, data in items:
+                epoch, last = pending.get(topic) or self._meta.get(topic) or (self.epoch, 0)
+                seq = last + 1
+                pending[topic] = (epoch, seq)
+                out.append((seq, epoch))
+                if keep_rows:
+                    rows.append((topic, seq, data, now))
+            new = [(t, e, s) for t, (e, s) in pending.items() if t not in self._meta]
+            old = [(s, t) for t, (e, s) in pending.items() if t in self._meta]
+            conn = self._writer
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                if rows:
+                    conn.executemany(
+                        "INSERT INTO messages (topic, seq, data, time) VALUES (?, ?, ?, ?)", rows
+                    )
+                if new:
+                    conn.executemany(
+                        "INSERT INTO topics (topic, epoch, last_seq) VALUES (?, ?, ?)", new
+                    )
+                if old:
+                    conn.executemany("UPDATE topics SET last_seq = ? WHERE topic = ?", old)
+                conn.execute("COMMIT")
+            except Exception as exc:
+                _rollback(conn)
+                logger.error("sqlite store %s: append of %d messages failed: %s", self.path, len(items), exc)
+                raise StoreError("cannot store messages: %s" % exc) from exc
+            except BaseException:
+                _rollback(conn)
+                raise
+            # Committed: only now does the cache move forward.
+            self._meta.update(pending)
+            self._dirty.update(pending)
+            if keep_rows and self._oldest_time is not None:
+                for topic in pending:
+                    self._oldest_time.setdefault(topic, now)
+            return out
+
+    def trim(self, now: Optional[float] = None) -> int:
+        with self._wlock:
+            if self._closed or self.read_only:
+                return 0
+            size = self.history_size
+            ttl = self.history_ttl
+            conn = self._writer
+            if self._trimmed_size != size:
+                count_topics: Set[str] = set(self._meta)
+            else:
+                count_topics = self._dirty
+            count_work = []
+            for topic in count_topics:
+                upto = self._meta[topic][1] - size
+                if upto > 0:
+                    count_work.append((topic, upto))
+            age_work: List[str] = []
+            cutoff = 0.0
+            try:
+                if ttl is not None:
+                    if now is None:
+                        now = self._clock()
+                    cutoff = now - ttl
+                    if self._oldest_time is None:
+                        self._oldest_time = self._load_oldest_times(conn)
+                    age_work = [t for t, tm in self._oldest_time.items() if tm < cutoff]
+                removed = 0
+                new_oldest: Dict[str, Optional[float]] = {}
+                if count_work or age_work:
+                    conn.execute("BEGIN IMMEDIATE")
+                    for topic, upto in count_work:
+                        removed += conn.execute(
+                            "DELETE FROM messages WHERE topic = ? AND seq <= ?", (topic, upto)
+                        ).rowcount
+                    for topic in age_work:
+                        # Delete a prefix (up to the newest expired row) so what stays is
+                        # contiguous even if the clock went backwards.
+                        removed += conn.execute(
+                            "DELETE FROM messages WHERE topic = ? AND seq <= "
+                            "(SELECT MAX(seq) FROM messages WHERE topic = ? AND time < ?)",
+                            (topic, topic, cutoff),
+                        ).rowcount
+                        row = conn.execute(
+                            "SELECT time FROM messages WHERE topic = ? ORDER BY seq LIMIT 1",
+                            (topic,),
+                        ).fetchone()
+                        new_oldest[topic] = row[0] if row else None
+                    conn.execute("COMMIT")
+            except Exception as exc:
+                _rollback(conn)
+                raise StoreError("cannot trim sqlite store %s: %s" % (self.path, exc)) from exc
+            self._dirty = set()
+            self._trimmed_size = size
+            if self._oldest_time is not None:
+                for topic, tm in new_oldest.items():
+                    if tm is None:
+                        self._oldest_time.pop(topic, None)
+                    else:
+                        self._oldest_time[topic] = tm
+            if removed:
+                logger.debug("sqlite store %s: trimmed %d messages", self.path, removed)
+            return removed
+
+    def _load_oldest_times(self, conn: sqlite3.Connection) -> Dict[str, float]:
+        result: Dict[str, float] = {}
+        for topic in self._meta:
+            row = conn.execute(
+                "SELECT time FROM messages WHERE topic = ? ORDER BY seq LIMIT 1", (topic,)
+            ).fetchone()
+            if row is not None:
+                result[topic] = row[0]
+        return result
+
+    def close(self) -> None:
+        with self._wlock:
+            with self._pool_lock:
+                if self._closed:
+                    return
+                self._closed = True
+                idle, self._idle = self._idle, []
+                for conn in idle:
+                    self._readers.discard(conn)
+            # Readers in use are closed when they are given back.
+            for conn in idle:
+                conn.close()
+            try:
+                self._writer.close()
+            except sqlite3.Error as exc:  # pragma: no cover - close rarely fails
+                logger.warning("closing sqlite store %s: %s", self.path, exc)
+        logger.info("sqlite store %s closed", self.path)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if any; never raise."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        logger.warning("sqlite rollback failed: %s", exc)
+
+
+# --------------------------------------------------------------------------- trimmer
+
+
+class RetentionTrimmer:
+    """A daemon thread calling ``store.trim()`` every ``interval`` seconds.
+
+    Exceptions are logged (at most one traceback per minute while they repeat)
+    and the thread keeps going.
+    """
+
+    LOG_EVERY = 60.0
+
+    def __init__(self, store: MessageStore, interval: float = 1.0) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be > 0")
+        self.store = store
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._last_log = float("-inf")
+
+    def start(self) -> None:
+        """Start the thread (once; later calls do nothing)."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="wsbroadcast-trimmer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Ask the thread to stop and wait for it."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.store.trim()
+            except Exception:
+                mono = time.monotonic()
+                if mono - self._last_log >= self.LOG_EVERY:
+                    self._last_log = mono
+                    logger.exception("retention trim failed")
+                else:
+                    logger.debug("retention trim failed again", exc_info=True)
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def open_store(
+    spec: str,
+    history_size: int,
+    history_ttl: Optional[float],
+    *,
+    full_sync: bool = False,
+) -> MessageStore:
+    """Open a store: ``"memory"`` is a MemoryStore, anything else an SqliteStore path/URI."""
+    if spec == "memory":
+        return MemoryStore(history_size, history_ttl)
+    return SqliteStore(spec, history_size, history_ttl, full_sync=full_sync)

@@ -1,0 +1,424 @@
+"""The writer: ONE thread draining the broadcast channel into non-blocking sockets.
+
+Producers (readers, the hub, ``Server.publish``) put lists of operations on a
+bounded ``queue.Queue``. The writer turns each delivery into frames once per
+delivery format, appends them to each recipient's outbox, and sends each
+connection's pending frames joined in one ``send(MSG_DONTWAIT)``. What does not
+fit waits in the outbox and the socket waits in a selector for writability. A
+connection whose unsent bytes pass its limit is closed with 1008 "slow consumer".
+The writer never blocks on a socket and never takes the hub's lock.
+
+It also keeps the clock: keepalive pings, pong deadlines, credential expiry and
+the grace period of closing connections.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import selectors
+import socket
+import struct
+import threading
+import time
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Set
+
+from .connection import Connection
+from .envelope import message_text
+from .errors import CloseCode
+from .wsframe import close_frame, ping_frame, text_frame
+
+logger = logging.getLogger(__name__)
+
+# Operations: tuples whose first item is one of these.
+DELIVER = 1  # (DELIVER, topic, seq, data_json, recipients, publish_time)
+SEND = 2  # (SEND, conn, frame_bytes)
+REPLAY = 3  # (REPLAY, conn, [frame_bytes, ...])  not counted against the outbox limit
+CLOSE = 4  # (CLOSE, conn, code, reason)
+ATTACH = 5  # (ATTACH, conn)
+DETACH = 6  # (DETACH, conn, threading.Event)
+CLOSE_ALL = 7  # (CLOSE_ALL, code, reason)
+CALL = 8  # (CALL, callable)  runs in the writer thread, in order
+SLOW = 9  # (SLOW, conn)  close as a slow consumer
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_DONTWAIT = socket.MSG_DONTWAIT
+
+
+class WriterStats:
+    """Counters kept by the writer thread as plain integers, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.bytes_out = 0
+        self.slow_consumers = 0
+        self.close_codes: dict = {}
+        #: publish-to-write seconds, drained by the metrics collector (bounded)
+        self.latency_samples: List[float] = []
+
+
+class Writer:
+    """Owns the broadcast channel, the writer thread and every connection's outbox."""
+
+    def __init__(self, queue_size: int = 65536, close_timeout: float = 3.0,
+                 ping_interval: float = 20.0, ping_timeout: float = 20.0) -> None:
+        self.queue: "queue.Queue[Sequence[tuple]]" = queue.Queue(maxsize=queue_size)
+        self.close_timeout = close_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.stats = WriterStats()
+        self.state = "new"
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        # True while the writer may sleep in select(): producers then write a wake-up byte.
+        self._sleeping = False
+        self._stop = False
+        # --- writer-thread-only state ---
+        self._conns: Set[Connection] = set()
+        self._dirty: List[Connection] = []
+        self._closing: Set[Connection] = set()
+        self._n_waiting = 0
+        self._round_t0: List[float] = []  # publish times of the messages of this round
+        self._ping = ping_frame(b"ka")
+        self._tick_every = max(0.02, min(0.5, ping_interval / 4, close_timeout / 4))
+        self._thread = threading.Thread(target=self._run, name="wsbroadcast-writer", daemon=True)
+
+    # ------------------------------------------------------------------ producers
+    def put(self, ops: Sequence[tuple]) -> None:
+        """Queue a list of operations; safe from any thread (waits while the channel is full)."""
+        self.queue.put(ops)
+        if self._sleeping:
+            self._wake()
+
+    def call(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` in the writer thread after everything queued before it."""
+        self.put(((CALL, fn),))
+
+    def sync(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued before this call has been processed."""
+        done = threading.Event()
+        self.call(done.set)
+        return done.wait(timeout)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0", _DONTWAIT)
+        except OSError:
+            pass  # a byte is already pending, or the writer is gone
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the writer thread."""
+        self.state = "running"
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the writer thread and join it."""
+        self._stop = True
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.state = "stopped"
+        for s in (self._wake_r, self._wake_w):
+            s.close()
+        self._sel.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def depth(self) -> int:
+        """Items waiting in the broadcast channel."""
+        return self.queue.qsize()
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        get = self.queue.get_nowait
+        next_tick = time.monotonic() + self._tick_every
+        try:
+            while not self._stop:
+                # 1. drain what is queued (bounded per round so sockets get serviced)
+                for _ in range(512):
+                    try:
+                        ops = get()
+                    except queue.Empty:
+                        break
+                    self._apply(ops)
+                # 2. write what became pending
+                if self._dirty:
+                    self._flush_dirty()
+                now = time.monotonic()
+                if self._round_t0:
+                    self._record_latency(now)
+                if now >= next_tick:
+                    self._tick(now)
+                    next_tick = now + self._tick_every
+                # 3. wait for work or writability, never blocking while work is queued
+                timeout: Optional[float] = 0.0
+                if self.queue.empty():
+                    self._sleeping = True
+                    if self.queue.empty():
+                        timeout = max(0.0, next_tick - time.monotonic())
+                if timeout or self._n_waiting:
+                    events = self._sel.select(timeout)
+                else:
+                    events = ()
+                self._sleeping = False
+                for key, _mask in events:
+                    conn = key.data
+                    if conn is None:
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except OSError:
+                            pass
+                    else:
+                        self._send(conn)
+        except Exception:  # pragma: no cover - a bug; keep it visible
+            logger.exception("writer thread failed")
+            self.state = "failed"
+            raise
+        finally:
+            if self.state != "failed":
+                self.state = "stopped"
+            for conn in list(self._conns):
+                conn.flushed.set()
+                conn.drained.set()
+
+    def _apply(self, ops: Iterable[tuple]) -> None:
+        stats = self.stats
+        for op in ops:
+            kind = op[0]
+            if kind == DELIVER:
+                _, topic, seq, data, recipients, t0 = op
+                v1 = plain = None
+                n = 0
+                for conn in recipients:
+                    if conn.close_sent or conn.dead:
+                        continue
+                    if conn.is_plain:
+                        if plain is None:
+                            plain = text_frame(data.encode("utf-8"))
+                        self._append(conn, plain)
+                    else:
+                        if v1 is None:
+                            v1 = text_frame(message_text(topic, seq, data).encode("utf-8"))
+                        self._append(conn, v1)
+                    n += 1
+                stats.delivered += n
+                if n:
+                    self._round_t0.append(t0)
+            elif kind == SEND:
+                conn = op[1]
+                if not (conn.close_sent or conn.dead):
+                    self._append(conn, op[2])
+            elif kind == REPLAY:
+                conn = op[1]
+                if not (conn.close_sent or conn.dead):
+                    frames = op[2]
+                    conn.out.extend(frames)
+                    conn.out_bytes += sum(len(f) for f in frames)
+                    stats.delivered += len(frames)
+                    self._mark(conn)
+            elif kind == CLOSE:
+                self._close(op[1], op[2], op[3])
+            elif kind == ATTACH:
+                conn = op[1]
+                conn.attached = True
+                self._conns.add(conn)
+            elif kind == DETACH:
+                self._detach(op[1])
+                op[2].set()
+            elif kind == CLOSE_ALL:
+                for conn in list(self._conns):
+                    self._close(conn, op[1], op[2])
+            elif kind == CALL:
+                op[1]()
+            elif kind == SLOW:
+                if not (op[1].close_sent or op[1].dead):
+                    self._slow(op[1])
+
+    def _record_latency(self, now: float) -> None:
+        samples = self.stats.latency_samples
+        if len(samples) < 10000:
+            samples.extend(now - t0 for t0 in self._round_t0)
+        self._round_t0 = []
+
+    # ------------------------------------------------------------------ outboxes
+    def _mark(self, conn: Connection) -> None:
+        if not conn.waiting_write and not conn.dead:
+            self._dirty.append(conn)
+
+    def _append(self, conn: Connection, frame: bytes) -> None:
+        out = conn.out
+        pending = conn.out_bytes
+        if out and (pending - len(out[0])) > conn.max_outbox:
+            # unsent bytes, not counting the frame in flight, are past the limit
+            self._slow(conn)
+            return
+        out.append(frame)
+        conn.out_bytes = pending + len(frame)
+        if not conn.waiting_write and len(out) == 1:
+            self._dirty.append(conn)
+
+    def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            if not conn.waiting_write and conn.out:
+                self._send(conn)
+
+    def _send(self, conn: Connection) -> None:
+        out = conn.out
+        if conn.dead:
+            return
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            try:
+                sent = conn.sock.send(data, _DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                logger.debug("send to %s failed: %s", conn.label, exc)
+                self._kill(conn)
+                return
+            self.stats.bytes_out += sent
+            if sent == len(data):
+                out.clear()
+                conn.out_bytes = 0
+            else:
+                conn.out_bytes -= sent
+                i = 0
+                while sent >= len(out[i]):
+                    sent -= len(out[i])
+                    i += 1
+                if i:
+                    del out[:i]
+                if sent:
+                    out[0] = memoryview(out[0])[sent:]
+        if out:
+            if not conn.waiting_write:
+                try:
+                    self._sel.register(conn.sock, selectors.EVENT_WRITE, conn)
+                    conn.waiting_write = True
+                    self._n_waiting += 1
+                except (ValueError, KeyError, OSError):
+                    self._kill(conn)
+                    return
+        else:
+            if conn.waiting_write:
+                self._unregister(conn)
+            if conn.close_sent:
+                self._flushed(conn)
+        if conn.out_bytes <= conn.max_outbox // 4:
+            conn.drained.set()
+
+    def _unregister(self, conn: Connection) -> None:
+        if conn.waiting_write:
+            conn.waiting_write = False
+            self._n_waiting -= 1
+            try:
+                self._sel.unregister(conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    # ------------------------------------------------------------------ closing
+    def _slow(self, conn: Connection) -> None:
+        self.stats.slow_consumers += 1
+        logger.warning("closing slow consumer %s (%d bytes unsent)", conn.label, conn.out_bytes)
+        self._close(conn, CloseCode.POLICY_VIOLATION, "slow consumer", drop_pending=True)
+
+    def _close(self, conn: Connection, code: int, reason: str, drop_pending: bool = False) -> None:
+        if conn.close_sent or conn.dead:
+            return
+        if drop_pending and conn.out:
+            # keep only the frame in flight, so the close frame follows whole frames
+            head = conn.out[0]
+            if isinstance(head, memoryview):
+                conn.out[:] = [head]
+                conn.out_bytes = len(head)
+            else:
+                conn.out.clear()
+                conn.out_bytes = 0
+        frame = close_frame(int(code), reason)
+        conn.out.append(frame)
+        conn.out_bytes += len(frame)
+        conn.close_sent = True
+        conn.close_code = int(code)
+        conn.close_deadline = time.monotonic() + self.close_timeout
+        codes = self.stats.close_codes
+        codes[int(code)] = codes.get(int(code), 0) + 1
+        self._closing.add(conn)
+        self._mark(conn)
+
+    def _flushed(self, conn: Connection) -> None:
+        """The close frame is out: half-close so the peer sees it followed by EOF."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        conn.flushed.set()
+
+    def _kill(self, conn: Connection) -> None:
+        """The socket is unusable: drop its outbox and wake its reader."""
+        if conn.dead:
+            return
+        self._unregister(conn)
+        conn.dead = True
+        conn.out.clear()
+        conn.out_bytes = 0
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        conn.flushed.set()
+        conn.drained.set()
+
+    def _abort(self, conn: Connection) -> None:
+        """The grace period ran out: reset the connection (SO_LINGER 0)."""
+        if conn.out:
+            try:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+            logger.info("resetting %s: close frame not delivered in time", conn.label)
+        self._kill(conn)
+
+    def _detach(self, conn: Connection) -> None:
+        self._unregister(conn)
+        self._conns.discard(conn)
+        self._closing.discard(conn)
+        conn.attached = False
+        conn.dead = True
+        conn.out.clear()
+        conn.out_bytes = 0
+
+    # ------------------------------------------------------------------ the clock
+    def _tick(self, now: float) -> None:
+        for conn in [c for c in self._closing if now >= c.close_deadline]:
+            self._closing.discard(conn)
+            self._abort(conn)
+        interval, timeout = self.ping_interval, self.ping_timeout
+        wall = time.time()
+        for conn in self._conns:
+            if conn.close_sent or conn.dead:
+                continue
+            if conn.expires is not None and wall >= conn.expires:
+                self._close(conn, CloseCode.POLICY_VIOLATION, "token expired")
+                continue
+            if interval <= 0:
+                continue
+            if conn.ping_sent_at:
+                if conn.last_seen >= conn.ping_sent_at:
+                    conn.ping_sent_at = 0.0
+                elif now - conn.ping_sent_at >= timeout:
+                    logger.info("closing %s: no pong within %.1fs", conn.label, timeout)
+                    self._close(conn, CloseCode.INTERNAL_ERROR, "keepalive timeout")
+                    continue
+            if not conn.ping_sent_at and now - conn.last_seen >= interval:
+                conn.ping_sent_at = now
+                self._append(conn, self._ping)
+        if self._dirty:
+            self._flush_dirty()
