@@ -458,7 +458,11 @@ def test_can_subscribe(claims, pattern, allowed):
 
 def test_allow_all_claims():
     c = Claims.allow_all()
-    assert c is Claims.ALLOW_ALL
+    assert c is Claims.ALLOW_ALL and c.is_allow_all
+    assert Claims(subscribe=(">",), publish=(">",)).is_allow_all
+    # an expiring token is never "allow all": its expiry must still be enforced
+    assert not Claims(exp=time.time() + 60, subscribe=(">",), publish=(">",)).is_allow_all
+    assert not Claims(subscribe=(">",)).is_allow_all
     assert c.sub is None and c.exp is None
     assert c.can_subscribe("a.*.>") and c.can_publish("a.b")
 

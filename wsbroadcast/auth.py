@@ -53,6 +53,7 @@ __all__ = [
     "install_redaction",
     "install_redaction_on_handlers",
     "load_secret",
+    "patterns_cover",
     "REDACTED",
 ]
 
@@ -139,8 +140,12 @@ class Claims:
 
     @property
     def is_allow_all(self) -> bool:
-        """True for claims that allow every topic both ways (``>``)."""
-        return ">" in self.subscribe and ">" in self.publish
+        """True when these claims restrict nothing: every topic both ways and no ``exp``.
+
+        A token granting ``>`` both ways but carrying ``exp`` is not allow-all, so a
+        caller that drops allow-all claims still enforces the expiry.
+        """
+        return ">" in self.subscribe and ">" in self.publish and self.exp is None
 
     def seconds_left(self, now: Optional[float] = None) -> Optional[float]:
         """Seconds until ``exp`` (negative once past), or None without ``exp``."""

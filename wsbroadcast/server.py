@@ -46,7 +46,7 @@ class Server:
         self.config = base.replace(host=host, port=port, **settings)
         cfg = self.config
         self.store = store if store is not None else open_store(
-            cfg.store, cfg.history_size, cfg.history_ttl)
+            cfg.store, cfg.history_size, cfg.history_ttl, full_sync=cfg.store_full_sync)
         self.writer = Writer(cfg.queue_size, cfg.close_timeout, cfg.ping_interval, cfg.ping_timeout)
         self.hub = Hub(self.store, self.writer, cfg.max_subscriptions)
         self.auth = Authenticator(secret=cfg.secret, public_key=cfg.public_key, api_key=cfg.api_key)

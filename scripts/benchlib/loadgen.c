@@ -48,7 +48,7 @@ typedef struct conn {
 /* options */
 static int port = 0, nsubs = 10, nstuck = 0, msgsize = 100, max_pending = 64;
 static double duration = 5, warmup = 1, rate = 200, connect_timeout = 60, hold = 120, drain = 0.5;
-static long window_deliveries = 20000;
+static long window_deliveries = 100000;
 static long long prefill_msgs = 0, max_msgs = 50000000;
 static double prefill_max = 15;
 static const char *mode = "tput", *path = "/";

@@ -1,0 +1,167 @@
+"""The command line: ``wsbroadcast serve`` and ``wsbroadcast token``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import List, Optional
+
+from .config import Config
+
+logger = logging.getLogger("wsbroadcast")
+
+_DEFAULT_STORE = "wsbroadcast.db"
+
+
+def _serve_parser(sub: "argparse._SubParsersAction") -> None:
+    d = Config()
+    p = sub.add_parser("serve", help="run the broker",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Run the broker: WebSocket at PATH, the demo page at /, "
+                                   "/healthz, /metrics, POST /publish and GET /history on one port.")
+    p.add_argument("--host", default=d.host, help="address to listen on")
+    p.add_argument("--port", type=int, default=d.port, help="port to listen on (0: any free port)")
+    p.add_argument("--path", default=d.path, help="the WebSocket endpoint's path")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error", "critical"], help="log level (stderr)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-message-size", type=int, default=d.max_message_size,
+                   help="largest message in bytes (after reassembly); also the HTTP publish body")
+    g.add_argument("--max-outbox", type=int, default=d.max_outbox,
+                   help="unsent bytes a connection may owe before it is closed as a slow consumer (1008)")
+    g.add_argument("--ping-interval", type=float, default=d.ping_interval,
+                   help="seconds of silence before the server pings a connection (0: never)")
+    g.add_argument("--ping-timeout", type=float, default=d.ping_timeout,
+                   help="seconds to wait for any answer to a ping before closing")
+    g.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout,
+                   help="seconds a client has to send a complete request (covers TLS and slow headers)")
+    g.add_argument("--close-timeout", type=float, default=d.close_timeout,
+                   help="seconds a closing connection gets to take its close frame before a reset")
+    g.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open WebSocket connections; past it new ones are closed with 1013")
+    g.add_argument("--max-connections-per-ip", type=int, default=d.max_connections_per_ip,
+                   help="open WebSocket connections per client address (0: no limit)")
+    g.add_argument("--max-subscriptions", type=int, default=d.max_subscriptions,
+                   help="subscriptions per connection")
+    g.add_argument("--max-publish-rate", type=float, default=d.max_publish_rate,
+                   help="publishes per second per connection, and per address over HTTP (0: no limit)")
+    g.add_argument("--publish-burst", type=int, default=d.publish_burst,
+                   help="publishes allowed at once above the rate (0: one second's worth)")
+    h = p.add_argument_group("history")
+    h.add_argument("--store", default=_DEFAULT_STORE,
+                   help="SQLite file for history and seqs, or 'memory' for none that survives a restart")
+    h.add_argument("--history-size", type=int, default=d.history_size, help="messages kept per topic")
+    h.add_argument("--history-ttl", type=float, default=None, help="seconds a message is kept (default: no limit)")
+    h.add_argument("--full-sync", action="store_true",
+                   help="sync the store to disk on every commit (survives power loss, slower)")
+    s = p.add_argument_group("security")
+    s.add_argument("--secret", help="HS256 secret for tokens (prefer --secret-file or $WSBROADCAST_SECRET)")
+    s.add_argument("--secret-file", help="file holding the HS256 secret")
+    s.add_argument("--public-key", help="PEM file of the RS256/ES256 public key for tokens")
+    s.add_argument("--api-key", help="key for back-end publishers (X-API-Key header); also $WSBROADCAST_API_KEY")
+    s.add_argument("--allowed-origin", action="append", default=[],
+                   help="browser origin allowed besides the server's own (repeatable; '*' allows any)")
+    s.add_argument("--certfile", help="TLS certificate (PEM): serve wss:// and https://")
+    s.add_argument("--keyfile", help="TLS private key (PEM)")
+    p.set_defaults(func=_serve)
+
+
+def _token_parser(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser("token", help="print a signed token",
+                       description="Print a JWT for the given claims, signed with the secret "
+                                   "(HS256) or a private key (RS256/ES256).")
+    p.add_argument("--secret", help="HS256 secret (or --secret-file, or $WSBROADCAST_SECRET)")
+    p.add_argument("--secret-file", help="file holding the HS256 secret")
+    p.add_argument("--private-key", help="PEM private key file (RS256 or ES256)")
+    p.add_argument("--algorithm", default=None, help="HS256 (default with a secret), RS256 or ES256")
+    p.add_argument("--sub", help="who the token is for")
+    p.add_argument("--subscribe", action="append", default=[], help="topic pattern it may subscribe to (repeatable)")
+    p.add_argument("--publish", action="append", default=[], help="topic it may publish on (repeatable)")
+    p.add_argument("--lifetime", type=float, default=3600.0, help="seconds until it expires (0: never)")
+    p.set_defaults(func=_token)
+
+
+def _token(args: argparse.Namespace) -> int:
+    from .auth import load_secret, mint_token
+
+    if args.private_key:
+        with open(args.private_key, "rb") as f:
+            key = f.read()
+        algorithm = args.algorithm or ("ES256" if b"EC PRIVATE" in key else "RS256")
+    else:
+        secret = load_secret(args.secret, args.secret_file)
+        if not secret:
+            print("wsbroadcast token: give --secret, --secret-file, --private-key or $WSBROADCAST_SECRET",
+                  file=sys.stderr)
+            return 2
+        key, algorithm = secret, args.algorithm or "HS256"
+    print(mint_token(key, algorithm=algorithm, sub=args.sub, subscribe=args.subscribe,
+                     publish=args.publish, lifetime=args.lifetime or None))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .auth import install_redaction_on_handlers, load_secret
+    from .server import Server
+
+    public_key = None
+    if args.public_key:
+        with open(args.public_key, "rb") as f:
+            public_key = f.read()
+    config = Config(
+        host=args.host, port=args.port, path=args.path,
+        max_message_size=args.max_message_size, max_outbox=args.max_outbox,
+        ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
+        handshake_timeout=args.handshake_timeout, close_timeout=args.close_timeout,
+        max_connections=args.max_connections, max_connections_per_ip=args.max_connections_per_ip,
+        max_subscriptions=args.max_subscriptions, max_publish_rate=args.max_publish_rate,
+        publish_burst=args.publish_burst, store=args.store, history_size=args.history_size,
+        history_ttl=args.history_ttl, store_full_sync=args.full_sync,
+        secret=load_secret(args.secret, args.secret_file),
+        public_key=public_key, api_key=args.api_key or os.environ.get("WSBROADCAST_API_KEY") or None,
+        allowed_origins=tuple(args.allowed_origin), certfile=args.certfile, keyfile=args.keyfile,
+    )
+    install_redaction_on_handlers()
+    server = Server(config.host, config.port, config=config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    server.start()
+    logger.info("demo page at %s/ ; WebSocket at %s ; store: %s", server.http_url, server.url,
+                config.store)
+    sys.stderr.flush()
+    while not stop.wait(0.5):
+        pass
+    server.shutdown()
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``wsbroadcast`` command."""
+    parser = argparse.ArgumentParser(prog="wsbroadcast",
+                                     description="A threaded WebSocket publish/subscribe broker.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _serve_parser(sub)
+    _token_parser(sub)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    level = getattr(args, "log_level", "info")
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

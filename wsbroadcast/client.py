@@ -1,0 +1,410 @@
+"""A synchronous Python client on simple-websocket, safe to share between threads.
+
+    with wsbroadcast.Client("ws://127.0.0.1:8080/ws") as c:
+        c.subscribe("news.*")
+        c.publish("news.eu", {"title": "hello"})
+        for msg in c:                     # Message(topic, seq, data)
+            print(msg.topic, msg.seq, msg.data)
+
+On a dropped connection it reconnects with backoff and jitter and resubscribes
+every topic with ``since`` = the last seq it saw, so the application sees each
+message once and in order; ``on_reconnect`` and ``on_gap`` tell it what happened.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import queue
+import random
+import socket
+import ssl
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from urllib.parse import quote
+
+import simple_websocket
+
+from .envelope import SUBPROTOCOL
+from .errors import ClientError, ConnectionClosed, ErrorCode, ProtocolError
+from .topics import is_wildcard, validate_pattern, validate_topic
+
+logger = logging.getLogger(__name__)
+
+
+class Message(NamedTuple):
+    """One delivery: the topic, its seq and the published value."""
+
+    topic: str
+    seq: int
+    data: Any
+
+
+class _LockedSocket:
+    """A socket whose ``send`` writes everything under one lock: no partial or mixed frames."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()  # guards: every write to the socket
+
+    def send(self, data: bytes, *flags: int) -> int:
+        with self._lock:
+            self._sock.sendall(data)
+        return len(data)
+
+    sendall = send
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _SafeWebSocket(simple_websocket.Client):
+    """simple-websocket's client with serialised writes (its send and ping share a socket)."""
+
+    def handshake(self) -> None:
+        super().handshake()
+        self.sock = _LockedSocket(self.sock)
+        self._send_lock = threading.Lock()  # guards: the wsproto object when sending
+
+    def send(self, data: Any) -> None:
+        with self._send_lock:
+            super().send(data)
+
+    def close(self, reason: Any = None, message: Any = None) -> None:
+        with self._send_lock:
+            super().close(reason=reason, message=message)
+
+
+class Client:
+    """A wsbroadcast v1 client: subscribe, publish, iterate over messages, close."""
+
+    def __init__(self, url: str, token: Optional[str] = None,
+                 ssl_context: Optional[ssl.SSLContext] = None, reconnect: bool = True,
+                 timeout: float = 10.0, max_backoff: float = 5.0, queue_size: int = 10000,
+                 on_reconnect: Optional[Callable[[], None]] = None,
+                 on_gap: Optional[Callable[[str, Dict[str, Any]], None]] = None,
+                 headers: Optional[Dict[str, str]] = None) -> None:
+        self.url = url
+        self.token = token
+        self.ssl_context = ssl_context
+        self.reconnect = reconnect
+        self.timeout = timeout
+        self.max_backoff = max_backoff
+        self.on_reconnect = on_reconnect
+        self.on_gap = on_gap
+        self.headers = dict(headers or {})
+        self.reconnects = 0
+        self._ids = itertools.count(1)
+        # _lock guards: _ws, _waiters, _subs, _last, _epochs
+        self._lock = threading.Lock()
+        self._ws: Optional[_SafeWebSocket] = None
+        self._waiters: Dict[int, List[Any]] = {}  # id -> [Event, reply]
+        self._subs: Dict[str, None] = {}  # patterns, in subscription order
+        self._last: Dict[str, int] = {}  # topic -> last seq seen
+        self._epochs: Dict[str, str] = {}  # topic -> epoch of its last ack
+        self._messages: "queue.Queue[Any]" = queue.Queue(maxsize=queue_size)
+        self._connected = threading.Event()
+        self._closed = threading.Event()
+        self.close_code: Optional[int] = None
+        self.close_reason = ""
+        self._thread: Optional[threading.Thread] = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def connect(cls, url: str, **kwargs: Any) -> "Client":
+        """Create a client and connect it."""
+        return cls(url, **kwargs).open()
+
+    def open(self) -> "Client":
+        """Connect (raises ConnectionError/OSError when the server refuses)."""
+        self._ws = self._dial()
+        self._connected.set()
+        self._thread = threading.Thread(target=self._run, name="wsbroadcast-client", daemon=True)
+        self._thread.start()
+        return self
+
+    def __enter__(self) -> "Client":
+        return self if self._ws is not None else self.open()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection and stop the client's thread."""
+        self._closed.set()
+        ws = self._ws
+        if ws is not None and ws.connected:
+            try:
+                ws.close()
+            except (simple_websocket.ConnectionClosed, OSError):
+                pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(self.timeout)
+        self._fail_waiters()
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is up."""
+        return self._connected.is_set() and not self._closed.is_set()
+
+    def _dial(self) -> _SafeWebSocket:
+        url = self.url
+        if self.token:
+            url += ("&" if "?" in url else "?") + "token=" + quote(self.token)
+        return _SafeWebSocket(url, subprotocols=[SUBPROTOCOL], headers=self.headers or None,
+                              ssl_context=self.ssl_context, receive_bytes=65536)
+
+    # ------------------------------------------------------------------ requests
+    def _request(self, frame: Dict[str, Any], wait: bool = True,
+                 timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        timeout = self.timeout if timeout is None else timeout
+        waiter: Optional[List[Any]] = None
+        if wait:
+            ident = next(self._ids)
+            frame["id"] = ident
+            waiter = [threading.Event(), None]
+            with self._lock:
+                self._waiters[ident] = waiter
+        text = json.dumps(frame, separators=(",", ":"))
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._closed.is_set():
+                raise ConnectionClosed(self.close_code, "client closed")
+            if not self._connected.wait(max(0.0, deadline - time.monotonic())):
+                raise ConnectionClosed(self.close_code, "not connected")
+            ws = self._ws
+            try:
+                assert ws is not None
+                ws.send(text)
+                break
+            except (simple_websocket.ConnectionClosed, OSError):
+                self._connected.clear()
+                if not self.reconnect:
+                    raise ConnectionClosed(self.close_code, self.close_reason) from None
+        if waiter is None:
+            return None
+        if not waiter[0].wait(max(0.0, deadline - time.monotonic())):
+            with self._lock:
+                self._waiters.pop(frame["id"], None)
+            raise ClientError("no answer within %.1fs" % timeout)
+        reply = waiter[1]
+        if isinstance(reply, Exception):
+            raise reply
+        if reply.get("type") == "error":
+            raise ProtocolError(reply.get("message", ""), ErrorCode(reply.get("code", "bad_request")))
+        return reply
+
+    def subscribe(self, pattern: str, since: Optional[int] = None,
+                  timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Subscribe (optionally replaying from ``since``); returns the ack."""
+        validate_pattern(pattern)
+        frame: Dict[str, Any] = {"type": "subscribe", "topic": pattern}
+        if since is not None:
+            frame["since"] = since
+            with self._lock:
+                if pattern in self._epochs:
+                    frame["epoch"] = self._epochs[pattern]
+                self._last[pattern] = since
+        ack = self._request(frame, timeout=timeout)
+        assert ack is not None
+        with self._lock:
+            self._subs[pattern] = None
+            self._note_ack(pattern, ack, since is None)
+        return ack
+
+    def unsubscribe(self, pattern: str, timeout: Optional[float] = None) -> None:
+        """Unsubscribe (idempotent)."""
+        with self._lock:
+            self._subs.pop(pattern, None)
+        self._request({"type": "unsubscribe", "topic": pattern}, timeout=timeout)
+
+    def publish(self, topic: str, data: Any, ack: bool = True,
+                timeout: Optional[float] = None) -> Optional[Tuple[int, str]]:
+        """Publish ``data``; with ``ack`` waits for the stored position (seq, epoch)."""
+        validate_topic(topic)
+        reply = self._request({"type": "publish", "topic": topic, "data": data}, wait=ack,
+                              timeout=timeout)
+        if reply is None:
+            return None
+        return reply["seq"], reply["epoch"]
+
+    def ping(self, timeout: Optional[float] = None) -> float:
+        """Round trip time of a ping, in seconds."""
+        start = time.monotonic()
+        self._request({"type": "ping"}, timeout=timeout)
+        return time.monotonic() - start
+
+    def recv(self, timeout: Optional[float] = None) -> Optional[Message]:
+        """The next message, or None after ``timeout`` seconds; raises once closed and drained."""
+        try:
+            item = self._messages.get(timeout=timeout) if timeout != 0 else self._messages.get_nowait()
+        except queue.Empty:
+            return None
+        if isinstance(item, Exception):
+            self._messages.put(item)  # keep telling later callers
+            raise item
+        return item
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            try:
+                msg = self.recv()
+            except ConnectionClosed:
+                return
+            if msg is not None:
+                yield msg
+
+    # ------------------------------------------------------------------ receiving
+    def _note_ack(self, pattern: str, ack: Dict[str, Any], fresh: bool) -> None:
+        """Record a topic ack's position (under _lock)."""
+        if "epoch" not in ack:
+            return
+        old_epoch = self._epochs.get(pattern)
+        self._epochs[pattern] = ack["epoch"]
+        if fresh or (old_epoch is not None and old_epoch != ack["epoch"]):
+            # a fresh subscription starts after the ack; a new numbering starts over
+            self._last[pattern] = ack.get("seq", 0) if fresh else 0
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._closed.is_set():
+            ws = self._ws
+            assert ws is not None
+            self._pump(ws)
+            self._connected.clear()
+            if self._closed.is_set():
+                break
+            self.close_code = ws.close_reason
+            self.close_reason = ws.close_message or ""
+            if not self.reconnect:
+                break
+            self._fail_waiters()
+            while not self._closed.is_set():
+                delay = min(self.max_backoff, backoff) * (0.5 + random.random() / 2)
+                if self._closed.wait(delay):
+                    break
+                backoff = min(self.max_backoff, backoff * 2)
+                try:
+                    self._ws = self._dial()
+                except (OSError, ConnectionError, simple_websocket.ConnectionError) as exc:
+                    logger.debug("reconnect failed: %s", exc)
+                    continue
+                self.reconnects += 1
+                backoff = 0.1
+                self._resubscribe()
+                break
+        self._connected.clear()
+        self._fail_waiters()
+        self._put(ConnectionClosed(self.close_code, self.close_reason))
+
+    def _pump(self, ws: _SafeWebSocket) -> None:
+        while not self._closed.is_set():
+            try:
+                text = ws.receive(timeout=0.5)
+            except simple_websocket.ConnectionClosed:
+                return
+            if text is None:
+                if not ws.connected:
+                    return
+                continue
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                logger.warning("undecodable frame from server")
+                continue
+            kind = obj.get("type") if isinstance(obj, dict) else None
+            if kind == "message":
+                self._deliver(obj)
+            elif kind in ("ack", "error", "pong") and "id" in obj:
+                with self._lock:
+                    waiter = self._waiters.pop(obj["id"], None)
+                if waiter is not None:
+                    self._answer(waiter, obj)
+            elif kind == "error":
+                logger.warning("server error: %s %s", obj.get("code"), obj.get("message"))
+
+    def _deliver(self, obj: Dict[str, Any]) -> None:
+        topic, seq = obj.get("topic"), obj.get("seq")
+        with self._lock:
+            last = self._last.get(topic, 0)
+            if isinstance(seq, int) and seq <= last:
+                return  # seen already (a replay overlapping what arrived live)
+            self._last[topic] = seq
+        self._put(Message(topic, seq, obj.get("data")))
+
+    def _put(self, item: Any) -> None:
+        while not self._closed.is_set() or isinstance(item, Exception):
+            try:
+                self._messages.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if isinstance(item, Exception):
+                    return
+
+    def _resubscribe(self) -> None:
+        """Send the subscriptions again, each concrete topic from its last seq."""
+        ws = self._ws
+        assert ws is not None
+        with self._lock:
+            patterns = list(self._subs)
+            positions = {p: (self._last.get(p), self._epochs.get(p)) for p in patterns}
+        self._connected.set()
+        for pattern in patterns:
+            frame: Dict[str, Any] = {"type": "subscribe", "topic": pattern}
+            since, epoch = positions[pattern]
+            if not is_wildcard(pattern) and since is not None:
+                frame["since"] = since
+                if epoch is not None:
+                    frame["epoch"] = epoch
+            self._send_async(frame, lambda reply, p=pattern, f=frame: self._resubscribed(p, f, reply))
+        if self.on_reconnect is not None:
+            self.on_reconnect()
+
+    def _send_async(self, frame: Dict[str, Any], callback: Callable[[Any], None]) -> None:
+        """Send a request from the client's thread; ``callback`` gets the reply there."""
+        ident = next(self._ids)
+        frame["id"] = ident
+        with self._lock:
+            self._waiters[ident] = [None, None, callback]
+        try:
+            assert self._ws is not None
+            self._ws.send(json.dumps(frame, separators=(",", ":")))
+        except (simple_websocket.ConnectionClosed, OSError):
+            with self._lock:
+                self._waiters.pop(ident, None)
+
+    def _resubscribed(self, pattern: str, frame: Dict[str, Any], reply: Any) -> None:
+        if not isinstance(reply, dict):
+            return  # connection lost again; the next reconnect resubscribes
+        if reply.get("type") == "error":
+            if reply.get("code") == "bad_request" and "since" in frame:
+                # the server's history starts over (a since ahead of it): plain subscribe
+                with self._lock:
+                    self._last[pattern] = 0
+                retry = {"type": "subscribe", "topic": pattern}
+                self._send_async(retry, lambda r, p=pattern, f=retry: self._resubscribed(p, f, r))
+                if self.on_gap is not None:
+                    self.on_gap(pattern, reply)
+            else:
+                logger.warning("resubscribe to %s refused: %s", pattern, reply.get("message"))
+            return
+        with self._lock:
+            self._note_ack(pattern, reply, "since" not in frame)
+        if reply.get("recovered") is False and self.on_gap is not None:
+            self.on_gap(pattern, reply)
+
+    def _fail_waiters(self) -> None:
+        with self._lock:
+            waiters, self._waiters = self._waiters, {}
+        for waiter in waiters.values():
+            self._answer(waiter, ConnectionClosed(self.close_code, "connection lost before the answer"))
+
+    @staticmethod
+    def _answer(waiter: List[Any], reply: Any) -> None:
+        if waiter[0] is None:
+            waiter[2](reply)
+        else:
+            waiter[1] = reply
+            waiter[0].set()
