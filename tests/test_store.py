@@ -93,7 +93,8 @@ def test_seq_numbering_per_topic(make_store: Factory) -> None:
 def test_since_ranges_and_limits(make_store: Factory) -> None:
     clock = FakeClock(1234.5)
     store = make_store(clock=clock)
-    payloads = [json.dumps(v) for v in [1, "two", {"x": [3]}, None, "\u00e9\u4e2d\U0001f600", 6.5, [], True, "", 10]]
+    values = [1, "two", {"x": [3]}, None, "\u00e9\u4e2d\U0001f600", 6.5, [], True, "", 10]
+    payloads = [json.dumps(v, ensure_ascii=False) for v in values]
     store.append_batch([("t", p) for p in payloads[:4]])
     store.append_batch([("other", "0")])
     store.append_batch([("t", p) for p in payloads[4:]])

@@ -180,10 +180,24 @@ class HttpSession:
                     return upgrade
             if self.server.shutting_down:
                 return None
+            try:
+                self._drain_body(deadline)
+            except (_Timeout, h11.RemoteProtocolError):
+                return None
             if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
                 self.h11.start_next_cycle()
             else:
                 return None
+
+    def _drain_body(self, deadline: float) -> None:
+        """Read the rest of a request body nobody wanted (bounded), so keep-alive can go on."""
+        left = self.config.max_message_size
+        while self.h11.their_state is h11.SEND_BODY and left >= 0:
+            event = self._next(deadline)
+            if isinstance(event, h11.Data):
+                left -= len(event.data)
+            elif not isinstance(event, h11.EndOfMessage):
+                return
 
     def _bad_request(self, exc: Exception) -> None:
         if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):

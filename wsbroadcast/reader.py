@@ -54,12 +54,19 @@ class Reader:
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, trailing: bytes = b"", refuse: Optional[tuple] = None,
-            on_open: Any = None) -> None:
-        """Serve the connection until it is closed; always releases the socket."""
+            on_open: Any = None, closing: Any = None) -> None:
+        """Serve the connection until it is closed; always releases the socket.
+
+        ``refuse`` (code, reason) closes it at once; ``closing()`` tells whether the
+        server is shutting down, checked after the writer knows the connection so
+        that either this check or the server's close-all reaches it.
+        """
         conn = self.conn
         try:
             conn.sock.settimeout(None)  # the writer needs a socket without timeout
             self.writer.put(((ATTACH, conn),))
+            if refuse is None and closing is not None and closing():
+                refuse = (CloseCode.GOING_AWAY, "server shutting down")
             if refuse is not None:
                 self._close(refuse[0], refuse[1])
             else:

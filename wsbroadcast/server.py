@@ -41,11 +41,11 @@ class Server:
     """A wsbroadcast server: one port, HTTP and WebSocket, one writer thread."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, config: Optional[Config] = None,
-                 store: Optional[MessageStore] = None, **settings: Any) -> None:
+                 message_store: Optional[MessageStore] = None, **settings: Any) -> None:
         base = config or Config()
         self.config = base.replace(host=host, port=port, **settings)
         cfg = self.config
-        self.store = store if store is not None else open_store(
+        self.store = message_store if message_store is not None else open_store(
             cfg.store, cfg.history_size, cfg.history_ttl, full_sync=cfg.store_full_sync)
         self.writer = Writer(cfg.queue_size, cfg.close_timeout, cfg.ping_interval, cfg.ping_timeout)
         self.hub = Hub(self.store, self.writer, cfg.max_subscriptions)
@@ -250,7 +250,8 @@ class Server:
             reader = Reader(conn, upgrade.ws, self.hub, self.writer,
                             cfg.max_message_size, cfg.close_timeout)
             try:
-                reader.run(upgrade.trailing, upgrade.refuse, on_open=self._on_open)
+                reader.run(upgrade.trailing, upgrade.refuse, on_open=self._on_open,
+                           closing=lambda: self.shutting_down)
             finally:
                 if upgrade.refuse is None:
                     self._release(addr[0])

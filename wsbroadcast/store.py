@@ -323,11 +323,12 @@ class SqliteStore(MessageStore):
         self._oldest_time: Optional[Dict[str, float]] = None
         self._closed = False
 
-        # _pool_lock guards _idle (reader connections not in use) and _readers (every
-        # open reader connection). A reader connection is used by one thread at a time.
+        # _pool_lock guards _idle, the reader connections not in use. A reader
+        # connection is used by one thread at a time (taken out of _idle, given back).
         self._pool_lock = threading.Lock()
         self._idle: List[sqlite3.Connection] = []
-        self._readers: Set[sqlite3.Connection] = set()
+        # Set once (no lock needed) when no reader connection can be opened: from then
+        # on reads go through the writer connection under _wlock.
         self._reader_failed = False
 
         self._writer = self._open()
@@ -433,9 +434,6 @@ class SqliteStore(MessageStore):
                     exc,
                 )
                 self._reader_failed = True
-            else:
-                with self._pool_lock:
-                    self._readers.add(conn)
         if conn is None:
             with self._wlock:
                 self._check_open()
@@ -450,8 +448,6 @@ class SqliteStore(MessageStore):
                 if keep and not self._closed and len(self._idle) < _MAX_IDLE_READERS:
                     self._idle.append(conn)
                     conn = None
-                else:
-                    self._readers.discard(conn)
             if conn is not None:
                 conn.close()
 
@@ -622,8 +618,6 @@ class SqliteStore(MessageStore):
                     return
                 self._closed = True
                 idle, self._idle = self._idle, []
-                for conn in idle:
-                    self._readers.discard(conn)
             # Readers in use are closed when they are given back.
             for conn in idle:
                 conn.close()

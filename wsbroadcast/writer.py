@@ -148,11 +148,11 @@ class Writer:
                         break
                     self._apply(ops)
                 # 2. write what became pending
+                if self._round_t0:
+                    self._record_latency(time.monotonic())
                 if self._dirty:
                     self._flush_dirty()
                 now = time.monotonic()
-                if self._round_t0:
-                    self._record_latency(now)
                 if now >= next_tick:
                     self._tick(now)
                     next_tick = now + self._tick_every

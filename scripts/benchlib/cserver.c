@@ -180,6 +180,7 @@ static void flush_client(client *c) {
         kill_client(c); return;
     }
     c->outoff = c->outlen = 0;
+    free(c->out); c->out = NULL; c->outcap = 0;    /* idle clients keep no buffer */
     if (c->want_out) { c->want_out = 0; set_events(c); }
 }
 
@@ -239,6 +240,7 @@ int main(int argc, char **argv) {
                 int rc = 0;
                 if (!c->open) rc = do_handshake(c);
                 if (rc >= 0 && c->open) rc = parse_frames(c);
+                if (rc >= 0 && c->inlen == 0) { free(c->in); c->in = NULL; c->incap = 0; }
                 if (rc < 0) {
                     flush_client(c);
                     kill_client(c); if (ndead < 1024) deadlist[ndead++] = fd;

@@ -49,7 +49,9 @@ typedef struct conn {
 static int port = 0, nsubs = 10, nstuck = 0, msgsize = 100, max_pending = 64;
 static double duration = 5, warmup = 1, rate = 200, connect_timeout = 60, hold = 120, drain = 0.5;
 static long window_deliveries = 100000;
-static long long prefill_msgs = 0, max_msgs = 50000000;
+static long long prefill_bytes = 0, max_msgs = 50000000, prefill_sent = 0;
+static int prefill_size = 8192;
+static double window_max_msgs = 1000;
 static double prefill_max = 15;
 static const char *mode = "tput", *path = "/";
 static int stuck_rcvbuf = 4096;
@@ -184,10 +186,10 @@ static void masked_frame(conn *c, int op, const char *p, size_t n) {
 }
 
 static char *payload;
-static void make_payload(int64_t t) {
-    int n = snprintf(payload, (size_t)msgsize + 1, "{\"t\":%lld,\"p\":\"", (long long)t);
-    for (int i = n; i < msgsize - 2; i++) payload[i] = 'x';
-    payload[msgsize - 2] = '"'; payload[msgsize - 1] = '}'; payload[msgsize] = 0;
+static void make_payload(int64_t t, int size) {
+    int n = snprintf(payload, (size_t)size + 1, "{\"t\":%lld,\"p\":\"", (long long)t);
+    for (int i = n; i < size - 2; i++) payload[i] = 'x';
+    payload[size - 2] = '"'; payload[size - 1] = '}'; payload[size] = 0;
 }
 
 static void on_message(conn *c, const unsigned char *p, size_t n, int64_t now) {
@@ -312,7 +314,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--hold")) { hold = arg_d(v); i++; }
         else if (!strcmp(a, "--max-pending")) { max_pending = atoi(v); i++; }
         else if (!strcmp(a, "--path")) { path = v; i++; }
-        else if (!strcmp(a, "--prefill-msgs")) { prefill_msgs = atoll(v); i++; }
+        else if (!strcmp(a, "--window-max-msgs")) { window_max_msgs = arg_d(v); i++; }
+        else if (!strcmp(a, "--prefill-bytes")) { prefill_bytes = atoll(v); i++; }
+        else if (!strcmp(a, "--prefill-size")) { prefill_size = atoi(v); i++; }
         else if (!strcmp(a, "--prefill-max")) { prefill_max = arg_d(v); i++; }
         else if (!strcmp(a, "--max-msgs")) { max_msgs = atoll(v); i++; }
         else { fprintf(stderr, "unknown option %s\n", a); return 2; }
@@ -327,7 +331,8 @@ int main(int argc, char **argv) {
         conns[i].fd = -1; conns[i].state = S_CLOSED;
         conns[i].kind = i < nstuck ? K_STUCK : (i < nstuck + nsubs ? K_SUB : K_PUB);
     }
-    payload = malloc((size_t)msgsize + 16);
+    if (prefill_size < 64) prefill_size = 64;
+    payload = malloc((size_t)(msgsize > prefill_size ? msgsize : prefill_size) + 16);
     epfd = epoll_create1(0);
     struct epoll_event evs[1024];
     int64_t t0 = now_ns();
@@ -378,13 +383,15 @@ int main(int argc, char **argv) {
         }
         tend = now_ns(); tm = ts;
     } else if (pub_ok && est_subs > 0) {
-        /* measuring starts after the warmup and, with --prefill-msgs, once that many
-           messages were sent (or --prefill-max seconds passed): this lets a stuck
-           reader's kernel buffers fill before the measured window. */
+        /* measuring starts after the warmup and, with --prefill-bytes, once that many
+           bytes were published as --prefill-size messages (or --prefill-max seconds
+           passed): the big messages fill a stuck reader's kernel socket buffers
+           (several MB on loopback) quickly, before the measured window. */
         int64_t tstart_meas = ts + (int64_t)(warmup * 1e9);
         int64_t tprefill_end = ts + (int64_t)(prefill_max * 1e9);
         int64_t tstop = INT64_MAX;
         double win_msgs = (double)window_deliveries / (est_subs > 0 ? est_subs : 1);
+        if (win_msgs > window_max_msgs) win_msgs = window_max_msgs;  /* bounds per-subscriber backlog (~100 KB) */
         if (win_msgs < 2) win_msgs = 2;
         int64_t last_progress = ts; uint64_t last_total = 0;
         double interval = rate > 0 ? 1e9 / rate : 1e9;
@@ -392,7 +399,8 @@ int main(int argc, char **argv) {
         uint64_t meas_sent0 = 0;
         for (;;) {
             int64_t now = now_ns();
-            if (!measuring && now >= tstart_meas && ((long long)sent >= prefill_msgs || now >= tprefill_end)) {
+            int prefilling = prefill_sent < prefill_bytes && now < tprefill_end;
+            if (!measuring && now >= tstart_meas && !prefilling) {
                 measuring = 1; tm = now; meas_sent0 = sent; tstop = now + (int64_t)(duration * 1e9);
             }
             if (now >= tstop) break;
@@ -405,14 +413,17 @@ int main(int argc, char **argv) {
                     if (inflight >= win_msgs && now - last_progress > 200000000LL) {
                         forgiven += inflight; stalls++; last_progress = now; inflight = 0;
                     }
-                    while (inflight < win_msgs && burst < 64) {
-                        make_payload(now_ns());
-                        masked_frame(pub, 1, payload, (size_t)msgsize);
+                    double w = prefilling ? (win_msgs < 8 ? win_msgs : 8) : win_msgs;
+                    while (inflight < w && burst < 64) {
+                        int sz = prefilling ? prefill_size : msgsize;
+                        make_payload(prefilling ? 0 : now_ns(), sz);
+                        masked_frame(pub, 1, payload, (size_t)sz);
                         sent++; burst++; inflight += 1;
+                        if (prefilling) { prefill_sent += sz; if (prefill_sent >= prefill_bytes) break; }
                     }
                 } else {
                     while ((double)now >= next_send && burst < 64) {
-                        make_payload(now_ns());
+                        make_payload(now_ns(), msgsize);
                         masked_frame(pub, 1, payload, (size_t)msgsize);
                         sent++; burst++; next_send += interval;
                     }

@@ -1,0 +1,79 @@
+"""Run ``python -m wsbroadcast serve`` as a child process and learn its port from the log."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import List, Optional
+
+_LISTEN = re.compile(r"listening on wss?://[^:]+:(\d+)/")
+
+
+class ServerProcess:
+    """A broker process on 127.0.0.1 and a free port; its log lines are kept in ``lines``."""
+
+    def __init__(self, *args: str, cwd: Optional[str] = None, env: Optional[dict] = None,
+                 timeout: float = 20.0) -> None:
+        cmd = [sys.executable, "-m", "wsbroadcast", "serve", "--host", "127.0.0.1", "--port", "0"]
+        cmd.extend(args)
+        self.lines: List[str] = []
+        self.port = 0
+        self._ready = threading.Event()
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self._thread = threading.Thread(target=self._read, name="test-server-log", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self.kill()
+            raise RuntimeError("server did not start:\n" + "\n".join(self.lines))
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            m = _LISTEN.search(line)
+            if m and not self.port:
+                self.port = int(m.group(1))
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss_kib(self) -> int:
+        with open("/proc/%d/status" % self.pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def threads(self) -> int:
+        return len(os.listdir("/proc/%d/task" % self.pid))
+
+    def fds(self) -> int:
+        return len(os.listdir("/proc/%d/fd" % self.pid))
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._thread.join(5)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._thread.join(5)
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

@@ -1,0 +1,185 @@
+"""The HTTP endpoints on the broker's port and their error answers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import wsraw
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _req(port, method, path, body=b"", headers=()):
+    lines = ["%s %s HTTP/1.1" % (method, path), "Host: 127.0.0.1:%d" % port, "Connection: close"]
+    if body or method == "POST":
+        lines.append("Content-Length: %d" % len(body))
+    lines.extend("%s: %s" % kv for kv in headers)
+    return wsraw.http_request(port, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+
+def _json_error(status, headers, body, code):
+    assert headers["content-type"].startswith("application/json")
+    doc = json.loads(body)
+    assert doc["error"] == code and doc["message"]
+
+
+def test_demo_page(server):
+    status, headers, body = _req(server.port, "GET", "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert b"<html" in body.lower() and b"wsbroadcast.v1" in body
+
+
+def test_healthz(server):
+    status, _, body = _req(server.port, "GET", "/healthz")
+    doc = json.loads(body)
+    assert status == 200 and doc["status"] == "ok"
+    assert doc["connections"] == 0 and doc["writer"]["alive"] is True
+    assert doc["uptime"] >= 0
+
+
+def test_metrics_after_traffic(server):
+    c = wsraw.connect(server.port)
+    c.send_json({"type": "subscribe", "topic": "m", "id": 1})
+    c.recv_json()
+    c.send_json({"type": "publish", "topic": "m", "data": 1, "id": 2})
+    c.recv_json(), c.recv_json()
+    status, headers, body = _req(server.port, "GET", "/metrics")
+    text = body.decode()
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    assert values["wsbroadcast_connections_open"] == 1
+    assert values["wsbroadcast_connections_accepted_total"] >= 1
+    assert values["wsbroadcast_messages_received_total"] == 1
+    assert values["wsbroadcast_messages_delivered_total"] == 1
+    assert values["wsbroadcast_bytes_out_total"] > 0
+    assert values["wsbroadcast_slow_consumer_closes_total"] == 0
+    assert "wsbroadcast_writer_queue_depth" in values
+    assert values["wsbroadcast_publish_to_write_seconds_count"] >= 1
+    assert "wsbroadcast_close_codes_total" in text
+
+
+def test_publish_200_and_delivery(server):
+    c = wsraw.connect(server.port)
+    c.send_json({"type": "subscribe", "topic": "h.t", "id": 1})
+    epoch = c.recv_json()["epoch"]
+    body = json.dumps({"topic": "h.t", "data": {"x": "é"}}).encode()
+    status, _, resp = _req(server.port, "POST", "/publish", body, [("Content-Type", "application/json")])
+    assert status == 200 and json.loads(resp) == {"topic": "h.t", "seq": 1, "epoch": epoch}
+    assert c.recv_json() == {"type": "message", "topic": "h.t", "seq": 1, "data": {"x": "é"}}
+
+
+@pytest.mark.parametrize("body, ctype, status, code", [
+    (b"{nope", "application/json", 400, "bad_json"),
+    (b"[1]", "application/json", 400, "bad_request"),
+    (b'{"topic": "a"}', "application/json", 400, "bad_request"),
+    (b'{"topic": "a.*", "data": 1}', "application/json", 400, "bad_topic"),
+    (b'{"topic": "a", "data": 1}', "text/plain", 415, "unsupported_media_type"),
+    (b'{"topic": "a", "data": 1}', None, 415, "unsupported_media_type"),
+])
+def test_publish_errors(server, body, ctype, status, code):
+    headers = [("Content-Type", ctype)] if ctype else []
+    got, h, resp = _req(server.port, "POST", "/publish", body, headers)
+    assert got == status
+    _json_error(got, h, resp, code)
+
+
+def test_publish_body_limit_at_and_past_the_edge(make_server):
+    srv = make_server(max_message_size=200)
+    doc = b'{"topic": "a", "data": "%s"}'
+    at = doc % (b"x" * (200 - len(doc) + 2))
+    assert len(at) == 200
+    status, _, _ = _req(srv.port, "POST", "/publish", at, [("Content-Type", "application/json")])
+    assert status == 200
+    status, h, resp = _req(srv.port, "POST", "/publish", at + b" ", [("Content-Type", "application/json")])
+    assert status == 413
+    _json_error(status, h, resp, "too_large")
+
+
+def test_publish_rate_limited_429(make_server):
+    srv = make_server(max_publish_rate=1, publish_burst=2)
+    statuses = [_req(srv.port, "POST", "/publish", b'{"topic": "a", "data": 1}',
+                     [("Content-Type", "application/json")])[0] for _ in range(4)]
+    assert statuses[:2] == [200, 200] and 429 in statuses[2:]
+
+
+def test_history(server):
+    for i in range(5):
+        server.publish("hist", i)
+    status, _, body = _req(server.port, "GET", "/history?topic=hist&since=2&limit=2")
+    assert status == 200
+    assert json.loads(body) == [{"topic": "hist", "seq": 3, "data": 2}, {"topic": "hist", "seq": 4, "data": 3}]
+    status, _, body = _req(server.port, "GET", "/history?topic=hist")
+    assert [m["seq"] for m in json.loads(body)] == [1, 2, 3, 4, 5]
+    status, _, body = _req(server.port, "GET", "/history?topic=hist&limit=1000")
+    assert status == 200
+
+
+@pytest.mark.parametrize("query, code", [
+    ("topic=a.*", "bad_topic"), ("topic=", "bad_topic"), ("", "bad_topic"),
+    ("topic=a&since=-1", "bad_request"), ("topic=a&since=x", "bad_request"),
+    ("topic=a&limit=0", "bad_request"), ("topic=a&limit=1001", "bad_request"),
+])
+def test_history_errors(server, query, code):
+    status, h, body = _req(server.port, "GET", "/history?" + query)
+    assert status == 400
+    _json_error(status, h, body, code)
+
+
+def test_ws_path_without_upgrade_is_426(server):
+    status, h, body = _req(server.port, "GET", "/ws")
+    assert status == 426
+    _json_error(status, h, body, "upgrade_required")
+
+
+def test_upgrade_on_other_path_is_404(server):
+    with pytest.raises(AssertionError, match="404"):
+        wsraw.connect(server.port, path="/elsewhere")
+
+
+def test_unknown_path_404_and_wrong_method_405(server):
+    status, h, body = _req(server.port, "GET", "/nothing")
+    assert status == 404
+    _json_error(status, h, body, "not_found")
+    for method, path in [("POST", "/healthz"), ("GET", "/publish"), ("DELETE", "/"), ("PUT", "/history")]:
+        status, h, body = _req(server.port, method, path)
+        assert status == 405, (method, path)
+        _json_error(status, h, body, "method_not_allowed")
+        assert "allow" in h
+
+
+def test_malformed_request_is_400(server):
+    status, h, body = wsraw.http_request(server.port, b"GARBAGE\r\n\r\n")
+    assert status == 400
+
+
+def test_keep_alive_serves_several_requests(server):
+    import socket
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    req = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    for _ in range(3):
+        s.sendall(req)
+        status, _, body = wsraw.read_response(s)
+        assert status == 200 and json.loads(body)["status"] == "ok"
+    s.close()
+
+
+def test_shutting_down_answers_503(make_server):
+    srv = make_server()
+    srv.shutting_down = True  # the state the server is in while it drains
+    try:
+        status, _, body = _req(srv.port, "GET", "/healthz")
+        assert status == 503
+        status, h, body = _req(srv.port, "POST", "/publish", b'{"topic":"a","data":1}',
+                               [("Content-Type", "application/json")])
+        assert status == 503
+        _json_error(status, h, body, "unavailable")
+        with pytest.raises(AssertionError, match="503"):
+            wsraw.connect(srv.port)
+    finally:
+        srv.shutting_down = False

@@ -1,0 +1,137 @@
+"""Many connections, clean release of threads and descriptors, graceful shutdown from the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+
+import pytest
+
+import wsraw
+from serverproc import ServerProcess
+from wsbroadcast import Client, Server
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(120)
+def test_500_connections_get_one_broadcast_and_resources_return():
+    with ServerProcess("--store", "memory") as srv:
+        base_threads, base_fds = srv.threads(), srv.fds()
+        conns = [wsraw.connect(srv.port, subprotocol=None) for _ in range(500)]
+        assert wsraw.wait_for(lambda: srv.threads() >= base_threads + 500, timeout=20)
+        pub = wsraw.connect(srv.port)
+        pub.send_json({"type": "publish", "topic": "broadcast", "data": {"hello": "all"}, "id": 1})
+        assert pub.recv_json()["type"] == "ack"
+        for c in conns:
+            assert c.recv_json(timeout=20) == {"hello": "all"}
+        # half leave politely, half drop TCP
+        for i, c in enumerate(conns):
+            if i % 2:
+                c.send_frame(0x8, b"\x03\xe8")
+            c.close()
+        pub.close()
+        assert wsraw.wait_for(lambda: srv.threads() <= base_threads and srv.fds() <= base_fds, timeout=30), \
+            "threads %d (was %d), fds %d (was %d)" % (srv.threads(), base_threads, srv.fds(), base_fds)
+
+
+@pytest.mark.timeout(60)
+def test_in_process_server_releases_threads_and_fds():
+    before_threads = threading.active_count()
+    before_fds = _fds()
+    with Server("127.0.0.1", 0, store="memory") as srv:
+        clients = [Client.connect(srv.url) for _ in range(20)]
+        for c in clients:
+            c.subscribe("x")
+        srv.publish("x", 1)
+        for c in clients:
+            assert c.recv(timeout=5).data == 1
+        for c in clients:
+            c.close()
+        assert wsraw.wait_for(lambda: srv.thread_count() == 0, timeout=10)
+    assert wsraw.wait_for(lambda: threading.active_count() <= before_threads, timeout=10), \
+        [t.name for t in threading.enumerate()]
+    assert _fds() <= before_fds
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_closes_clients_with_1001_and_exits_0():
+    srv = ServerProcess("--store", "memory")
+    try:
+        a = wsraw.connect(srv.port)
+        b = wsraw.connect(srv.port, subprotocol=None)
+        a.send_json({"type": "ping", "id": 1})
+        assert a.recv_json()["type"] == "pong"
+        code = srv.terminate(timeout=15)
+        assert code == 0
+        for c in (a, b):
+            assert c.expect_close()[0] == 1001
+            assert c.at_eof()
+        assert any("shutting down" in line for line in srv.lines)
+    finally:
+        srv.kill()
+
+
+@pytest.mark.timeout(60)
+def test_handshakes_during_shutdown_get_503(make_server):
+    srv = make_server(shutdown_timeout=3.0)
+    c = wsraw.connect(srv.port)  # keeps the drain waiting: it never answers the close
+    t = threading.Thread(target=srv.shutdown, name="test-shutdown")
+    t.start()
+    try:
+        assert wsraw.wait_for(lambda: srv.shutting_down)
+        with pytest.raises((AssertionError, ConnectionError, OSError), match="503|closed|refused|reset"):
+            wsraw.connect(srv.port)
+    finally:
+        t.join(10)
+    assert c.expect_close()[0] == 1001
+
+
+@pytest.mark.timeout(60)
+def test_silent_tcp_client_holds_no_thread_past_handshake_timeout(make_server):
+    srv = make_server(handshake_timeout=0.5)
+    s = socket.create_connection(("127.0.0.1", srv.port))
+    s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # slowloris: never finishes the headers
+    assert wsraw.wait_for(lambda: srv.thread_count() == 1, timeout=5)
+    other = wsraw.connect(srv.port)  # not delayed by the silent one
+    other.send_json({"type": "ping", "id": 1})
+    assert other.recv_json()["type"] == "pong"
+    other.close()
+    assert wsraw.wait_for(lambda: srv.thread_count() == 0, timeout=5)
+    s.settimeout(2)
+    assert s.recv(100) == b""
+    s.close()
+
+
+@pytest.mark.timeout(60)
+def test_client_shared_by_threads_never_interleaves_frames(server):
+    """Many threads publishing big messages through one client: every frame arrives whole."""
+    pub = Client.connect(server.url)
+    sub = Client.connect(server.url)
+    sub.subscribe("mt")
+    threads = []
+    per_thread = 40
+
+    def run(k):
+        for i in range(per_thread):
+            pub.publish("mt", {"k": k, "i": i, "pad": "z" * 50000}, ack=(i % 10 == 0))
+
+    for k in range(6):
+        threads.append(threading.Thread(target=run, args=(k,), name="test-shared-%d" % k))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    seen = {}
+    for _ in range(6 * per_thread):
+        m = sub.recv(timeout=10)
+        assert m is not None
+        seen.setdefault(m.data["k"], []).append(m.data["i"])
+    assert all(v == list(range(per_thread)) for v in seen.values())
+    assert server.writer.stats.close_codes == {}
+    pub.close()
+    sub.close()

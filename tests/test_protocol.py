@@ -1,0 +1,144 @@
+"""The wire protocol end to end: plain and v1 connections, acks, deliveries, order."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import simple_websocket
+
+import wsraw
+from wsbroadcast import Client
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_two_plain_clients_get_the_seed_object(server):
+    a = simple_websocket.Client.connect(server.url)
+    b = simple_websocket.Client.connect(server.url)
+    try:
+        wsraw.wait_for(lambda: len(server.hub) == 2)
+        sent = {"email": "ann@example.org", "content": "hello, world"}
+        a.send(json.dumps(sent))
+        assert json.loads(a.receive(timeout=5)) == sent
+        assert json.loads(b.receive(timeout=5)) == sent
+        assert a.receive(timeout=0.2) is None  # no ack for the seed form
+    finally:
+        a.close()
+        b.close()
+
+
+def test_plain_connection_gets_no_envelope_and_v1_does(server):
+    plain = wsraw.connect(server.port, subprotocol=None)
+    v1 = wsraw.connect(server.port)
+    assert plain.subprotocol is None and v1.subprotocol == "wsbroadcast.v1"
+    v1.send_json({"type": "subscribe", "topic": "broadcast", "id": 1})
+    assert v1.recv_json()["type"] == "ack"
+    wsraw.wait_for(lambda: server.hub._tree.match("broadcast").__len__() == 2)
+    server.publish("broadcast", {"k": [1, 2]})
+    assert plain.recv_json() == {"k": [1, 2]}
+    assert v1.recv_json() == {"type": "message", "topic": "broadcast", "seq": 1, "data": {"k": [1, 2]}}
+
+
+def test_v1_subscribe_publish_ack_and_envelope(server):
+    c = wsraw.connect(server.port)
+    c.send_json({"type": "subscribe", "topic": "news.*", "id": "w1"})
+    assert c.recv_json() == {"type": "ack", "id": "w1", "topic": "news.*"}
+    c.send_json({"type": "subscribe", "topic": "sport.>", "id": 2})
+    assert c.recv_json() == {"type": "ack", "id": 2, "topic": "sport.>"}
+    c.send_json({"type": "subscribe", "topic": "exact", "id": 3})
+    ack = c.recv_json()
+    assert ack["seq"] == 0 and ack["recovered"] is True and isinstance(ack["epoch"], str)
+    epoch = ack["epoch"]
+    c.send_json({"type": "publish", "topic": "news.eu", "data": {"n": 1}, "id": 4})
+    assert c.recv_json() == {"type": "ack", "id": 4, "topic": "news.eu", "seq": 1, "epoch": epoch}
+    assert c.recv_json() == {"type": "message", "topic": "news.eu", "seq": 1, "data": {"n": 1}}
+    # '*' matches one token only, '>' one or more
+    c.send_json({"type": "publish", "topic": "news.eu.fr", "data": 0})
+    c.send_json({"type": "publish", "topic": "sport", "data": 0})
+    c.send_json({"type": "publish", "topic": "sport.a.b.c", "data": "deep"})
+    assert c.recv_json() == {"type": "message", "topic": "sport.a.b.c", "seq": 1, "data": "deep"}
+    # a publish without id gets no ack; the pong echoes the id
+    c.send_json({"type": "ping", "id": [1, "x"]})
+    assert c.recv_json() == {"type": "pong", "id": [1, "x"]}
+    c.send_json({"type": "unsubscribe", "topic": "news.*", "id": 9})
+    assert c.recv_json() == {"type": "ack", "id": 9, "topic": "news.*"}
+    c.send_json({"type": "unsubscribe", "topic": "news.*", "id": 10})  # idempotent
+    assert c.recv_json() == {"type": "ack", "id": 10, "topic": "news.*"}
+    c.send_json({"type": "publish", "topic": "news.eu", "data": 2, "id": 11})
+    assert c.recv_json()["type"] == "ack"
+    c.send_json({"type": "ping"})
+    assert c.recv_json() == {"type": "pong"}  # news.eu no longer delivered
+
+
+def test_one_delivery_per_connection_with_overlapping_patterns(server):
+    c = wsraw.connect(server.port)
+    for i, p in enumerate(["a.b", "a.*", "a.>", "*.b"]):
+        c.send_json({"type": "subscribe", "topic": p, "id": i})
+        c.recv_json()
+    server.publish("a.b", 1)
+    assert c.recv_json()["seq"] == 1
+    c.send_json({"type": "ping", "id": "end"})
+    assert c.recv_json() == {"type": "pong", "id": "end"}
+
+
+def test_ack_precedes_messages_published_after_subscribe(server):
+    pub = Client.connect(server.url)
+    stop = threading.Event()
+
+    def publish():
+        while not stop.is_set():
+            pub.publish("t", "x", ack=False)
+
+    t = threading.Thread(target=publish, name="test-publisher")
+    t.start()
+    try:
+        for _ in range(20):
+            c = wsraw.connect(server.port)
+            c.send_json({"type": "subscribe", "topic": "t", "id": 1})
+            ack = c.recv_json()
+            assert ack["type"] == "ack"
+            first = c.recv_json()
+            assert first["type"] == "message" and first["seq"] == ack["seq"] + 1
+            c.close()
+    finally:
+        stop.set()
+        t.join()
+        pub.close()
+
+
+def test_per_topic_order_under_four_concurrent_publishers(server):
+    n = 500
+    topics = ["o.a", "o.b"]
+    sub = Client.connect(server.url)
+    sub.subscribe("o.*")
+    pubs = [Client.connect(server.url) for _ in range(4)]
+    errors = []
+
+    def run(c, k):
+        try:
+            for i in range(n):
+                c.publish(topics[i % 2], {"p": k, "i": i}, ack=(i % 50 == 0))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c, k), name="test-pub-%d" % k) for k, c in enumerate(pubs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    seen = {t: [] for t in topics}
+    per_publisher = {}
+    for _ in range(4 * n):
+        m = sub.recv(timeout=10)
+        assert m is not None, "missing messages"
+        seen[m.topic].append(m.seq)
+        per_publisher.setdefault(m.data["p"], []).append(m.data["i"])
+    for t in topics:
+        assert seen[t] == list(range(1, len(seen[t]) + 1))
+    for k, order in per_publisher.items():
+        assert order == list(range(n))  # each publisher's own order is kept too
+    for c in pubs + [sub]:
+        c.close()
