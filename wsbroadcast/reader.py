@@ -51,6 +51,7 @@ class Reader:
         self._parts: List[str] = []
         self._size = 0
         self._failed = False  # wsproto reported a protocol error or we refused the input
+        self._close_requested = False  # this reader asked the writer for a close frame
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, trailing: bytes = b"", refuse: Optional[tuple] = None,
@@ -101,7 +102,7 @@ class Reader:
     def _finish(self) -> None:
         conn = self.conn
         self.hub.remove(conn)
-        if conn.close_sent and not conn.dead:
+        if self._close_requested or conn.close_sent:
             # let the close frame out; the writer sets this, or tears down at the deadline
             conn.flushed.wait(self.close_timeout + 1.0)
         done = threading.Event()
@@ -177,5 +178,6 @@ class Reader:
         self._close(code, reason)
 
     def _close(self, code: int, reason: str) -> None:
+        self._close_requested = True
         self.writer.put(((CLOSE, self.conn, int(code), reason),))
 
