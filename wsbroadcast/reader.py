@@ -40,6 +40,9 @@ RECV_SIZE = 65536
 class Reader:
     """Runs one WebSocket connection from the upgrade to the closed socket."""
 
+    #: binary messages are refused with 1003 unless a subclass handles them
+    accept_binary = False
+
     def __init__(self, conn: Connection, ws: "WSConnection", hub: "Hub", writer: "Writer",
                  max_message_size: int, close_timeout: float) -> None:
         self.conn = conn
@@ -129,27 +132,29 @@ class Reader:
         conn = self.conn
         for event in ws.events():
             kind = type(event)
-            if kind is TextMessage:
+            if kind is TextMessage or kind is BytesMessage:
                 if conn.close_sent:
                     continue
-                self._size += len(event.data.encode("utf-8")) if not event.data.isascii() else len(event.data)
+                data = event.data
+                if kind is BytesMessage:
+                    if not self.accept_binary:
+                        self._refuse(CloseCode.UNSUPPORTED_DATA, "binary messages are not accepted")
+                        break
+                    self._size += len(data)
+                else:
+                    self._size += len(data) if data.isascii() else len(data.encode("utf-8"))
                 if self._size > self.max_message_size:
                     self._refuse(CloseCode.MESSAGE_TOO_BIG, "message too big")
                     break
                 if not event.message_finished:
-                    self._parts.append(event.data)
+                    self._parts.append(data)
                     continue
                 if self._parts:
-                    self._parts.append(event.data)
-                    text = "".join(self._parts)
+                    self._parts.append(data)
+                    data = data[:0].join(self._parts)
                     self._parts = []
-                else:
-                    text = event.data
                 self._size = 0
-                commands.append(parse_client_frame(text, conn.kind))
-            elif kind is BytesMessage:
-                self._refuse(CloseCode.UNSUPPORTED_DATA, "binary messages are not accepted")
-                break
+                self.on_message(data, commands)
             elif kind is Ping:
                 self.writer.put(((SEND, conn, pong_frame(event.payload)),))
             elif kind is Pong:
@@ -170,6 +175,10 @@ class Reader:
         if commands and not conn.close_sent:
             self.hub.handle(conn, commands)
         return finished
+
+    def on_message(self, data: Any, commands: List[Any]) -> None:
+        """A complete message (str, or bytes when binary is accepted): parse it into a command."""
+        commands.append(parse_client_frame(data, self.conn.kind))
 
     def _refuse(self, code: int, reason: str) -> None:
         """Fail the connection: close frame, then discard input until the peer goes."""

@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 class Server:
     """A wsbroadcast server: one port, HTTP and WebSocket, one writer thread."""
 
+    #: the class that runs each WebSocket connection (a subclass may handle messages its own way)
+    reader_class = Reader
+
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, config: Optional[Config] = None,
                  message_store: Optional[MessageStore] = None, **settings: Any) -> None:
         base = config or Config()
@@ -247,7 +250,7 @@ class Server:
                 rate=(TokenBucket(cfg.max_publish_rate, cfg.publish_burst or max(1.0, cfg.max_publish_rate))
                       if cfg.max_publish_rate > 0 else None),
                 expires=getattr(claims, "exp", None))
-            reader = Reader(conn, upgrade.ws, self.hub, self.writer,
+            reader = self.reader_class(conn, upgrade.ws, self.hub, self.writer,
                             cfg.max_message_size, cfg.close_timeout)
             try:
                 reader.run(upgrade.trailing, upgrade.refuse, on_open=self._on_open,
