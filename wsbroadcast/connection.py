@@ -45,11 +45,16 @@ class Connection:
 
     def __init__(self, sock: socket.socket, addr: Tuple[str, int], kind: str = V1,
                  claims: Any = None, max_outbox: int = 1 << 20,
-                 rate: Optional[TokenBucket] = None, expires: Optional[float] = None) -> None:
+                 rate: Optional[TokenBucket] = None, expires: Optional[float] = None,
+                 tls: Any = None) -> None:
         self.id = next(_ids)
         self.sock = sock
         self.fd = sock.fileno()
         self.addr = addr
+        #: the TLSStream when the connection is encrypted (frames are encrypted as queued)
+        self.tls = tls
+        #: blocking read of (decrypted) bytes, for the reader thread
+        self.recv = tls.recv if tls is not None else sock.recv
         self.kind = kind
         self.is_plain = kind == PLAIN
         self.claims = claims

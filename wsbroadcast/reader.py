@@ -23,7 +23,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 from .connection import Connection
 from .envelope import parse_client_frame
 from .errors import CloseCode
-from .writer import ATTACH, CLOSE, DETACH, SEND
+from .writer import ATTACH, CLOSE, DETACH, SEND, SEND_WIRE
 from .wsframe import pong_frame
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -88,7 +88,7 @@ class Reader:
 
     def _loop(self) -> None:
         conn = self.conn
-        recv = conn.sock.recv
+        recv = conn.recv
         while True:
             try:
                 data = recv(RECV_SIZE)
@@ -99,6 +99,10 @@ class Reader:
             conn.last_seen = time.monotonic()
             if self._failed:
                 continue  # discard until the peer closes or the grace period ends
+            if conn.tls is not None:
+                wire = conn.tls.pending_output()
+                if wire:
+                    self.writer.put(((SEND_WIRE, conn, wire),))
             if self._feed(data):
                 return
 

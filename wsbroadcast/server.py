@@ -31,6 +31,7 @@ from .hub import Hub
 from .metrics import Metrics
 from .reader import Reader
 from .store import MessageStore, RetentionTrimmer, open_store
+from .tls import TLSStream
 from .topics import validate_topic
 from .writer import CLOSE_ALL, Writer
 
@@ -232,16 +233,16 @@ class Server:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_sndbuf)
             except OSError:
                 pass
+            stream: Any = sock
+            tls = None
             if self._ssl is not None:
-                sock.settimeout(cfg.handshake_timeout)
+                tls = stream = TLSStream(sock, self._ssl)
                 try:
-                    sock = self._ssl.wrap_socket(sock, server_side=True)
+                    tls.handshake(cfg.handshake_timeout)
                 except (OSError, ssl.SSLError) as exc:
                     logger.debug("TLS handshake with %s failed: %s", addr[0], exc)
                     return
-                with self._threads_lock:
-                    self._threads[threading.current_thread()] = sock
-            upgrade = HttpSession(self, sock, addr).run()
+            upgrade = HttpSession(self, stream, addr).run()
             if upgrade is None:
                 return
             claims = upgrade.claims
@@ -249,7 +250,7 @@ class Server:
                 sock, addr, upgrade.kind, claims=claims, max_outbox=cfg.max_outbox,
                 rate=(TokenBucket(cfg.max_publish_rate, cfg.publish_burst or max(1.0, cfg.max_publish_rate))
                       if cfg.max_publish_rate > 0 else None),
-                expires=getattr(claims, "exp", None))
+                expires=getattr(claims, "exp", None), tls=tls)
             reader = self.reader_class(conn, upgrade.ws, self.hub, self.writer,
                             cfg.max_message_size, cfg.close_timeout)
             try:

@@ -40,6 +40,7 @@ DETACH = 6  # (DETACH, conn, threading.Event)
 CLOSE_ALL = 7  # (CLOSE_ALL, code, reason)
 CALL = 8  # (CALL, callable)  runs in the writer thread, in order
 SLOW = 9  # (SLOW, conn)  close as a slow consumer
+SEND_WIRE = 10  # (SEND_WIRE, conn, bytes)  already-encrypted TLS bytes
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _DONTWAIT = socket.MSG_DONTWAIT
@@ -219,6 +220,8 @@ class Writer:
                 conn = op[1]
                 if not (conn.close_sent or conn.dead):
                     frames = op[2]
+                    if conn.tls is not None:
+                        frames = [conn.tls.encrypt(f) for f in frames]
                     conn.out.extend(frames)
                     conn.out_bytes += sum(len(f) for f in frames)
                     stats.delivered += len(frames)
@@ -237,6 +240,12 @@ class Writer:
                     self._close(conn, op[1], op[2])
             elif kind == CALL:
                 op[1]()
+            elif kind == SEND_WIRE:
+                conn = op[1]
+                if not conn.dead:
+                    conn.out.append(op[2])
+                    conn.out_bytes += len(op[2])
+                    self._mark(conn)
             elif kind == SLOW:
                 if not (op[1].close_sent or op[1].dead):
                     self._slow(op[1])
@@ -259,6 +268,8 @@ class Writer:
             # unsent bytes, not counting the frame in flight, are past the limit
             self._slow(conn)
             return
+        if conn.tls is not None:
+            frame = conn.tls.encrypt(frame)
         out.append(frame)
         conn.out_bytes = pending + len(frame)
         if not conn.waiting_write and len(out) == 1:
@@ -333,7 +344,8 @@ class Writer:
     def _close(self, conn: Connection, code: int, reason: str, drop_pending: bool = False) -> None:
         if conn.close_sent or conn.dead:
             return
-        if drop_pending and conn.out:
+        if drop_pending and conn.out and conn.tls is None:
+            # (TLS records cannot be dropped: later ones would not decrypt)
             # keep only the frame in flight, so the close frame follows whole frames
             head = conn.out[0]
             if isinstance(head, memoryview):
@@ -343,6 +355,12 @@ class Writer:
                 conn.out.clear()
                 conn.out_bytes = 0
         frame = close_frame(int(code), reason)
+        if conn.tls is not None:
+            try:
+                frame = conn.tls.encrypt(frame)
+            except Exception:  # a broken TLS state: nothing more can be said
+                self._kill(conn)
+                return
         conn.out.append(frame)
         conn.out_bytes += len(frame)
         conn.close_sent = True
