@@ -1,8 +1,4 @@
-"""Tests of run_autobahn's parsing (no wstest needed).
-
-Not under tests/ (pytest's testpaths); run with
-``pytest scripts/conformance/test_run_autobahn.py`` or move it into tests/.
-"""
+"""Tests of the Autobahn runner's report parsing (no wstest needed)."""
 
 import importlib.util
 import json
@@ -10,7 +6,8 @@ import os
 
 import pytest
 
-_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_autobahn.py")
+_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "conformance",
+                     "run_autobahn.py")
 _spec = importlib.util.spec_from_file_location("run_autobahn", _PATH)
 run_autobahn = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(run_autobahn)
