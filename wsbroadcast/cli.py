@@ -59,6 +59,9 @@ def _serve_parser(sub: "argparse._SubParsersAction") -> None:
     h.add_argument("--history-ttl", type=float, default=None, help="seconds a message is kept (default: no limit)")
     h.add_argument("--full-sync", action="store_true",
                    help="sync the store to disk on every commit (survives power loss, slower)")
+    h.add_argument("--redis", metavar="URL",
+                   help="share seqs, history and fan-out with other nodes through Redis "
+                        "(redis://host:port/db; needs the extra wsbroadcast[redis]); replaces --store")
     s = p.add_argument_group("security")
     s.add_argument("--secret", help="HS256 secret for tokens (prefer --secret-file or $WSBROADCAST_SECRET)")
     s.add_argument("--secret-file", help="file holding the HS256 secret")
@@ -125,6 +128,7 @@ def _serve(args: argparse.Namespace) -> int:
         secret=load_secret(args.secret, args.secret_file),
         public_key=public_key, api_key=args.api_key or os.environ.get("WSBROADCAST_API_KEY") or None,
         allowed_origins=tuple(args.allowed_origin), certfile=args.certfile, keyfile=args.keyfile,
+        redis_url=args.redis,
     )
     install_redaction_on_handlers()
     server = Server(config.host, config.port, config=config)
@@ -137,8 +141,8 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     server.start()
-    logger.info("demo page at %s/ ; WebSocket at %s ; store: %s", server.http_url, server.url,
-                config.store)
+    logger.info("demo page at %s/ ; WebSocket at %s ; %s", server.http_url, server.url,
+                "redis: " + config.redis_url if config.redis_url else "store: " + config.store)
     sys.stderr.flush()
     while not stop.wait(0.5):
         pass

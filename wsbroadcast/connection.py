@@ -66,6 +66,8 @@ class Connection:
         self.patterns: Set[str] = set()
         #: topic -> (buffered live deliveries, their bytes) while a replay runs
         self.replays: Dict[str, List[Any]] = {}
+        #: topic -> seq of its subscribe ack: deliveries at or below it are dropped
+        self.floors: Dict[str, int] = {}
         self.registered = False
 
         # --- owned by the reader thread ---

@@ -326,38 +326,57 @@ class HttpSession:
 
     # ------------------------------------------------------------------ upgrade
     def _upgrade(self, req: h11.Request, url: Any, deadline: float) -> Optional[Upgrade]:
-        server = self.server
-        if server.shutting_down:
-            raise HttpError(ErrorCode.UNAVAILABLE, "server is shutting down")
-        origin = _header(req.headers, b"origin")
-        if origin is not None and not server.origin_allowed(origin, _header(req.headers, b"host")):
-            raise HttpError(ErrorCode.FORBIDDEN_ORIGIN, "origin not allowed")
-        claims = None
-        if server.auth.enabled:
-            try:
-                claims = server.auth.authenticate_request(req.headers, _query_token(url))
-            except AuthError as exc:
-                raise HttpError(ErrorCode.UNAUTHORIZED, str(exc)) from None
-            if claims.is_allow_all:
-                claims = None
-        offered = []
-        for value in (v for k, v in req.headers if k == b"sec-websocket-protocol"):
-            offered.extend(p.strip() for p in value.decode("latin-1").split(","))
-        kind = V1 if SUBPROTOCOL in offered else PLAIN
-        ws = WSConnection(ConnectionType.SERVER)
+        upgrade, accept = negotiate_upgrade(self.server, req.headers, req.target, self.addr[0])
         try:
-            ws.initiate_upgrade_connection(req.headers, req.target)
-            events = list(ws.events())
-        except WsRemoteProtocolError:
-            raise HttpError(ErrorCode.BAD_REQUEST, "invalid WebSocket handshake") from None
-        if not events or not isinstance(events[0], Request):
-            raise HttpError(ErrorCode.BAD_REQUEST, "invalid WebSocket handshake")
-        refuse = server.admit(self.addr[0])
-        accept = ws.send(AcceptConnection(subprotocol=SUBPROTOCOL if kind == V1 else None))
-        self.sock.settimeout(self.config.handshake_timeout)
-        self.sock.sendall(accept)
-        trailing, _closed = self.h11.trailing_data
-        return Upgrade(ws, kind, claims, trailing, refuse)
+            self.sock.settimeout(self.config.handshake_timeout)
+            self.sock.sendall(accept)
+        except OSError:
+            if upgrade.refuse is None:
+                self.server._release(self.addr[0])  # admitted, but it never started
+            raise
+        upgrade.trailing, _closed = self.h11.trailing_data
+        return upgrade
+
+
+def negotiate_upgrade(server: "Server", headers: List[Tuple[bytes, bytes]], target: bytes,
+                      ip: str, scheme: Optional[str] = None) -> Tuple[Upgrade, bytes]:
+    """The checks and handshake of a WebSocket upgrade request, without I/O.
+
+    ``headers`` are (lower-case name, value) byte pairs as h11 gives them. Raises
+    ``HttpError`` for an answer to send instead of the upgrade (origin, auth,
+    shutdown, bad handshake). Otherwise the connection is counted by
+    ``server.admit`` (``Upgrade.refuse`` says when it must be closed at once) and
+    the bytes of the 101 answer are returned with the ``Upgrade``.
+    """
+    if server.shutting_down:
+        raise HttpError(ErrorCode.UNAVAILABLE, "server is shutting down")
+    origin = _header(headers, b"origin")
+    if origin is not None and not server.origin_allowed(origin, _header(headers, b"host"), scheme):
+        raise HttpError(ErrorCode.FORBIDDEN_ORIGIN, "origin not allowed")
+    claims = None
+    if server.auth.enabled:
+        try:
+            token = _query_token(urlsplit(target.decode("latin-1")))
+            claims = server.auth.authenticate_request(headers, token)
+        except AuthError as exc:
+            raise HttpError(ErrorCode.UNAUTHORIZED, str(exc)) from None
+        if claims.is_allow_all:
+            claims = None
+    offered = []
+    for value in (v for k, v in headers if k == b"sec-websocket-protocol"):
+        offered.extend(p.strip() for p in value.decode("latin-1").split(","))
+    kind = V1 if SUBPROTOCOL in offered else PLAIN
+    ws = WSConnection(ConnectionType.SERVER)
+    try:
+        ws.initiate_upgrade_connection(headers, target)
+        events = list(ws.events())
+    except WsRemoteProtocolError:
+        raise HttpError(ErrorCode.BAD_REQUEST, "invalid WebSocket handshake") from None
+    if not events or not isinstance(events[0], Request):
+        raise HttpError(ErrorCode.BAD_REQUEST, "invalid WebSocket handshake")
+    refuse = server.admit(ip)
+    accept = ws.send(AcceptConnection(subprotocol=SUBPROTOCOL if kind == V1 else None))
+    return Upgrade(ws, kind, claims, b"", refuse), accept
 
 
 def _query_token(url: Any) -> Optional[str]:

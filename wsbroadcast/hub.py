@@ -19,8 +19,9 @@ from .envelope import (
     SEED_TOPIC, Invalid, Ping, Publish, Subscribe, Unsubscribe, ack_text, error_text,
     has_id, message_text, pong_text,
 )
+from .broker import Broker, Publication
 from .errors import BrokerUnavailable, ErrorCode, StoreError
-from .store import MessageStore, StoredMessage
+from .store import StoredMessage
 from .topics import SubjectTree, is_wildcard, validate_topic
 from .writer import DELIVER, REPLAY, SEND, SLOW, Writer
 from .wsframe import text_frame
@@ -38,19 +39,22 @@ def _frame(text: str) -> bytes:
 class Hub:
     """Connections, subscriptions and the publish path of one server."""
 
-    def __init__(self, store: MessageStore, writer: Writer, max_subscriptions: int = 1000) -> None:
-        self.store = store
+    def __init__(self, broker: Broker, writer: Writer, max_subscriptions: int = 1000) -> None:
+        self.broker = broker
         self.writer = writer
         self.max_subscriptions = max_subscriptions
         # The hub lock guards: the subject tree, the set of connections, every
-        # Connection.patterns / .replays / .registered, store.append_batch and
-        # store.latest (seq assignment), and the order of puts on the writer's
-        # channel for everything above. Never taken by the writer thread.
+        # Connection.patterns / .replays / .floors / .registered, _interest,
+        # broker.publish and broker.latest (seq assignment), and the order of puts
+        # on the writer's channel for everything above. Never taken by the writer.
         self.lock = threading.Lock()
         self._tree: SubjectTree[Connection] = SubjectTree()
         self._conns: Dict[int, Connection] = {}
-        self._replaying = 0  # connections with a replay in progress (under lock)
-        self.received = 0  # messages published (under lock)
+        self._interest: Dict[str, int] = {}  # pattern -> local subscribers (node-level interest)
+        self._replaying = 0  # connections with a replay in progress
+        self._floored = 0  # (connection, topic) floors set: deliveries at or below are dropped
+        self.received = 0  # messages published
+        broker.start(self.on_publications)
 
     # ------------------------------------------------------------------ registry
     def add(self, conn: Connection) -> None:
@@ -66,12 +70,13 @@ class Hub:
                 return
             conn.registered = False
             self._conns.pop(conn.id, None)
-            for pattern in conn.patterns:
-                self._tree.remove(pattern, conn)
-            conn.patterns.clear()
+            for pattern in list(conn.patterns):
+                self._unsubscribe_locked(conn, pattern)
             if conn.replays:
                 self._replaying -= 1
                 conn.replays.clear()
+            self._floored -= len(conn.floors)
+            conn.floors.clear()
 
     def connections(self) -> List[Connection]:
         """A snapshot of the registered connections."""
@@ -124,8 +129,7 @@ class Hub:
         """The automatic subscription of a plain connection to the seed topic (no ack)."""
         with self.lock:
             if conn.registered and self._allowed(conn, "subscribe", SEED_TOPIC):
-                conn.patterns.add(SEED_TOPIC)
-                self._tree.insert(SEED_TOPIC, conn)
+                self._insert(conn, SEED_TOPIC)
 
     def publish(self, topic: str, data_json: str) -> Tuple[int, str]:
         """Publish from inside the process (any thread); returns (seq, epoch)."""
@@ -133,10 +137,18 @@ class Hub:
         ops: List[tuple] = []
         with self.lock:
             pubs = self._store_locked([Publish(topic, data_json, None)])
+            if self.broker.delivers_locally:
+                self._deliver_locked(pubs, ops)
+                self.writer.put(ops)
+        return pubs[0].seq, pubs[0].epoch
+
+    def on_publications(self, pubs: Sequence[Publication]) -> None:
+        """Deliver publications handed back by a shared broker (its thread)."""
+        ops: List[tuple] = []
+        with self.lock:
             self._deliver_locked(pubs, ops)
-            self.writer.put(ops)
-        _, seq, epoch, _ = pubs[0]
-        return seq, epoch
+            if ops:
+                self.writer.put(ops)
 
     # ------------------------------------------------------------------ publish
     def _check_publish(self, conn: Connection, cmd: Publish) -> Optional[Tuple[ErrorCode, str]]:
@@ -155,10 +167,10 @@ class Hub:
             return claims.can_publish(pattern)
         return claims.can_subscribe(pattern)
 
-    def _store_locked(self, pubs: Sequence[Publish]) -> List[Tuple[str, int, str, str]]:
-        positions = self.store.append_batch([(p.topic, p.data) for p in pubs])
+    def _store_locked(self, pubs: Sequence[Publish]) -> List[Publication]:
+        positions = self.broker.publish([(p.topic, p.data) for p in pubs])
         self.received += len(pubs)
-        return [(p.topic, seq, epoch, p.data) for p, (seq, epoch) in zip(pubs, positions)]
+        return [Publication(p.topic, seq, epoch, p.data) for p, (seq, epoch) in zip(pubs, positions)]
 
     def _publish_locked(self, conn: Connection, pubs: List[Publish], ops: List[tuple]) -> None:
         try:
@@ -172,29 +184,36 @@ class Hub:
         for p, (topic, seq, epoch, _data) in zip(pubs, stored):
             if has_id(p.id):
                 ops.append((SEND, conn, _frame(ack_text(p.id, topic, seq, epoch))))
-        self._deliver_locked(stored, ops)
+        if self.broker.delivers_locally:
+            self._deliver_locked(stored, ops)
 
-    def _deliver_locked(self, stored: Sequence[Tuple[str, int, str, str]], ops: List[tuple]) -> None:
+    def _deliver_locked(self, stored: Sequence[Publication], ops: List[tuple]) -> None:
         now = time.monotonic()
         match = self._tree.match
         for topic, seq, _epoch, data in stored:
             recipients = match(topic)
             if not recipients:
                 continue
-            if self._replaying:
-                recipients = self._divert_replaying(recipients, topic, seq, data)
+            if self._replaying or self._floored:
+                recipients = self._filter(recipients, topic, seq, data)
             ops.append((DELIVER, topic, seq, data, recipients, now))
 
-    def _divert_replaying(self, recipients: Any, topic: str, seq: int, data: str) -> Any:
-        """Buffer live messages for connections replaying this topic; deliver to the rest."""
+    def _filter(self, recipients: Any, topic: str, seq: int, data: str) -> Any:
+        """Drop what a connection's ack already covers; buffer for replaying connections."""
         keep = []
         for conn in recipients:
+            floor = conn.floors.get(topic)
+            if floor is not None:
+                if seq <= floor:
+                    continue
+                del conn.floors[topic]
+                self._floored -= 1
             buf = conn.replays.get(topic)
             if buf is None:
                 keep.append(conn)
                 continue
             text = message_text(topic, seq, data) if not conn.is_plain else data
-            buf[0].append(text)
+            buf[0].append((seq, text))
             buf[1] += len(text)
             if buf[1] > conn.max_outbox:
                 # the live part alone outgrew the limit while the replay ran
@@ -221,8 +240,8 @@ class Hub:
             ops.append((SEND, conn, _frame(ack_text(cmd.id, pattern))))
             return None
         try:
-            latest, epoch = self.store.latest(pattern)
-        except StoreError as exc:
+            latest, epoch = self.broker.latest(pattern)
+        except (StoreError, BrokerUnavailable) as exc:
             ops.append((SEND, conn, _frame(error_text(cmd.id, ErrorCode.INTERNAL, str(exc)))))
             return None
         since = cmd.since
@@ -239,11 +258,15 @@ class Hub:
             elif since < latest:
                 replay_from = since
                 try:
-                    oldest = self.store.oldest(pattern)
-                except StoreError:
+                    oldest = self.broker.oldest(pattern)
+                except (StoreError, BrokerUnavailable):
                     oldest = 0
                 recovered = oldest != 0 and oldest <= since + 1
-        self._insert(conn, pattern)
+        self._insert(conn, pattern, latest)
+        if not self.broker.delivers_locally and pattern not in conn.floors:
+            # publications up to the ack's seq may still be on their way: not for this one
+            conn.floors[pattern] = latest
+            self._floored += 1
         ops.append((SEND, conn, _frame(ack_text(cmd.id, pattern, latest, epoch, recovered))))
         if replay_from is None or latest == 0:
             return None
@@ -254,15 +277,27 @@ class Hub:
         conn.replays[pattern] = [[], 0]
         return (cmd._replace(since=replay_from), latest, epoch)
 
-    def _insert(self, conn: Connection, pattern: str) -> None:
+    def _insert(self, conn: Connection, pattern: str, acked: Optional[int] = None) -> None:
         if pattern not in conn.patterns:
             conn.patterns.add(pattern)
             self._tree.insert(pattern, conn)
+            n = self._interest.get(pattern, 0)
+            self._interest[pattern] = n + 1
+            if n == 0:
+                self.broker.interest(pattern, True, acked)
 
     def _unsubscribe_locked(self, conn: Connection, pattern: str) -> None:
         if pattern in conn.patterns:
             conn.patterns.discard(pattern)
             self._tree.remove(pattern, conn)
+            n = self._interest.get(pattern, 1) - 1
+            if n > 0:
+                self._interest[pattern] = n
+            else:
+                self._interest.pop(pattern, None)
+                self.broker.interest(pattern, False)
+        if conn.floors.pop(pattern, None) is not None:
+            self._floored -= 1
         if conn.replays.pop(pattern, None) is not None and not conn.replays:
             self._replaying -= 1
 
@@ -273,7 +308,7 @@ class Hub:
         low_water = max(1, conn.max_outbox // 2)
         try:
             while pos < upto and not (conn.close_sent or conn.dead):
-                page = self.store.since(topic, pos, min(REPLAY_PAGE, upto - pos))
+                page = self.broker.since(topic, pos, min(REPLAY_PAGE, upto - pos))
                 page = [m for m in page if m.seq <= upto]
                 if not page:
                     break
@@ -287,15 +322,16 @@ class Hub:
                 if conn.replays.get(topic) is None:
                     return  # unsubscribed meanwhile
                 self.writer.put(((REPLAY, conn, frames),))
-        except StoreError as exc:
+        except (StoreError, BrokerUnavailable) as exc:
             logger.error("replay of %s for %s failed: %s", topic, conn.label, exc)
         with self.lock:
             buf = conn.replays.pop(topic, None)
             if buf is not None:
                 if not conn.replays:
                     self._replaying -= 1
-                if buf[0] and conn.registered:
-                    self.writer.put(((REPLAY, conn, [_frame(t) for t in buf[0]]),))
+                live = [_frame(text) for seq, text in buf[0] if seq > upto]
+                if live and conn.registered:
+                    self.writer.put(((REPLAY, conn, live),))
 
     @staticmethod
     def _replay_frame(conn: Connection, m: StoredMessage) -> bytes:
@@ -306,4 +342,4 @@ class Hub:
     # ------------------------------------------------------------------ history
     def history(self, topic: str, since: int, limit: int) -> List[StoredMessage]:
         """Stored messages of a concrete topic after ``since`` (raises StoreError)."""
-        return self.store.since(topic, since, limit)
+        return self.broker.since(topic, since, limit)

@@ -22,11 +22,12 @@ import time
 from typing import Any, Dict, Optional, Set, Tuple
 
 from .auth import Authenticator
+from .broker import Broker, LocalBroker
 from .config import Config
 from .connection import Connection, TokenBucket
 from .envelope import PLAIN, encode_json
 from .errors import CloseCode, ServerClosed
-from .http import HttpSession, load_demo_page
+from .http import HttpSession, Upgrade, load_demo_page
 from .hub import Hub
 from .metrics import Metrics
 from .reader import Reader
@@ -49,10 +50,17 @@ class Server:
         base = config or Config()
         self.config = base.replace(host=host, port=port, **settings)
         cfg = self.config
-        self.store = message_store if message_store is not None else open_store(
-            cfg.store, cfg.history_size, cfg.history_ttl, full_sync=cfg.store_full_sync)
+        self.store: Optional[MessageStore] = None
+        if cfg.redis_url:
+            from .broker_redis import RedisBroker  # the optional extra wsbroadcast[redis]
+            self.broker: Broker = RedisBroker(cfg.redis_url, history_size=cfg.history_size,
+                                              history_ttl=cfg.history_ttl)
+        else:
+            self.store = message_store if message_store is not None else open_store(
+                cfg.store, cfg.history_size, cfg.history_ttl, full_sync=cfg.store_full_sync)
+            self.broker = LocalBroker(self.store)
         self.writer = Writer(cfg.queue_size, cfg.close_timeout, cfg.ping_interval, cfg.ping_timeout)
-        self.hub = Hub(self.store, self.writer, cfg.max_subscriptions)
+        self.hub = Hub(self.broker, self.writer, cfg.max_subscriptions)
         self.auth = Authenticator(secret=cfg.secret, public_key=cfg.public_key, api_key=cfg.api_key)
         self.metrics = Metrics(self)
         self.scheme = "https" if cfg.certfile else "http"
@@ -100,18 +108,24 @@ class Server:
         """The base HTTP URL of this server."""
         return "%s://%s:%d" % (self.scheme, self.config.host, self.port)
 
-    def start(self) -> "Server":
-        """Bind, listen and run the accept loop and the writer in background threads."""
+    def start(self, listen: bool = True) -> "Server":
+        """Bind, listen and run the accept loop and the writer in background threads.
+
+        With ``listen=False`` no socket is bound and no accept loop runs: the broker
+        (hub, writer, store) serves connections handed to ``run_connection``, as
+        ``wsbroadcast.wsgi.Broker`` does.
+        """
         if self._started:
             return self
         cfg = self.config
-        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((cfg.host, cfg.port))
-        sock.listen(1024)
-        sock.setblocking(False)
-        self._listener = sock
+        if listen:
+            family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((cfg.host, cfg.port))
+            sock.listen(1024)
+            sock.setblocking(False)
+            self._listener = sock
         self._started = True
         self.started_at = time.monotonic()
         if cfg.thread_stack_size:
@@ -120,12 +134,16 @@ class Server:
             except (ValueError, RuntimeError):
                 logger.warning("cannot set thread stack size to %d", cfg.thread_stack_size)
         self.writer.start()
-        self._trimmer = RetentionTrimmer(self.store)
-        self._trimmer.start()
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="wsbroadcast-accept",
-                                               daemon=True)
-        self._accept_thread.start()
-        logger.info("listening on %s", self.url)
+        if self.store is not None:
+            self._trimmer = RetentionTrimmer(self.store)
+            self._trimmer.start()
+        if listen:
+            self._accept_thread = threading.Thread(target=self._accept_loop, name="wsbroadcast-accept",
+                                                   daemon=True)
+            self._accept_thread.start()
+            logger.info("listening on %s", self.url)
+        else:
+            logger.info("started without a listening socket")
         return self
 
     def serve_forever(self) -> None:
@@ -173,7 +191,7 @@ class Server:
         self.writer.stop()
         if self._trimmer is not None:
             self._trimmer.stop()
-        self.store.close()
+        self.broker.close()
         if self._listener is not None:
             self._listener.close()
         self._wake_r.close()
@@ -245,20 +263,7 @@ class Server:
             upgrade = HttpSession(self, stream, addr).run()
             if upgrade is None:
                 return
-            claims = upgrade.claims
-            conn = Connection(
-                sock, addr, upgrade.kind, claims=claims, max_outbox=cfg.max_outbox,
-                rate=(TokenBucket(cfg.max_publish_rate, cfg.publish_burst or max(1.0, cfg.max_publish_rate))
-                      if cfg.max_publish_rate > 0 else None),
-                expires=getattr(claims, "exp", None), tls=tls)
-            reader = self.reader_class(conn, upgrade.ws, self.hub, self.writer,
-                            cfg.max_message_size, cfg.close_timeout)
-            try:
-                reader.run(upgrade.trailing, upgrade.refuse, on_open=self._on_open,
-                           closing=lambda: self.shutting_down)
-            finally:
-                if upgrade.refuse is None:
-                    self._release(addr[0])
+            self.run_connection(sock, addr, upgrade, tls)
         except OSError as exc:
             logger.debug("connection from %s ended: %s", addr[0], exc)
         except Exception:
@@ -271,6 +276,29 @@ class Server:
             with self._threads_lock:
                 self._threads.pop(threading.current_thread(), None)
                 self._threads_lock.notify_all()
+
+    def run_connection(self, sock: socket.socket, addr: Tuple[str, int], upgrade: Upgrade,
+                       tls: Any = None) -> None:
+        """Run an upgraded WebSocket connection in the calling thread until it ends.
+
+        The reader owns the socket from here and closes it; the connection counted by
+        ``admit`` (unless ``upgrade.refuse``) is released at the end.
+        """
+        cfg = self.config
+        claims = upgrade.claims
+        try:
+            conn = Connection(
+                sock, addr, upgrade.kind, claims=claims, max_outbox=cfg.max_outbox,
+                rate=(TokenBucket(cfg.max_publish_rate, cfg.publish_burst or max(1.0, cfg.max_publish_rate))
+                      if cfg.max_publish_rate > 0 else None),
+                expires=getattr(claims, "exp", None), tls=tls)
+            reader = self.reader_class(conn, upgrade.ws, self.hub, self.writer,
+                                       cfg.max_message_size, cfg.close_timeout)
+            reader.run(upgrade.trailing, upgrade.refuse, on_open=self._on_open,
+                       closing=lambda: self.shutting_down)
+        finally:
+            if upgrade.refuse is None:
+                self._release(addr[0])
 
     def _on_open(self, conn: Connection) -> None:
         if conn.kind == PLAIN:
@@ -316,13 +344,17 @@ class Server:
                     rate, self.config.publish_burst or max(1.0, rate))
             return bucket.take()
 
-    def origin_allowed(self, origin: str, host: Optional[str]) -> bool:
-        """True when a browser's Origin is the server's own or an allowed one."""
+    def origin_allowed(self, origin: str, host: Optional[str], scheme: Optional[str] = None) -> bool:
+        """True when a browser's Origin is the server's own or an allowed one.
+
+        ``scheme`` is the request's (e.g. a WSGI server's ``wsgi.url_scheme``); the
+        server's own by default.
+        """
         allowed = self.config.allowed_origins
         if "*" in allowed:
             return True
         origin = origin.strip().rstrip("/").lower()
-        if host and origin == ("%s://%s" % (self.scheme, host.strip())).lower():
+        if host and origin == ("%s://%s" % (scheme or self.scheme, host.strip())).lower():
             return True
         return origin in (a.rstrip("/").lower() for a in allowed)
 
@@ -337,7 +369,7 @@ class Server:
     def health(self) -> Dict[str, Any]:
         """The /healthz document."""
         status = "shutting_down" if self.shutting_down else "ok"
-        if not self.writer.alive and not self.shutting_down:
+        if not self.shutting_down and not (self.writer.alive and self.broker.healthy):
             status = "degraded"
         return {
             "status": status,
@@ -345,6 +377,7 @@ class Server:
             "connections": len(self.hub),
             "writer": {"state": self.writer.state, "alive": self.writer.alive,
                        "queue_depth": self.writer.depth()},
+            "broker": self.broker.status(),
         }
 
     def demo_page(self) -> bytes:

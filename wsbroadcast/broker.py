@@ -1,0 +1,106 @@
+"""The broker boundary: where publications get their seq, are kept, and come back for delivery.
+
+Publishing always goes through a broker. The hub delivers a publication to its
+local subscribers only when the broker hands it back: ``LocalBroker`` (memory or
+SQLite store, one process) does so at once, inside ``publish``'s caller; a
+shared broker such as ``RedisBroker`` hands back what its subscription receives,
+from its own thread, through the callback given to ``start``. The hub does not
+know which broker it runs on.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+from .store import MessageStore, StoredMessage
+
+
+class Publication(NamedTuple):
+    """One stored publication: its topic, position and JSON text."""
+
+    topic: str
+    seq: int
+    epoch: str
+    data: str
+
+
+#: the hub's entry point for publications handed back by a broker
+Handler = Callable[[Sequence[Publication]], None]
+
+
+class Broker(abc.ABC):
+    """Seq assignment, history, and fan-out between nodes."""
+
+    #: True when ``publish``'s caller delivers the publications itself, right away
+    delivers_locally: bool = True
+
+    def start(self, handler: Handler) -> None:
+        """Begin handing publications back to ``handler`` (a shared broker's own thread)."""
+
+    @abc.abstractmethod
+    def publish(self, items: Sequence[Tuple[str, str]]) -> List[Tuple[int, str]]:
+        """Store ``[(topic, data_json), ...]`` in order; return each one's (seq, epoch).
+
+        All or nothing: raises StoreError or BrokerUnavailable and stores none.
+        """
+
+    @abc.abstractmethod
+    def latest(self, topic: str) -> Tuple[int, str]:
+        """(last seq, epoch) of a topic; (0, epoch) for one never published."""
+
+    @abc.abstractmethod
+    def since(self, topic: str, seq: int, limit: int) -> List[StoredMessage]:
+        """Stored messages of ``topic`` with seq > ``seq``, oldest first, at most ``limit``."""
+
+    @abc.abstractmethod
+    def oldest(self, topic: str) -> int:
+        """Seq of the oldest stored message of ``topic``, 0 when none is stored."""
+
+    def interest(self, pattern: str, on: bool, acked: Optional[int] = None) -> None:
+        """This node gained (``on``) or lost its last local subscriber of ``pattern``.
+
+        ``acked`` is the seq a new topic subscriber was told is the latest: a shared
+        broker must hand back every later publication of the topic, none missed.
+        Called with the hub's lock held: must not block.
+        """
+
+    @property
+    def healthy(self) -> bool:
+        """False while the broker cannot take publishes (e.g. its server is away)."""
+        return True
+
+    def status(self) -> dict:
+        """Details for /healthz."""
+        return {"kind": type(self).__name__, "healthy": self.healthy}
+
+    def close(self) -> None:
+        """Release connections and threads."""
+
+
+class LocalBroker(Broker):
+    """One process: a memory or SQLite store; publications are delivered by the caller at once."""
+
+    delivers_locally = True
+
+    def __init__(self, store: MessageStore) -> None:
+        self.store = store
+
+    def publish(self, items: Sequence[Tuple[str, str]]) -> List[Tuple[int, str]]:
+        return self.store.append_batch(items)
+
+    def latest(self, topic: str) -> Tuple[int, str]:
+        return self.store.latest(topic)
+
+    def since(self, topic: str, seq: int, limit: int) -> List[StoredMessage]:
+        return self.store.since(topic, seq, limit)
+
+    def oldest(self, topic: str) -> int:
+        return self.store.oldest(topic)
+
+    def status(self) -> dict:
+        return {"kind": "local", "store": type(self.store).__name__, "healthy": True,
+                "read_only": bool(getattr(self.store, "read_only", False))}
+
+    def close(self) -> None:
+        self.store.close()
