@@ -89,22 +89,57 @@ def _token_parser(sub: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=_token)
 
 
-def _token(args: argparse.Namespace) -> int:
-    from .auth import load_secret, mint_token
+def _fail(command: str, message: str) -> int:
+    """Report a usage or configuration error (never with key material) and give exit code 2."""
+    print("wsbroadcast %s: %s" % (command, message), file=sys.stderr)
+    return 2
 
-    if args.private_key:
-        with open(args.private_key, "rb") as f:
-            key = f.read()
-        algorithm = args.algorithm or ("ES256" if b"EC PRIVATE" in key else "RS256")
-    else:
-        secret = load_secret(args.secret, args.secret_file)
-        if not secret:
-            print("wsbroadcast token: give --secret, --secret-file, --private-key or $WSBROADCAST_SECRET",
-                  file=sys.stderr)
-            return 2
-        key, algorithm = secret, args.algorithm or "HS256"
-    print(mint_token(key, algorithm=algorithm, sub=args.sub, subscribe=args.subscribe,
-                     publish=args.publish, lifetime=args.lifetime or None))
+
+def _private_key_algorithm(pem: bytes) -> str:
+    """The JWT algorithm of a PEM private key, from its type (any PEM flavour, PKCS#8 included)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+    from .auth import _EC_ALGORITHMS
+
+    key = serialization.load_pem_private_key(pem, password=None)
+    if isinstance(key, rsa.RSAPrivateKey):
+        return "RS256"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        alg = _EC_ALGORITHMS.get(key.curve.name)
+        if alg is None:
+            raise ValueError("unsupported EC curve %s" % key.curve.name)
+        return alg
+    if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
+        return "EdDSA"
+    raise ValueError("unsupported private key type")
+
+
+def _token(args: argparse.Namespace) -> int:
+    import jwt
+
+    from .auth import load_secret, mint_token
+    from .errors import TopicError
+
+    try:
+        if args.private_key:
+            with open(args.private_key, "rb") as f:
+                key = f.read()
+            algorithm = args.algorithm or _private_key_algorithm(key)
+        else:
+            secret = load_secret(args.secret, args.secret_file)
+            if not secret:
+                return _fail("token", "give --secret, --secret-file, --private-key or $WSBROADCAST_SECRET")
+            key, algorithm = secret, args.algorithm or "HS256"
+        text = mint_token(key, algorithm=algorithm, sub=args.sub, subscribe=args.subscribe,
+                          publish=args.publish, lifetime=args.lifetime or None)
+    except OSError as exc:
+        return _fail("token", "cannot read %s: %s" % (exc.filename or "a file", exc.strerror or exc))
+    except TopicError as exc:
+        return _fail("token", "bad topic pattern: %s" % exc)
+    except (ValueError, TypeError, jwt.PyJWTError) as exc:
+        return _fail("token", str(exc))
+    print(text)
     return 0
 
 
@@ -113,9 +148,15 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import Server
 
     public_key = None
-    if args.public_key:
-        with open(args.public_key, "rb") as f:
-            public_key = f.read()
+    try:
+        if args.public_key:
+            with open(args.public_key, "rb") as f:
+                public_key = f.read()
+        secret = load_secret(args.secret, args.secret_file)
+    except OSError as exc:
+        return _fail("serve", "cannot read %s: %s" % (exc.filename or "a file", exc.strerror or exc))
+    except ValueError as exc:
+        return _fail("serve", str(exc))
     config = Config(
         host=args.host, port=args.port, path=args.path,
         max_message_size=args.max_message_size, max_outbox=args.max_outbox,
@@ -125,13 +166,16 @@ def _serve(args: argparse.Namespace) -> int:
         max_subscriptions=args.max_subscriptions, max_publish_rate=args.max_publish_rate,
         publish_burst=args.publish_burst, store=args.store, history_size=args.history_size,
         history_ttl=args.history_ttl, store_full_sync=args.full_sync,
-        secret=load_secret(args.secret, args.secret_file),
+        secret=secret,
         public_key=public_key, api_key=args.api_key or os.environ.get("WSBROADCAST_API_KEY") or None,
         allowed_origins=tuple(args.allowed_origin), certfile=args.certfile, keyfile=args.keyfile,
         redis_url=args.redis,
     )
     install_redaction_on_handlers()
-    server = Server(config.host, config.port, config=config)
+    try:
+        server = Server(config.host, config.port, config=config)
+    except ValueError as exc:  # e.g. a --public-key that is not a PEM public key
+        return _fail("serve", str(exc))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

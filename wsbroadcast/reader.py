@@ -24,7 +24,7 @@ from .connection import Connection
 from .envelope import parse_client_frame
 from .errors import CloseCode
 from .writer import ATTACH, CLOSE, DETACH, SEND, SEND_WIRE
-from .wsframe import pong_frame
+from .wsframe import FrameSplitter, pong_frame
 
 if TYPE_CHECKING:  # pragma: no cover
     from .hub import Hub
@@ -55,6 +55,8 @@ class Reader:
         self._size = 0
         self._failed = False  # wsproto reported a protocol error or we refused the input
         self._close_requested = False  # this reader asked the writer for a close frame
+        #: whole frames; ordinary text frames decoded without wsproto (the fast path)
+        self.splitter = FrameSplitter(max_message_size)
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, trailing: bytes = b"", refuse: Optional[tuple] = None,
@@ -129,11 +131,30 @@ class Reader:
     # ------------------------------------------------------------------ input
     def _feed(self, data: bytes) -> bool:
         """Process received bytes; True when the connection is finished."""
-        ws = self.ws
-        ws.receive_data(data)
+        splitter = self.splitter
         commands: List[Any] = []
         finished = False
+        for item in splitter.feed(data):
+            if type(item) is str:
+                if not self.conn.close_sent:
+                    self.on_message(item, commands)
+            elif self._parse(item, commands):
+                finished = True
+                break
+            if self._failed:
+                break
+        if splitter.too_big and not (finished or self._failed):
+            self._refuse(CloseCode.MESSAGE_TOO_BIG, "message too big")
+        if commands and not self.conn.close_sent:
+            self.hub.handle(self.conn, commands)
+        return finished
+
+    def _parse(self, data: bytes, commands: List[Any]) -> bool:
+        """Whole frames through wsproto; True when the connection is finished."""
+        ws = self.ws
+        ws.receive_data(data)
         conn = self.conn
+        finished = False
         for event in ws.events():
             kind = type(event)
             if kind is TextMessage or kind is BytesMessage:
@@ -167,17 +188,15 @@ class Reader:
                 if ws.state is ConnectionState.REMOTE_CLOSING:
                     # a close from the peer: echo its code (1000 when it gave none)
                     code = event.code if event.code not in (1005, 1006) else 1000
-                    if commands:
+                    if commands:  # what came before the close is still carried out
                         self.hub.handle(conn, commands)
-                        commands = []
+                        del commands[:]
                     self._close(code, "")
                     finished = True
                 else:
                     # a protocol error found by wsproto, state still OPEN
                     self._refuse(event.code, event.reason or "protocol error")
                 break
-        if commands and not conn.close_sent:
-            self.hub.handle(conn, commands)
         return finished
 
     def on_message(self, data: Any, commands: List[Any]) -> None:

@@ -83,6 +83,8 @@ class Writer:
         self._closing: Set[Connection] = set()
         self._n_waiting = 0
         self._round_t0: List[float] = []  # publish times of the messages of this round
+        self._run_msgs: List[tuple] = []  # DELIVER ops of the current run
+        self._run_to: Any = None  # the recipients they share
         self._ping = ping_frame(b"ka")
         self._tick_every = max(0.02, min(0.5, ping_interval / 4, close_timeout / 4))
         self._thread = threading.Thread(target=self._run, name="wsbroadcast-writer", daemon=True)
@@ -148,6 +150,8 @@ class Writer:
                     except queue.Empty:
                         break
                     self._apply(ops)
+                if self._run_msgs:
+                    self._fan_out()
                 # 2. write what became pending
                 if self._round_t0:
                     self._record_latency(time.monotonic())
@@ -194,25 +198,16 @@ class Writer:
         for op in ops:
             kind = op[0]
             if kind == DELIVER:
-                _, topic, seq, data, recipients, t0 = op
-                v1 = plain = None
-                n = 0
-                for conn in recipients:
-                    if conn.close_sent or conn.dead:
-                        continue
-                    if conn.is_plain:
-                        if plain is None:
-                            plain = text_frame(data.encode("utf-8"))
-                        self._append(conn, plain)
-                    else:
-                        if v1 is None:
-                            v1 = text_frame(message_text(topic, seq, data).encode("utf-8"))
-                        self._append(conn, v1)
-                    n += 1
-                stats.delivered += n
-                if n:
-                    self._round_t0.append(t0)
-            elif kind == SEND:
+                # consecutive deliveries to the same recipients form a run, fanned out at once
+                if op[4] is not self._run_to:
+                    if self._run_msgs:
+                        self._fan_out()
+                    self._run_to = op[4]
+                self._run_msgs.append(op)
+                continue
+            if self._run_msgs:
+                self._fan_out()
+            if kind == SEND:
                 conn = op[1]
                 if not (conn.close_sent or conn.dead):
                     self._append(conn, op[2])
@@ -249,6 +244,41 @@ class Writer:
             elif kind == SLOW:
                 if not (op[1].close_sent or op[1].dead):
                     self._slow(op[1])
+
+    def _fan_out(self) -> None:
+        """Append the current run's messages to each recipient: one block per delivery format."""
+        msgs, recipients = self._run_msgs, self._run_to
+        self._run_msgs = []
+        self._run_to = None
+        v1 = plain = None
+        n = 0
+        dirty = self._dirty
+        for conn in recipients:
+            if conn.close_sent or conn.dead:
+                continue
+            if conn.is_plain:
+                if plain is None:
+                    plain = b"".join([text_frame(m[3].encode("utf-8")) for m in msgs])
+                block = plain
+            else:
+                if v1 is None:
+                    v1 = b"".join([text_frame(message_text(m[1], m[2], m[3]).encode("utf-8"))
+                                   for m in msgs])
+                block = v1
+            out = conn.out
+            if out and (conn.out_bytes - len(out[0])) > conn.max_outbox:
+                self._slow(conn)
+                continue
+            if conn.tls is not None:
+                block = conn.tls.encrypt(block)
+            out.append(block)
+            conn.out_bytes += len(block)
+            if len(out) == 1 and not conn.waiting_write:
+                dirty.append(conn)
+            n += 1
+        if n:
+            self.stats.delivered += n * len(msgs)
+            self._round_t0.extend(m[5] for m in msgs)
 
     def _record_latency(self, now: float) -> None:
         samples = self.stats.latency_samples

@@ -65,3 +65,107 @@ def ping_frame(payload: bytes = b"") -> bytes:
 def pong_frame(payload: bytes = b"") -> bytes:
     """A pong frame answering a ping with the same payload."""
     return frame(OP_PONG, payload[:125])
+
+
+def unmask(payload: bytes, key: bytes) -> bytes:
+    """XOR ``payload`` with the 4-byte masking ``key`` (RFC 6455 section 5.3)."""
+    n = len(payload)
+    if not n:
+        return payload
+    whole = key * (n >> 2) + key[: n & 3]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(whole, "little")).to_bytes(n, "little")
+
+
+class FrameSplitter:
+    """Cuts received bytes into whole client frames; decodes plain text frames itself.
+
+    ``feed(data)`` returns a list of items, each either ``str`` (the text of a
+    complete, masked, unfragmented text frame with clear reserved bits and valid
+    UTF-8, already unmasked and decoded) or ``bytes`` (one or more whole frames for
+    the full protocol parser: control frames, fragments, anything unusual). Bytes
+    of an incomplete frame go to the full parser as they arrive. A frame declaring more than
+    ``max_payload`` bytes stops the splitting and sets ``too_big``.
+    """
+
+    __slots__ = ("max_payload", "too_big", "_buf", "_in_fragment", "_slow_left")
+
+    def __init__(self, max_payload: int) -> None:
+        self.max_payload = max_payload
+        self.too_big = False
+        self._buf = b""
+        self._in_fragment = False  # a fragmented message is under way: all goes to the parser
+        self._slow_left = 0  # bytes still to come of a frame the full parser has begun
+
+    def feed(self, data: bytes) -> list:
+        out: list = []
+        if self._slow_left:
+            # the rest of a frame the full parser has begun
+            take = min(self._slow_left, len(data))
+            out.append(data[:take])
+            self._slow_left -= take
+            data = data[take:]
+        buf = self._buf + data if self._buf else data
+        pos = 0
+        end = len(buf)
+        slow_start = -1  # start of a run of frames for the full parser
+        while end - pos >= 2:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            n = b1 & 0x7F
+            head = 2
+            if n == 126:
+                if end - pos < 4:
+                    break
+                n = (buf[pos + 2] << 8) | buf[pos + 3]
+                head = 4
+            elif n == 127:
+                if end - pos < 10:
+                    break
+                n = int.from_bytes(buf[pos + 2:pos + 10], "big")
+                head = 10
+            if n > self.max_payload:
+                self.too_big = True
+                break
+            masked = b1 & 0x80
+            if masked:
+                head += 4
+            total = head + n
+            opcode = b0 & 0x0F
+            if end - pos < total:
+                # an incomplete frame: the full parser takes it as it comes (it fails
+                # fast on bad UTF-8 and never needs the whole frame in memory)
+                if slow_start < 0:
+                    slow_start = pos
+                if opcode < 8:
+                    self._in_fragment = not (b0 & 0x80)
+                self._slow_left = total - (end - pos)
+                pos = end
+                break
+            text = None
+            if b0 == 0x81 and masked and not self._in_fragment:
+                key = buf[pos + head - 4:pos + head]
+                try:
+                    text = unmask(buf[pos + head:pos + total], key).decode("utf-8")
+                except UnicodeDecodeError:
+                    text = None  # the full parser reports it (1007)
+            if text is not None:
+                if slow_start >= 0:
+                    out.append(buf[slow_start:pos])
+                    slow_start = -1
+                out.append(text)
+            else:
+                if slow_start < 0:
+                    slow_start = pos
+                if opcode < 8:  # data or continuation frame: track fragmentation
+                    self._in_fragment = not (b0 & 0x80)
+            pos += total
+        if slow_start >= 0:
+            out.append(buf[slow_start:pos])
+        self._buf = buf[pos:] if pos < end else b""
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back."""
+        return len(self._buf)
+

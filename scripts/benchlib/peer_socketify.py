@@ -28,7 +28,7 @@ def main(port):
         "open": on_open,
         "message": on_message,
     })
-    app.listen(port, lambda config: None) if False else app.listen({"port": port, "host": "127.0.0.1"}, lambda config: None)
+    app.listen({"port": port, "host": "127.0.0.1"}, lambda config: None)
     app.run()
 
 

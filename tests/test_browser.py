@@ -1,0 +1,293 @@
+"""The demo page in a real browser: Debian's chromium, headless, driven by Selenium.
+
+Skipped only when /usr/bin/chromium or /usr/bin/chromedriver is missing
+(``scripts/test`` installs both). No browser or driver is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from typing import Any, List
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+    pytest.skip("needs Debian's chromium and chromium-driver (%s, %s)" % (CHROMIUM, CHROMEDRIVER),
+                allow_module_level=True)
+webdriver = pytest.importorskip("selenium.webdriver")
+
+os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look anything up
+
+from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.webdriver.chrome.options import Options  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+import wsraw  # noqa: E402
+from conftest import SCALE  # noqa: E402
+from wsbroadcast import Server  # noqa: E402
+from wsbroadcast.auth import mint_token  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARTIFACTS = os.path.join(ROOT, "artifacts")
+WAIT = 10.0 * SCALE
+
+#: collects uncaught errors and unhandled rejections before the page's own script runs
+ERROR_HOOK = """
+window.__errors = [];
+window.addEventListener('error', function (e) {
+  window.__errors.push(String(e.message || e) + ' @' + (e.filename || '') + ':' + (e.lineno || 0));
+});
+window.addEventListener('unhandledrejection', function (e) {
+  window.__errors.push('unhandled rejection: ' + String(e.reason));
+});
+"""
+#: console errors a browser reports while the server is down (restart test only)
+NETWORK_ERROR = re.compile(r"WebSocket connection to '[^']*' failed|net::ERR_CONNECTION_(REFUSED|RESET)")
+
+
+@pytest.fixture(scope="module")
+def driver():
+    profile = tempfile.mkdtemp(prefix="wsb-chromium-")
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-extensions",
+                 "--disable-default-apps", "--disable-background-timer-throttling",
+                 "--disable-renderer-backgrounding", "--disable-backgrounding-occluded-windows",
+                 "--window-size=1280,860", "--user-data-dir=" + profile):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = Service(CHROMEDRIVER, log_output=os.devnull)
+    drv = webdriver.Chrome(service=service, options=options)
+    try:
+        drv.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": ERROR_HOOK})
+        drv.set_page_load_timeout(WAIT)
+        yield drv
+    finally:
+        try:
+            drv.quit()
+        finally:
+            shutil.rmtree(profile, ignore_errors=True)
+
+
+class Page:
+    """One browser window on the demo page."""
+
+    def __init__(self, driver: Any, handle: str) -> None:
+        self.driver = driver
+        self.handle = handle
+
+    def focus(self) -> "Page":
+        if self.driver.current_window_handle != self.handle:
+            self.driver.switch_to.window(self.handle)
+        return self
+
+    def wait(self, condition: Any, timeout: float = WAIT, message: str = "") -> Any:
+        self.focus()
+        return WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(
+            lambda d: condition(d), message)
+
+    def js(self, script: str, *args: Any) -> Any:
+        return self.focus().driver.execute_script(script, *args)
+
+    def state(self) -> str:
+        return self.js("return window.wsbDemo ? window.wsbDemo.state : null")
+
+    def wait_connected(self) -> None:
+        self.wait(lambda d: d.find_element(By.ID, "status").text == "connected"
+                  and d.find_element(By.ID, "status").get_attribute("data-state") == "connected",
+                  message="the page did not connect")
+
+    def subscribe(self, topic: str) -> None:
+        self.focus()
+        box = self.driver.find_element(By.ID, "sub-topic")
+        box.clear()
+        box.send_keys(topic)
+        self.driver.find_element(By.ID, "subscribe-btn").click()
+        self.wait(lambda d: d.find_elements(By.CSS_SELECTOR, '#subscriptions li.sub.active[data-topic="%s"]'
+                                            % topic), message="subscription to %s not acknowledged" % topic)
+        assert topic in self.js("return window.wsbDemo.subscriptions")
+
+    def publish(self, topic: str, text: str) -> None:
+        self.focus()
+        box = self.driver.find_element(By.ID, "pub-topic")
+        box.clear()
+        box.send_keys(topic)
+        data = self.driver.find_element(By.ID, "pub-data")
+        data.clear()
+        data.send_keys(text)
+        self.driver.find_element(By.ID, "publish-btn").click()
+
+    def messages(self, topic: str) -> List[tuple]:
+        """(seq, shown data) of the message rows of ``topic``, in page order."""
+        return [tuple(r) for r in self.js(
+            "var topic = arguments[0];"
+            "return Array.from(document.querySelectorAll('#messages div.line.msg'))"
+            ".filter(function (r) { return r.getAttribute('data-topic') === topic; })"
+            ".map(function (r) { return [parseInt(r.getAttribute('data-seq'), 10),"
+            " r.querySelector('.data').textContent]; })", topic)]
+
+    def wait_message(self, topic: str, seq: int, text: str) -> None:
+        self.wait(lambda d: (seq, text) in self.messages(topic),
+                  message="message #%d %r on %s not shown" % (seq, text, topic))
+
+    def lines(self, kind: str) -> List[str]:
+        return [e.text for e in self.focus().driver.find_elements(By.CSS_SELECTOR, "#messages div.line." + kind)]
+
+    def js_errors(self) -> List[str]:
+        return self.js("return window.__errors || []")
+
+
+@pytest.fixture
+def pages(driver):
+    """Open demo pages in new windows; checks for JS errors and closes them at the end."""
+    first = driver.current_window_handle
+    driver.get_log("browser")  # drop what earlier tests left
+    opened: List[Page] = []
+
+    def open_page(url: str) -> Page:
+        driver.switch_to.new_window("window")
+        page = Page(driver, driver.current_window_handle)
+        driver.get(url)
+        opened.append(page)
+        return page
+
+    yield open_page
+    try:
+        errors = []
+        for page in opened:
+            errors.extend(page.js_errors())
+        assert not errors, "JavaScript errors on the page: %s" % errors
+        assert_no_console_errors(driver)
+    finally:
+        for page in opened:
+            try:
+                driver.switch_to.window(page.handle)
+                driver.close()
+            except WebDriverException:
+                pass
+        driver.switch_to.window(first)
+
+
+def assert_no_console_errors(driver: Any, allowed: Any = None) -> None:
+    severe = [e["message"] for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    if allowed is not None:
+        severe = [m for m in severe if not allowed.search(m)]
+    assert not severe, "errors in the browser console: %s" % severe
+
+
+def _http_publish(port: int, topic: str, data: Any) -> dict:
+    body = json.dumps({"topic": topic, "data": data}).encode()
+    status, _, answer = wsraw.http_request(port, (
+        "POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        "Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)).encode() + body)
+    assert status == 200, answer
+    return json.loads(answer)
+
+
+@pytest.mark.timeout(60)
+def test_two_pages_exchange_messages(make_server, pages):
+    srv = make_server()
+    url = srv.http_url + "/"
+    a, b = pages(url), pages(url)
+    for page in (a, b):
+        page.wait_connected()
+        page.subscribe("demo")
+    a.publish("demo", "hello from A")
+    b.wait_message("demo", 1, "hello from A")
+    a.wait_message("demo", 1, "hello from A")  # the publisher's own copy
+    a.wait(lambda d: d.find_element(By.ID, "pub-note").text == "sent #1 on demo")
+    b.publish("demo", '{"n": 2}')  # valid JSON goes as JSON
+    a.wait_message("demo", 2, '{"n":2}')
+    b.wait_message("demo", 2, '{"n":2}')
+    srv.publish("demo", {"from": "server"})
+    for page in (a, b):
+        page.wait_message("demo", 3, '{"from":"server"}')
+        assert page.messages("demo") == [(1, "hello from A"), (2, '{"n":2}'), (3, '{"from":"server"}')]
+        assert page.js("return window.wsbDemo.lastSeq") == {"demo": 3}
+        assert page.lines("error") == []
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    a.focus()
+    assert a.driver.save_screenshot(os.path.join(ARTIFACTS, "demo-two-pages.png"))
+
+
+@pytest.mark.timeout(60)
+def test_refused_publish_shows_code_and_message(make_server, pages):
+    srv = make_server()
+    page = pages(srv.http_url + "/")
+    page.wait_connected()
+    page.publish("bad topic", "x")
+    page.wait(lambda d: any("bad_topic" in line for line in page.lines("error")),
+              message="the bad_topic error is not shown")
+    line = [x for x in page.lines("error") if "bad_topic" in x][0]
+    assert "publish to bad topic refused" in line
+    assert re.search(r"bad_topic \u2014 \S", line), "no message after the code: %r" % line
+    assert page.state() == "connected"  # the connection stays open
+
+    # a token-restricted server: forbidden, with the server's message
+    secret = "browser-test-secret-0123456789abcdef"
+    guarded = make_server(secret=secret)
+    token = mint_token(secret, sub="page", subscribe=["demo"], publish=["demo"])
+    page2 = pages(guarded.http_url + "/?token=" + token)
+    page2.wait_connected()
+    page2.subscribe("demo")
+    page2.publish("other", "nope")
+    page2.wait(lambda d: any("forbidden" in line for line in page2.lines("error")),
+               message="the forbidden error is not shown")
+    line = [x for x in page2.lines("error") if "forbidden" in x][0]
+    assert "publish to other refused: forbidden \u2014 not allowed to publish on other" in line
+    page2.publish("demo", "allowed")
+    page2.wait_message("demo", 1, "allowed")
+
+
+@pytest.mark.timeout(60)
+def test_page_reconnects_after_restart_and_shows_what_it_missed(tmp_path, pages, driver):
+    db = str(tmp_path / "history.db")
+    settings = dict(store=db, close_timeout=2.0 * SCALE)
+    srv = Server("127.0.0.1", 0, **settings).start()
+    port = srv.port
+    srv2 = None
+    try:
+        page = pages(srv.http_url + "/")
+        page.wait_connected()
+        page.subscribe("demo")
+        page.publish("demo", "before")
+        page.wait_message("demo", 1, "before")
+        assert_no_console_errors(driver)
+        epoch = page.js("return window.wsbDemo.epochs")["demo"]
+
+        srv.shutdown()
+        page.wait(lambda d: page.state() in ("reconnecting", "connecting"), message="the page missed the close")
+        # a new server on the same port and the same history file; a message is stored before
+        # it listens, so the page can only get it from the history when it resubscribes
+        srv2 = Server("127.0.0.1", port, **settings)
+        srv2.publish("demo", "while away")
+        srv2.start()
+        _http_publish(port, "demo", "after restart")  # by replay or live, whichever comes first
+        page.wait_connected()
+        page.wait_message("demo", 2, "while away")
+        page.wait_message("demo", 3, "after restart")
+        srv2.publish("demo", "live again")
+        page.wait_message("demo", 4, "live again")
+        assert page.messages("demo") == [(1, "before"), (2, "while away"), (3, "after restart"),
+                                         (4, "live again")]
+        assert page.js("return window.wsbDemo.epochs")["demo"] == epoch  # the same numbering
+        assert page.js("return window.wsbDemo.subscriptionInfo")["demo"]["status"] == "active"
+        assert not [x for x in page.lines("info") if "could not be recovered" in x]
+        # only the expected network errors while the server was away
+        assert_no_console_errors(driver, allowed=NETWORK_ERROR)
+    finally:
+        srv.shutdown()
+        if srv2 is not None:
+            srv2.shutdown()

@@ -1,0 +1,276 @@
+"""The broker mounted in a Flask app under Werkzeug's threaded server (wsbroadcast.wsgi)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+flask = pytest.importorskip("flask")
+simple_websocket = pytest.importorskip("simple_websocket")
+
+from werkzeug.serving import make_server  # noqa: E402
+
+import wsraw  # noqa: E402
+from conftest import SCALE  # noqa: E402
+from wsbroadcast.wsgi import Broker  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V1 = "wsbroadcast.v1"
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("wsbroadcast_flask_example",
+                                                  os.path.join(ROOT, "examples", "flask_app.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+example = _load_example()
+
+
+@pytest.fixture
+def mounted():
+    """Start brokers inside the example Flask app on Werkzeug's threaded server."""
+    made = []
+
+    def make(**settings):
+        settings.setdefault("store", "memory")
+        settings.setdefault("close_timeout", 2.0 * SCALE)
+        broker = Broker(**settings).start()
+        app = example.create_app(broker)
+
+        @app.post("/pub/<topic>")
+        def pub(topic):  # the app's own code publishing from a request handler
+            seq, epoch = broker.publish(topic, flask.request.get_json())
+            return {"seq": seq, "epoch": epoch}
+
+        srv = make_server("127.0.0.1", 0, app, threaded=True)
+        thread = threading.Thread(target=srv.serve_forever, name="test-werkzeug", daemon=True)
+        thread.start()
+        made.append((broker, srv, thread))
+        return broker, srv.server_port
+
+    yield make
+    for broker, srv, thread in made:
+        broker.shutdown()
+        srv.shutdown()
+        thread.join(10)
+        srv.server_close()
+
+
+def _post(port, path, body, ctype="application/json"):
+    req = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+           "Connection: close\r\n\r\n" % (path, port, ctype, len(body))).encode() + body
+    return wsraw.http_request(port, req)
+
+
+def _recv_json(ws, timeout=5.0):
+    data = ws.receive(timeout=timeout)
+    assert data is not None, "nothing received in %.1fs" % timeout
+    return json.loads(data)
+
+
+@pytest.mark.timeout(30)
+def test_form_post_reaches_subscribers_v1_and_plain(mounted):
+    broker, port = mounted()
+    url = "ws://127.0.0.1:%d/live" % port
+    v1 = simple_websocket.Client.connect(url, subprotocols=[V1])
+    plain = simple_websocket.Client.connect(url)
+    try:
+        assert v1.subprotocol == V1
+        assert plain.subprotocol is None
+        v1.send(json.dumps({"type": "subscribe", "topic": "news", "id": 1}))
+        ack = _recv_json(v1)
+        assert ack["type"] == "ack" and ack["topic"] == "news" and ack["seq"] == 0
+        # the example's form post: a plain view calling broker.publish()
+        status, _, body = _post(port, "/say", b"text=hello", "application/x-www-form-urlencoded")
+        assert status == 303, body
+        msg = _recv_json(v1)
+        assert msg == {"type": "message", "topic": "news", "seq": 1, "data": "hello"}
+        # a plain client gets the published data itself on `broadcast`
+        v1.send(json.dumps({"type": "subscribe", "topic": "broadcast", "id": 2}))
+        assert _recv_json(v1)["type"] == "ack"
+        status, _, body = _post(port, "/pub/broadcast", b'{"n": 1}')
+        assert status == 200 and json.loads(body)["seq"] == 1
+        assert _recv_json(plain) == {"n": 1}
+        assert _recv_json(v1)["data"] == {"n": 1}
+        # the seed's form from the plain client is published on broadcast
+        plain.send(json.dumps({"chat": "hi"}))
+        assert _recv_json(v1) == {"type": "message", "topic": "broadcast", "seq": 2, "data": {"chat": "hi"}}
+        assert _recv_json(plain) == {"chat": "hi"}
+        # same protocol errors as the standalone server
+        v1.send(json.dumps({"type": "publish", "topic": "bad topic", "data": 1, "id": 3}))
+        err = _recv_json(v1)
+        assert err["type"] == "error" and err["code"] == "bad_topic" and err["id"] == 3
+        assert len(broker.hub) == 2
+    finally:
+        v1.close()
+        plain.close()
+    assert wsraw.wait_for(lambda: len(broker.hub) == 0 and broker.thread_count() == 0)
+
+
+@pytest.mark.timeout(30)
+def test_frames_sent_right_after_the_handshake_are_not_lost(mounted):
+    """Bytes Werkzeug buffered past the request head reach the reader."""
+    broker, port = mounted()
+    head = ("GET /live HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: %s\r\n\r\n" % (port, V1)).encode()
+
+    class Collect:
+        data = b""
+
+        def sendall(self, data):
+            self.data += data
+
+    collect = Collect()
+    wsraw.RawWS(collect, None).send_json({"type": "ping", "id": 7})  # a masked frame, kept
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(head + collect.data)  # the frame in the same segment as the request head
+    status, headers, rest = wsraw.read_response(sock)
+    assert status == 101
+    ws = wsraw.RawWS(sock, headers.get("sec-websocket-protocol"), rest)
+    assert ws.recv_json() == {"type": "pong", "id": 7}
+    ws.close()
+
+
+@pytest.mark.timeout(20)
+def test_refusals_match_the_standalone_server(mounted):
+    broker, port = mounted()
+    # a disallowed Origin: 403 before the upgrade
+    status, headers, body = wsraw.http_request(port, _upgrade_request(port, [("Origin", "http://evil.example")]))
+    assert status == 403
+    assert json.loads(body)["error"] == "forbidden_origin"
+    # the app's own origin is allowed
+    ws = wsraw.connect(port, path="/live", headers=[("Origin", "http://127.0.0.1:%d" % port)])
+    assert ws.subprotocol == V1
+    ws.close()
+    # a plain GET on the WebSocket route: 426 with the JSON body
+    status, headers, body = wsraw.http_request(
+        port, b"GET /live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert status == 426 and json.loads(body)["error"] == "upgrade_required"
+    assert headers.get("upgrade") == "websocket"
+    assert broker.upgraded == 1
+
+
+@pytest.mark.timeout(20)
+def test_auth_and_allowed_origins(mounted):
+    from wsbroadcast.auth import mint_token
+
+    broker, port = mounted(secret="s3cret-for-the-mounted-test-0123456789", allowed_origins=("https://app.example",))
+    status, headers, body = wsraw.http_request(port, _upgrade_request(port))
+    assert status == 401 and json.loads(body)["error"] == "unauthorized"
+    assert headers.get("www-authenticate") == "Bearer"
+    token = mint_token("s3cret-for-the-mounted-test-0123456789", sub="t", subscribe=["news"], publish=[])
+    ws = wsraw.connect(port, path="/live?token=" + token, headers=[("Origin", "https://app.example")])
+    ws.send_json({"type": "subscribe", "topic": "news", "id": 1})
+    assert ws.recv_json()["type"] == "ack"
+    ws.send_json({"type": "publish", "topic": "news", "data": 1, "id": 2})
+    assert ws.recv_json()["code"] == "forbidden"
+    ws.close()
+
+
+def _upgrade_request(port, extra=()):
+    lines = ["GET /live HTTP/1.1", "Host: 127.0.0.1:%d" % port, "Upgrade: websocket", "Connection: Upgrade",
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13",
+             "Sec-WebSocket-Protocol: " + V1]
+    lines += ["%s: %s" % kv for kv in extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.mark.timeout(60)
+def test_stuck_client_on_mounted_route_is_closed_without_stalling_others(mounted):
+    broker, port = mounted(history_size=0)  # default limits: 1 MiB outbox
+    url = "ws://127.0.0.1:%d/live" % port
+    stuck = wsraw.connect(port, path="/live")
+    stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.send_json({"type": "subscribe", "topic": "flood", "id": 1})
+    assert stuck.recv_json()["type"] == "ack"
+    fast = simple_websocket.Client.connect(url, subprotocols=[V1])
+    fast.send(json.dumps({"type": "subscribe", "topic": "flood", "id": 1}))
+    assert _recv_json(fast)["type"] == "ack"
+    n, payload = 1000, "x" * (8 * 1024)  # 8 MB: far past the stuck client's buffers and outbox
+    got = []
+    failure = []
+
+    def read():
+        try:
+            while len(got) < n:
+                data = fast.receive(timeout=30 * SCALE)
+                if data is None:
+                    return
+                got.append(json.loads(data)["seq"])
+        except Exception as exc:  # e.g. closed: reported by the assertions below
+            failure.append(exc)
+
+    reader = threading.Thread(target=read, name="test-fast-reader")
+    reader.start()
+    worst = 0.0
+    for i in range(1, n + 1):
+        broker.publish("flood", payload)  # from this thread, as a view would
+        if i % 32 == 0:
+            # the fast subscriber keeps up: never more than 64 messages (512 KiB) behind
+            t0 = time.monotonic()
+            assert wsraw.wait_for(lambda: len(got) >= i - 32 or failure, timeout=10 * SCALE), \
+                "the fast subscriber stalled at %d of %d" % (len(got), i)
+            worst = max(worst, time.monotonic() - t0)
+    reader.join(30 * SCALE)
+    assert not failure, failure
+    assert got == list(range(1, n + 1)), "the fast subscriber missed messages"
+    assert worst < 2.0 * SCALE, "the fast subscriber lagged %.2fs" % worst
+    assert wsraw.wait_for(lambda: broker.writer.stats.slow_consumers == 1, timeout=10 * SCALE)
+    assert broker.writer.stats.close_codes.get(1008) == 1
+    try:
+        code, reason = stuck.expect_close(timeout=10 * SCALE)
+        assert (code, reason) == (1008, "slow consumer")
+    except (ConnectionResetError, ConnectionError):
+        pass
+    # the stuck connection is gone and its request thread released; the app still serves
+    assert wsraw.wait_for(lambda: len(broker.hub) == 1, timeout=10 * SCALE)
+    status, _, _ = _post(port, "/pub/flood", b'"after"')
+    assert status == 200
+    assert _recv_json(fast)["data"] == "after"
+    fast.close()
+    stuck.close()
+
+
+@pytest.mark.timeout(30)
+def test_shutdown_closes_mounted_connections_and_joins_threads(mounted):
+    before = {t for t in threading.enumerate()}
+    broker, port = mounted()
+    url = "ws://127.0.0.1:%d/live" % port
+    clients = [wsraw.connect(port, path="/live") for _ in range(3)]
+    plain = simple_websocket.Client.connect(url)
+    for c in clients:
+        c.send_json({"type": "subscribe", "topic": "news", "id": 1})
+        assert c.recv_json()["type"] == "ack"
+    assert wsraw.wait_for(lambda: broker.thread_count() == 4)
+    started = time.monotonic()
+    broker.shutdown()
+    assert time.monotonic() - started < 5.0 * SCALE
+    for c in clients:
+        assert c.expect_close() == (1001, "server shutting down")
+        assert c.at_eof()
+        c.close()
+    assert wsraw.wait_for(lambda: not plain.connected)
+    assert broker.thread_count() == 0
+    assert not broker.writer.alive
+    assert broker._trimmer is not None and not broker._trimmer._thread.is_alive()
+    # no wsbroadcast thread is left, and the server's request threads have ended
+    assert wsraw.wait_for(lambda: not [t for t in threading.enumerate()
+                                       if t.name.startswith("wsbroadcast")])
+    assert wsraw.wait_for(lambda: {t for t in threading.enumerate()
+                                   if t.name != "test-werkzeug"} <= before | {threading.current_thread()},
+                          timeout=10 * SCALE)
+    # after shutdown the endpoint answers 503 and publish refuses
+    status, _, body = wsraw.http_request(port, _upgrade_request(port))
+    assert status == 503 and json.loads(body)["error"] == "unavailable"
+    with pytest.raises(Exception):
+        broker.publish("news", 1)

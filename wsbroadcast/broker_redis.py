@@ -1,0 +1,744 @@
+"""A broker shared by several nodes through one Redis server (the extra ``wsbroadcast[redis]``).
+
+Keys, for a topic T and the prefix P (default ``wsb:``):
+
+- ``P topic:T`` a hash with ``seq`` (the last seq) and ``epoch``. Both live in one
+  key so that they are lost together: if Redis loses the hash (no persistence,
+  FLUSHALL, eviction), the next publish starts seq 1 under a new epoch, never an
+  old epoch with restarted seqs.
+- ``P stream:T`` a stream of the retained history; the entry id of seq S is
+  ``S-0``, fields ``data`` (the JSON text) and ``time`` (Redis time, ms). When a
+  topic gets a new epoch its old stream is deleted.
+- ``P ch:T`` the pub/sub channel; a message is ``seq|epoch|data``.
+
+Publishing is one EVALSHA per batch (the script below); it is atomic, so a
+publish is stored and published completely or not at all, and the caller acks
+only after it returned. Retention: ``history_size`` by ``XADD MAXLEN`` (exact);
+``history_ttl`` on publish (the script removes the expired head of the topic's
+stream) and by ``PEXPIRE`` of the stream key, so a topic that stays quiet loses
+its whole expired history without any background thread.
+
+Fan-out: one pub/sub connection per node, owned by the thread ``wsbroadcast-redis``
+(started by ``start``, joined by ``close``). It subscribes only to what the hub
+declared interest in (``SUBSCRIBE`` for topics, ``PSUBSCRIBE`` for wildcard
+patterns), and hands publications back to the hub per topic in seq order with no
+gap and no duplicate: it remembers the last seq handed back per topic, drops
+what it already handed back (a message may arrive via a channel and a pattern)
+and refills a hole from the stream. ``interest`` never blocks: it records the
+wanted state under a small lock and wakes the thread (a socketpair), which
+reconciles its subscriptions with it. A ``PING`` sent after new subscriptions
+acts as a fence: when its answer arrives, every message published before the
+subscriptions took effect is known, and the topics a subscriber was acked for
+are caught up from the stream (``HMGET`` + ``XRANGE``).
+
+Faults: commands use short socket timeouts and no retries, so a publish while
+Redis is away raises :class:`~wsbroadcast.errors.BrokerUnavailable` at once.
+The listener reconnects with exponential backoff and jitter (up to
+``reconnect_max`` seconds), resubscribes, and catches up every topic it knows.
+``healthy`` is False from the first failure until the listener is back and the
+commands succeed again.
+
+A publish whose answer is lost (a timeout after Redis ran the script) raises
+BrokerUnavailable although the message was stored: it is never acked, but it
+is delivered. If Redis restarts with a lost tail of its append-only file
+(``appendfsync everysec``), seqs may be reused under the same epoch; use
+``appendfsync always`` where that matters.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import select
+import socket
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from .broker import Broker, Handler, Publication
+from .errors import BrokerUnavailable, StoreError
+from .store import StoredMessage
+from .topics import is_wildcard, pattern_matches
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RedisBroker"]
+
+#: one publish batch: per item KEYS (meta hash, stream), ARGV (channel, data)
+_PUBLISH_LUA = """
+local size = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local fresh = ARGV[3]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for i = 1, #KEYS / 2 do
+  local meta = KEYS[2 * i - 1]
+  local stream = KEYS[2 * i]
+  local channel = ARGV[2 * i + 2]
+  local data = ARGV[2 * i + 3]
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch then
+    -- a new numbering: whatever history is left belongs to the old one
+    epoch = fresh
+    redis.call('HSET', meta, 'epoch', epoch)
+    redis.call('HDEL', meta, 'seq')
+    redis.call('DEL', stream)
+  end
+  local seq = redis.call('HINCRBY', meta, 'seq', 1)
+  if size > 0 and ttl ~= 0 then
+    redis.call('XADD', stream, 'MAXLEN', size, seq .. '-0', 'data', data, 'time', now)
+    if ttl > 0 then
+      local cutoff = now - ttl
+      for _ = 1, 16 do
+        local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 64)
+        local upto = nil
+        local more = true
+        for _, e in ipairs(head) do
+          if tonumber(e[2][4]) < cutoff then
+            upto = e[1]
+          else
+            more = false
+            break
+          end
+        end
+        if upto == nil then break end
+        local s = tonumber(string.match(upto, '^(%d+)'))
+        redis.call('XTRIM', stream, 'MINID', (s + 1) .. '-0')
+        if not more then break end
+      end
+      redis.call('PEXPIRE', stream, ttl)
+    end
+  end
+  redis.call('PUBLISH', channel, seq .. '|' .. epoch .. '|' .. data)
+  out[#out + 1] = seq
+  out[#out + 1] = epoch
+end
+return out
+"""
+
+#: entries read from a stream per refill round trip
+REFILL_PAGE = 500
+#: pub/sub replies handled before the collected publications are handed back
+HANDBACK_BATCH = 512
+#: channels per SUBSCRIBE / PSUBSCRIBE / UNSUBSCRIBE command
+SUBSCRIBE_CHUNK = 256
+#: seconds without traffic on the subscription before it is checked with a PING
+HEALTH_INTERVAL = 1.0
+#: first reconnect delay (doubles up to reconnect_max; jittered)
+RECONNECT_MIN = 0.1
+
+_GLOB_SPECIALS = "\\*?[]"
+
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in _GLOB_SPECIALS else c for c in text)
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += ":%d" % parts.port
+        user = parts.username or ""
+        netloc = "%s:***@%s" % (user, netloc)
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    except ValueError:
+        return "<redis url>"
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class _Lost(Exception):
+    """The subscription connection is unusable; reconnect."""
+
+
+class RedisBroker(Broker):
+    """Seqs, history and fan-out in one Redis server, shared by every node using it."""
+
+    delivers_locally = False
+
+    def __init__(
+        self,
+        url: str,
+        history_size: int = 1000,
+        history_ttl: Optional[float] = None,
+        key_prefix: str = "wsb:",
+        reconnect_max: float = 5.0,
+        *,
+        socket_timeout: float = 2.0,
+        connect_timeout: float = 1.0,
+        max_connections: int = 16,
+    ) -> None:
+        if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 0:
+            raise ValueError("history_size must be an int >= 0, got %r" % (history_size,))
+        if history_ttl is not None and (isinstance(history_ttl, bool) or history_ttl < 0):
+            raise ValueError("history_ttl must be None or a number >= 0, got %r" % (history_ttl,))
+        if reconnect_max <= 0:
+            raise ValueError("reconnect_max must be > 0")
+        self.url = url
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.key_prefix = key_prefix
+        self.reconnect_max = float(reconnect_max)
+        self.socket_timeout = socket_timeout
+        self._ttl_ms = -1 if history_ttl is None else int(history_ttl * 1000)
+        self._ch_prefix = key_prefix + "ch:"
+        self._ch_prefix_b = self._ch_prefix.encode("utf-8")
+        common = dict(socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+                      retry=Retry(NoBackoff(), 0), health_check_interval=0, protocol=2)
+        # commands (publish, reads, refills): a bounded pool, waits at most the socket timeout
+        self._pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=socket_timeout, **common)
+        self._redis = redis.Redis(connection_pool=self._pool)
+        self._script = self._redis.register_script(_PUBLISH_LUA)
+        # the subscription connection: made by the listener thread, one at a time
+        self._sub_pool = redis.ConnectionPool.from_url(url, max_connections=2, **common)
+        self._handler: Optional[Handler] = None
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._closed = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        # _lock guards _wanted, _needs, _dirty: the hub's declared interest, not yet
+        # applied by the listener. Never held during I/O or while calling the handler.
+        self._lock = threading.Lock()
+        self._wanted: Set[str] = set()
+        self._needs: Dict[str, int] = {}
+        self._dirty = False
+        # _cond (its own lock) guards _active_names: confirmed subscriptions
+        self._cond = threading.Condition()
+        self._active_names: Set[str] = set()
+        # listener thread only
+        self._sent: Dict[str, Set[str]] = {}  # redis name -> wanted patterns mapped to it
+        self._unconfirmed: Dict[str, int] = {}  # redis name -> (P)SUBSCRIBE replies still due
+        self._covering: List[str] = []  # wanted patterns whose subscription is confirmed
+        self._last: Dict[str, int] = {}  # topic -> last seq handed back
+        self._epochs: Dict[str, str] = {}  # topic -> epoch of _last
+        self._need: Dict[str, int] = {}  # topic -> acked seq, waiting for the next fence
+        self._fences: Dict[bytes, List[str]] = {}
+        self._fence_no = 0
+        # health and counters (plain attribute writes; read by status())
+        self._listener_up = False
+        self._cmd_ok = True
+        self.reconnects = 0
+        self.refilled = 0
+        self.duplicates = 0
+
+    # ------------------------------------------------------------------ keys
+    def _meta(self, topic: str) -> str:
+        return self.key_prefix + "topic:" + topic
+
+    def _stream(self, topic: str) -> str:
+        return self.key_prefix + "stream:" + topic
+
+    def _name(self, pattern: str) -> str:
+        """The Redis channel (topic) or glob (wildcard pattern) of a pattern."""
+        if not is_wildcard(pattern):
+            return self._ch_prefix + pattern
+        tokens = ["*" if t in ("*", ">") else _glob_escape(t) for t in pattern.split(".")]
+        return _glob_escape(self._ch_prefix) + ".".join(tokens)
+
+    # ------------------------------------------------------------------ commands
+    def _failed(self, what: str, exc: BaseException) -> BrokerUnavailable:
+        if self._cmd_ok:
+            logger.warning("redis %s: %s failed: %s", _redact(self.url), what, exc)
+        self._cmd_ok = False
+        return BrokerUnavailable("redis is unavailable: %s" % exc)
+
+    def publish(self, items: Sequence[Tuple[str, str]]) -> List[Tuple[int, str]]:
+        if not items:
+            return []
+        keys: List[str] = []
+        args: List[Any] = [self.history_size, self._ttl_ms, secrets.token_hex(8)]
+        for item in items:
+            if (not isinstance(item, (tuple, list)) or len(item) != 2
+                    or not isinstance(item[0], str) or not isinstance(item[1], str)):
+                raise StoreError("publish items must be (topic: str, data: str) tuples")
+            topic, data = item
+            keys.append(self._meta(topic))
+            keys.append(self._stream(topic))
+            args.append(self._ch_prefix + topic)
+            args.append(data)
+        try:
+            res = self._script(keys=keys, args=args)
+        except _UNAVAILABLE as exc:
+            raise self._failed("publish", exc) from exc
+        except (RedisError, UnicodeError) as exc:
+            raise StoreError("cannot store messages in redis: %s" % exc) from exc
+        self._cmd_ok = True
+        return [(int(res[i]), _text(res[i + 1])) for i in range(0, len(res), 2)]
+
+    def latest(self, topic: str) -> Tuple[int, str]:
+        meta = self._meta(topic)
+        try:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hsetnx(meta, "epoch", secrets.token_hex(8))
+            pipe.hmget(meta, "seq", "epoch")
+            _, (seq, epoch) = pipe.execute()
+        except _UNAVAILABLE as exc:
+            raise self._failed("latest", exc) from exc
+        except RedisError as exc:
+            raise StoreError("cannot read %r from redis: %s" % (topic, exc)) from exc
+        self._cmd_ok = True
+        return (int(seq) if seq is not None else 0), _text(epoch)
+
+    @staticmethod
+    def _entries(topic: str, raw: Sequence[Any]) -> List[StoredMessage]:
+        out = []
+        for entry_id, fields in raw:
+            seq = int(entry_id.split(b"-", 1)[0])
+            out.append(StoredMessage(topic, seq, fields[b"data"].decode("utf-8"),
+                                     int(fields.get(b"time", 0)) / 1000.0))
+        return out
+
+    def since(self, topic: str, seq: int, limit: int) -> List[StoredMessage]:
+        if limit <= 0:
+            return []
+        try:
+            raw = self._redis.xrange(self._stream(topic), "%d-0" % (max(seq, 0) + 1), "+", count=limit)
+        except _UNAVAILABLE as exc:
+            raise self._failed("history read", exc) from exc
+        except RedisError as exc:
+            raise StoreError("cannot read history of %r from redis: %s" % (topic, exc)) from exc
+        self._cmd_ok = True
+        return self._entries(topic, raw)
+
+    def oldest(self, topic: str) -> int:
+        try:
+            raw = self._redis.xrange(self._stream(topic), "-", "+", count=1)
+        except _UNAVAILABLE as exc:
+            raise self._failed("history read", exc) from exc
+        except RedisError as exc:
+            raise StoreError("cannot read history of %r from redis: %s" % (topic, exc)) from exc
+        self._cmd_ok = True
+        return int(raw[0][0].split(b"-", 1)[0]) if raw else 0
+
+    # ------------------------------------------------------------------ interest
+    def interest(self, pattern: str, on: bool, acked: Optional[int] = None) -> None:
+        with self._lock:
+            if on:
+                self._wanted.add(pattern)
+                if acked is not None and not is_wildcard(pattern):
+                    self._needs[pattern] = acked
+            else:
+                self._wanted.discard(pattern)
+                self._needs.pop(pattern, None)
+            self._dirty = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake (full) or closing
+
+    def wait_subscribed(self, pattern: str, timeout: float = 2.0) -> bool:
+        """Block until this node's Redis subscription for ``pattern`` is in effect.
+
+        Every publication after that reaches this node. False on timeout (e.g.
+        Redis is away). Not to be called with the hub's lock held.
+        """
+        name = self._name(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while name not in self._active_names:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    return False
+                self._cond.wait(left)
+            return True
+
+    # ------------------------------------------------------------------ health
+    @property
+    def healthy(self) -> bool:
+        if self._thread is None:
+            return self._cmd_ok
+        return self._listener_up and self._cmd_ok
+
+    def status(self) -> dict:
+        return {
+            "kind": "redis",
+            "url": _redact(self.url),
+            "healthy": self.healthy,
+            "subscribed": self._listener_up,
+            "subscriptions": len(self._active_names),
+            "topics": len(self._last),
+            "reconnects": self.reconnects,
+            "refilled": self.refilled,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, handler: Handler) -> None:
+        if self._thread is not None:
+            return
+        if self._closed:
+            raise StoreError("redis broker is closed")
+        self._handler = handler
+        self._thread = threading.Thread(target=self._run, name="wsbroadcast-redis", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._wake()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self.socket_timeout + 5.0)
+            if thread.is_alive():
+                logger.warning("redis listener did not stop in time")
+        with self._cond:
+            self._cond.notify_all()
+        self._pool.disconnect()
+        self._sub_pool.disconnect()
+        self._wake_r.close()
+        self._wake_w.close()
+        logger.info("redis broker %s closed", _redact(self.url))
+
+    # ------------------------------------------------------------------ listener
+    def _run(self) -> None:
+        delay = RECONNECT_MIN
+        failures = 0
+        while not self._stop.is_set():
+            conn = None
+            try:
+                conn = self._sub_pool.make_connection()
+                conn.connect()
+                self._on_connected()
+                if failures:
+                    logger.info("redis %s: subscription connection is back", _redact(self.url))
+                    self.reconnects += 1
+                failures = 0
+                delay = RECONNECT_MIN
+                self._serve(conn)
+            except (_Lost, RedisError, OSError) as exc:
+                self._listener_up = False
+                if not self._stop.is_set():
+                    if failures == 0:
+                        logger.warning("redis %s: subscription lost: %s; reconnecting",
+                                       _redact(self.url), exc)
+                    else:
+                        logger.debug("redis reconnect failed: %s", exc)
+                    failures += 1
+            except Exception:
+                self._listener_up = False
+                logger.exception("redis listener failed; reconnecting")
+                failures += 1
+            finally:
+                self._listener_up = False
+                with self._cond:
+                    self._active_names.clear()
+                    self._cond.notify_all()
+                if conn is not None:
+                    try:
+                        conn.disconnect()
+                    except Exception:  # pragma: no cover - closing a dead socket
+                        pass
+            if self._stop.is_set():
+                break
+            self._stop.wait(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, self.reconnect_max)
+
+    def _on_connected(self) -> None:
+        """A new subscription connection: everything must be subscribed and caught up again."""
+        self._sent = {}
+        self._unconfirmed = {}
+        self._covering = []
+        self._fences = {}
+        with self._lock:
+            self._dirty = True
+
+    def _serve(self, conn: Any) -> None:
+        sock = getattr(conn, "_sock", None)
+        fresh = True
+        last_rx = time.monotonic()
+        ping_at: Optional[float] = None
+        while not self._stop.is_set():
+            if self._dirty or fresh:
+                self._reconcile(conn, catch_up_all=fresh)
+                fresh = False
+            batch: List[Publication] = []
+            got = 0
+            try:
+                while got < HANDBACK_BATCH and conn.can_read(0):
+                    got += 1
+                    self._on_reply(conn.read_response(), batch)
+            finally:
+                if batch:
+                    self._hand_back(batch)
+            now = time.monotonic()
+            if got:
+                last_rx = now
+                ping_at = None
+                if not self._listener_up:
+                    self._listener_up = True
+                continue
+            if ping_at is not None and now - ping_at > self.socket_timeout:
+                raise _Lost("no answer to PING within %.1f s" % self.socket_timeout)
+            if ping_at is None and now - last_rx >= HEALTH_INTERVAL:
+                conn.send_command("PING", "h")
+                ping_at = now
+            if self._dirty:
+                continue
+            wait = HEALTH_INTERVAL if ping_at is None else max(0.0, ping_at + self.socket_timeout - now)
+            if sock is None:
+                # no socket to wait on: poll
+                if conn.can_read(min(wait, 0.05)):
+                    continue
+            else:
+                pending = getattr(sock, "pending", None)
+                if pending is not None and pending():
+                    continue
+                readable, _, _ = select.select([sock, self._wake_r], [], [], wait)
+                if self._wake_r in readable:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except (BlockingIOError, InterruptedError):
+                        pass
+
+    def _reconcile(self, conn: Any, catch_up_all: bool) -> None:
+        """Bring the subscriptions in line with the hub's interest; fence new ones."""
+        with self._lock:
+            wanted = set(self._wanted)
+            needs = self._needs
+            self._needs = {}
+            self._dirty = False
+        by_name: Dict[str, Set[str]] = {}
+        for pattern in wanted:
+            by_name.setdefault(self._name(pattern), set()).add(pattern)
+        gone = [n for n in self._sent if n not in by_name]
+        new = [n for n in by_name if n not in self._sent]
+        for pattern in needs:
+            if pattern not in wanted:
+                continue
+            # a topic already covered by a confirmed subscription keeps its position
+            if pattern in self._last and self._covered(pattern):
+                continue
+            self._last.pop(pattern, None)
+            self._epochs.pop(pattern, None)
+            self._need[pattern] = needs[pattern]
+        if gone:
+            for kind, names in (("UNSUBSCRIBE", [n for n in gone if not self._is_glob(n)]),
+                                ("PUNSUBSCRIBE", [n for n in gone if self._is_glob(n)])):
+                for i in range(0, len(names), SUBSCRIBE_CHUNK):
+                    conn.send_command(kind, *names[i:i + SUBSCRIBE_CHUNK])
+            for n in gone:
+                del self._sent[n]
+                self._unconfirmed.pop(n, None)
+            with self._cond:
+                self._active_names.difference_update(gone)
+        for n, patterns in by_name.items():
+            if n in self._sent:
+                self._sent[n] = patterns
+        if new:
+            for kind, names in (("SUBSCRIBE", [n for n in new if not self._is_glob(n)]),
+                                ("PSUBSCRIBE", [n for n in new if self._is_glob(n)])):
+                for i in range(0, len(names), SUBSCRIBE_CHUNK):
+                    conn.send_command(kind, *names[i:i + SUBSCRIBE_CHUNK])
+            for n in new:
+                self._sent[n] = by_name[n]
+                self._unconfirmed[n] = self._unconfirmed.get(n, 0) + 1
+        self._recompute_covering()
+        if gone:
+            self._forget_uncovered(wanted)
+        fence: Set[str] = set(self._need)
+        if catch_up_all:
+            fence.update(self._last)
+        if fence:
+            self._fence_no += 1
+            token = b"f%d" % self._fence_no
+            self._fences[token] = sorted(fence)
+            conn.send_command("PING", token)
+
+    def _is_glob(self, name: str) -> bool:
+        return any(c in name[len(self._ch_prefix):] for c in "*") or name != self._unescaped(name)
+
+    def _unescaped(self, name: str) -> str:
+        return name
+
+    def _recompute_covering(self) -> None:
+        with self._cond:
+            active = set(self._active_names)
+        self._covering = [p for n, ps in self._sent.items() if n in active for p in ps]
+
+    def _covered(self, topic: str) -> bool:
+        for p in self._covering:
+            if p == topic or (is_wildcard(p) and pattern_matches(p, topic)):
+                return True
+        return False
+
+    def _forget_uncovered(self, wanted: Set[str]) -> None:
+        patterns = [p for p in wanted if is_wildcard(p)]
+
+        def kept(topic: str) -> bool:
+            return topic in wanted or any(pattern_matches(p, topic) for p in patterns)
+
+        for table in (self._last, self._epochs, self._need):
+            for topic in [t for t in table if not kept(t)]:
+                del table[topic]
+
+    # -- replies
+    def _on_reply(self, resp: Any, batch: List[Publication]) -> None:
+        if isinstance(resp, list) and resp:
+            kind = resp[0]
+            if kind == b"message":
+                self._on_message(resp[1], resp[2], batch)
+            elif kind == b"pmessage":
+                self._on_message(resp[2], resp[3], batch)
+            elif kind in (b"subscribe", b"psubscribe"):
+                self._on_confirmed(_text(resp[1]))
+            elif kind == b"pong":
+                self._on_pong(resp[1], batch)
+            # unsubscribe / punsubscribe confirmations need nothing
+        elif isinstance(resp, bytes):
+            self._on_pong(resp, batch)  # PING outside subscribed mode answers its argument
+
+    def _on_confirmed(self, name: str) -> None:
+        left = self._unconfirmed.get(name, 0) - 1
+        if left > 0:
+            self._unconfirmed[name] = left
+            return
+        self._unconfirmed.pop(name, None)
+        if name not in self._sent:
+            return  # unsubscribed since
+        with self._cond:
+            self._active_names.add(name)
+            self._cond.notify_all()
+        self._recompute_covering()
+
+    def _on_pong(self, token: bytes, batch: List[Publication]) -> None:
+        if token == b"h" or token == b"":
+            return
+        topics = self._fences.pop(token, None)
+        if not topics:
+            return
+        self._listener_up = True
+        ready = []
+        for topic in topics:
+            acked = self._need.pop(topic, None)
+            if acked is not None and topic not in self._last:
+                self._last[topic] = acked
+            if topic in self._last:
+                ready.append(topic)
+        if ready:
+            self._catch_up(ready, batch)
+
+    def _on_message(self, channel: bytes, payload: bytes, batch: List[Publication]) -> None:
+        if not channel.startswith(self._ch_prefix_b):
+            return
+        try:
+            topic = channel[len(self._ch_prefix_b):].decode("utf-8")
+            seq_b, epoch_b, data_b = payload.split(b"|", 2)
+            seq = int(seq_b)
+            epoch = epoch_b.decode("ascii")
+            data = data_b.decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            logger.warning("ignoring a malformed message on %r", channel[:100])
+            return
+        last = self._last.get(topic)
+        if last is None:
+            acked = self._need.pop(topic, None)
+            if acked is not None:
+                last = min(acked, seq - 1)
+            elif self._covered(topic):
+                last = seq - 1  # first seen through a pattern: start here
+            else:
+                return  # not (or no longer) subscribed here, or a glob's over-match
+            self._epochs[topic] = epoch
+        else:
+            known = self._epochs.get(topic)
+            if known is None:
+                self._epochs[topic] = epoch
+            elif known != epoch:
+                logger.info("topic %s has a new epoch %s (was %s): a new numbering", topic, epoch, known)
+                self._epochs[topic] = epoch
+                last = 0
+        if seq <= last:
+            self.duplicates += 1
+            self._last[topic] = last
+            return
+        self._last[topic] = last
+        if seq > last + 1:
+            self._refill(topic, seq - 1, epoch, batch)
+        batch.append(Publication(topic, seq, epoch, data))
+        self._last[topic] = seq
+
+    def _refill(self, topic: str, upto: int, epoch: str, batch: List[Publication]) -> None:
+        """Hand back the stored messages (last, upto] of a topic; what is gone stays gone."""
+        start = self._last[topic]
+        while start < upto:
+            count = min(REFILL_PAGE, upto - start)
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hget(self._meta(topic), "epoch")
+            pipe.xrange(self._stream(topic), "%d-0" % (start + 1), "%d-0" % upto, count=count)
+            stream_epoch, raw = pipe.execute()
+            if stream_epoch is None or _text(stream_epoch) != epoch:
+                return  # the stream moved on to another numbering; its messages will tell
+            if not raw:
+                break
+            for m in self._entries(topic, raw):
+                batch.append(Publication(topic, m.seq, epoch, m.data))
+                self._last[topic] = m.seq
+                self.refilled += 1
+            start = self._last[topic]
+            if len(raw) < count:
+                break
+        if self._last[topic] < upto:
+            logger.info("topic %s: seqs %d..%d are no longer stored", topic, self._last[topic] + 1, upto)
+            self._last[topic] = upto
+
+    def _catch_up(self, topics: List[str], batch: List[Publication]) -> None:
+        """Hand back what was published on ``topics`` beyond their last seq (after a fence)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for topic in topics:
+            pipe.hmget(self._meta(topic), "seq", "epoch")
+        answers = pipe.execute()
+        for topic, (seq_b, epoch_b) in zip(topics, answers):
+            if epoch_b is None:
+                continue  # nothing published under any epoch (yet)
+            latest = int(seq_b) if seq_b is not None else 0
+            epoch = _text(epoch_b)
+            known = self._epochs.get(topic)
+            last = self._last[topic]
+            if known is None:
+                self._epochs[topic] = epoch
+            elif known != epoch:
+                logger.info("topic %s has a new epoch %s (was %s): a new numbering", topic, epoch, known)
+                self._epochs[topic] = epoch
+                last = self._last[topic] = 0
+            if latest < last:
+                logger.warning("topic %s: redis is at seq %d, below the %d handed back "
+                               "(data lost without a new epoch)", topic, latest, last)
+                self._last[topic] = latest
+            elif latest > last:
+                self._refill(topic, latest, epoch, batch)
+
+    def _hand_back(self, batch: List[Publication]) -> None:
+        handler = self._handler
+        if handler is None:
+            return
+        try:
+            handler(batch)
+        except Exception:
+            logger.exception("delivering %d publication(s) failed", len(batch))
