@@ -24,6 +24,7 @@ TOPIC = "news"
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>wsbroadcast in Flask</title>
+<link rel="icon" href="data:,">
 <style>
  body { font: 15px/1.4 system-ui, sans-serif; max-width: 40rem; margin: 2rem auto; padding: 0 1rem; }
  #status[data-state=connected] { color: #1f8a4c; } #status { color: #b42318; }
@@ -47,14 +48,18 @@ PAGE = """<!doctype html>
     var ws = new WebSocket(url, ["wsbroadcast.v1"]);
     ws.onopen = function () {
       delay = 500;
-      setStatus("connected");
+      setStatus("subscribing");
       var sub = {type: "subscribe", topic: "news", id: 1};
       if (lastSeq !== null) { sub.since = lastSeq; sub.epoch = epoch; }   // resume after a drop
       ws.send(JSON.stringify(sub));
     };
     ws.onmessage = function (ev) {
       var f = JSON.parse(ev.data);
-      if (f.type === "ack" && f.id === 1) { epoch = f.epoch; if (lastSeq === null) lastSeq = f.seq; }
+      if (f.type === "ack" && f.id === 1) {     // subscribed: live from here on
+        epoch = f.epoch;
+        if (lastSeq === null) lastSeq = f.seq;
+        setStatus("connected");
+      }
       if (f.type !== "message") return;
       lastSeq = f.seq;
       var li = document.createElement("li");

@@ -291,3 +291,43 @@ def test_page_reconnects_after_restart_and_shows_what_it_missed(tmp_path, pages,
         srv.shutdown()
         if srv2 is not None:
             srv2.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_flask_example_page_shows_posts_live(pages):
+    """examples/flask_app.py: the broker mounted in Flask, its page in the browser."""
+    import importlib.util
+    import threading
+
+    pytest.importorskip("flask")
+    from werkzeug.serving import make_server
+
+    from wsbroadcast.wsgi import Broker
+
+    spec = importlib.util.spec_from_file_location("wsbroadcast_flask_example_browser",
+                                                  os.path.join(ROOT, "examples", "flask_app.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    broker = Broker(store="memory", close_timeout=2.0 * SCALE).start()
+    httpd = make_server("127.0.0.1", 0, example.create_app(broker), threaded=True)
+    thread = threading.Thread(target=httpd.serve_forever, name="test-werkzeug", daemon=True)
+    thread.start()
+    try:
+        url = "http://127.0.0.1:%d/" % httpd.server_port
+        a, b = pages(url), pages(url)
+        for page in (a, b):
+            page.wait(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "connected",
+                      message="the example page did not connect and subscribe")
+        a.focus()
+        a.driver.find_element(By.ID, "text").send_keys("hello from the form")
+        a.driver.find_element(By.ID, "send").click()
+        for page in (a, b):
+            page.wait(lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, "#messages li.msg")]
+                      == ["#1 hello from the form"], message="the post did not show up live")
+        broker.publish("news", "from the server")
+        b.wait(lambda d: d.find_elements(By.CSS_SELECTOR, '#messages li.msg[data-seq="2"]'))
+    finally:
+        broker.shutdown()
+        httpd.shutdown()
+        thread.join(10)
+        httpd.server_close()

@@ -79,10 +79,12 @@ def subscribe(ws: RawWS, topic: str, ident: Any = "s", **extra: Any) -> Dict[str
     return reply
 
 
-def read_until(ws: RawWS, topic: str, last_seq: int, timeout: float = 30.0) -> List[Tuple[int, Any]]:
+def read_until(ws: RawWS, topic: str, last_seq: int, timeout: float = 30.0,
+               pongs: Optional[List[Any]] = None) -> List[Tuple[int, Any]]:
     """(seq, data) of every message of ``topic`` up to and including ``last_seq``.
 
-    Any other frame (error, close, another topic) fails the test.
+    Pongs are appended to ``pongs`` when it is given; any other frame (error,
+    close, another topic) fails the test.
     """
     deadline = time.monotonic() + timeout * SCALE
     out: List[Tuple[int, Any]] = []
@@ -98,6 +100,9 @@ def read_until(ws: RawWS, topic: str, last_seq: int, timeout: float = 30.0) -> L
             raise AssertionError("closed with %d %r after %d messages (last %r)"
                                  % (code, payload[2:], len(out), out[-1:] or None))
         obj = json.loads(payload)
+        if pongs is not None and obj.get("type") == "pong":
+            pongs.append((obj.get("id"), len(out)))
+            continue
         assert obj.get("type") == "message" and obj.get("topic") == topic, obj
         out.append((obj["seq"], obj["data"]))
     return out
@@ -316,16 +321,22 @@ def test_large_replay_to_slow_reader_is_paced(make_server, tmp_path, kind: str) 
     since = 300
     sub = connect_slow(srv.port)
     try:
-        reply = subscribe(sub, TOPIC, "slow", since=since)
+        # the ping is read with the subscribe but answered after the replay (same reader
+        # thread): its pong lands on an outbox the replay has just filled
+        sub.send_json({"type": "subscribe", "topic": TOPIC, "id": "slow", "since": since})
+        sub.send_json({"type": "ping", "id": "during"})
+        reply = sub.recv_json(timeout=10 * SCALE)
         assert reply["type"] == "ack" and reply["recovered"] is True and reply["seq"] == 4800, reply
         trickle = run_threads([
             (lambda k=k: publisher(srv.port, TOPIC, 10 + k, [(50, 0.02)], book, batch=1, pad=pad))
             for k in range(4)])
-        got = read_until(sub, TOPIC, 5000, timeout=60)
+        pongs: List[Any] = []
+        got = read_until(sub, TOPIC, 5000, timeout=60, pongs=pongs)
         join_all(trickle)
         assert book.errors == []
         assert_exact(got, since + 1, 5000)
         assert all(data == book.by_seq[seq] for seq, data in got)
+        assert [p[0] for p in pongs] == ["during"]
         expect_pong_next(sub)
     finally:
         sub.close()

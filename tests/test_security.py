@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import time
 import urllib.error
 import urllib.request
@@ -508,6 +509,19 @@ def test_tls_websocket_and_https(make_server, cert):
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(srv.http_url + "/history?topic=t.x", context=ctx, timeout=5)
     assert info.value.code == 401
+    # the server's own origin is https:// here
+    tok = token(subscribe=[">"])
+    for origin, status in (("https://127.0.0.1:%d" % srv.port, 101), ("http://127.0.0.1:%d" % srv.port, 403)):
+        sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port), timeout=5),
+                               server_hostname="127.0.0.1")
+        try:
+            sock.sendall(("GET /ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+                          "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          "Sec-WebSocket-Version: 13\r\nOrigin: %s\r\nAuthorization: Bearer %s\r\n\r\n"
+                          % (srv.port, origin, tok)).encode())
+            assert wsraw.read_response(sock)[0] == status, origin
+        finally:
+            sock.close()
     c = Client(srv.url, token=token(subscribe=["t.*"], publish=["t.*"]), ssl_context=ctx,
                reconnect=False, timeout=5).open()
     try:
@@ -675,6 +689,21 @@ def test_max_connections_per_ip(make_server):
     close_all(second, again)
 
 
+def test_upgrades_reset_mid_handshake_do_not_use_up_the_per_ip_limit(make_server):
+    srv = make_server(max_connections_per_ip=1)
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        s.sendall(("GET /ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+                   "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                   "Sec-WebSocket-Version: 13\r\n\r\n" % srv.port).encode())
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # a reset, often before the 101 is written
+    assert wsraw.wait_for(lambda: srv.thread_count() == 0, timeout=5 * SCALE)
+    c = ws(srv.port)
+    assert_nothing_pending(c)
+    c.close()
+
+
 # ------------------------------------------------------------------ expiry
 
 
@@ -736,7 +765,7 @@ def _leaky_traffic(port: int, tokens: Sequence[str], wait_logged) -> None:
     s.sendall(("GET /ws?token=%s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                "Sec-WebSocket-Version: 13\r\n\r\n" % valid).encode())
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()
 
 

@@ -209,8 +209,8 @@ class RedisBroker(Broker):
             url, max_connections=max_connections, timeout=socket_timeout, **common)
         self._redis = redis.Redis(connection_pool=self._pool)
         self._script = self._redis.register_script(_PUBLISH_LUA)
-        # the subscription connection: made by the listener thread, one at a time
-        self._sub_pool = redis.ConnectionPool.from_url(url, max_connections=2, **common)
+        # makes the subscription connection (the listener thread's, one at a time)
+        self._sub_pool = redis.ConnectionPool.from_url(url, **common)
         self._handler: Optional[Handler] = None
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
@@ -422,9 +422,12 @@ class RedisBroker(Broker):
         while not self._stop.is_set():
             conn = None
             try:
-                conn = self._sub_pool.make_connection()
+                conn = self._new_sub_connection()
                 conn.connect()
+                self._redis.ping()  # the command side works too
+                self._cmd_ok = True
                 self._on_connected()
+                self._listener_up = True
                 if failures:
                     logger.info("redis %s: subscription connection is back", _redact(self.url))
                     self.reconnects += 1
@@ -458,6 +461,11 @@ class RedisBroker(Broker):
                 break
             self._stop.wait(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, self.reconnect_max)
+
+    def _new_sub_connection(self) -> Any:
+        # a connection of its own, outside any pool's count (the pool is only its factory)
+        pool = self._sub_pool
+        return pool.connection_class(**pool.connection_kwargs)
 
     def _on_connected(self) -> None:
         """A new subscription connection: everything must be subscribed and caught up again."""
@@ -527,6 +535,8 @@ class RedisBroker(Broker):
         by_name: Dict[str, Set[str]] = {}
         for pattern in wanted:
             by_name.setdefault(self._name(pattern), set()).add(pattern)
+        globs = {n for n, ps in by_name.items() if is_wildcard(next(iter(ps)))}
+        globs.update(n for n, ps in self._sent.items() if is_wildcard(next(iter(ps))))
         gone = [n for n in self._sent if n not in by_name]
         new = [n for n in by_name if n not in self._sent]
         for pattern in needs:
@@ -539,8 +549,8 @@ class RedisBroker(Broker):
             self._epochs.pop(pattern, None)
             self._need[pattern] = needs[pattern]
         if gone:
-            for kind, names in (("UNSUBSCRIBE", [n for n in gone if not self._is_glob(n)]),
-                                ("PUNSUBSCRIBE", [n for n in gone if self._is_glob(n)])):
+            for kind, names in (("UNSUBSCRIBE", [n for n in gone if n not in globs]),
+                                ("PUNSUBSCRIBE", [n for n in gone if n in globs])):
                 for i in range(0, len(names), SUBSCRIBE_CHUNK):
                     conn.send_command(kind, *names[i:i + SUBSCRIBE_CHUNK])
             for n in gone:
@@ -552,8 +562,8 @@ class RedisBroker(Broker):
             if n in self._sent:
                 self._sent[n] = patterns
         if new:
-            for kind, names in (("SUBSCRIBE", [n for n in new if not self._is_glob(n)]),
-                                ("PSUBSCRIBE", [n for n in new if self._is_glob(n)])):
+            for kind, names in (("SUBSCRIBE", [n for n in new if n not in globs]),
+                                ("PSUBSCRIBE", [n for n in new if n in globs])):
                 for i in range(0, len(names), SUBSCRIBE_CHUNK):
                     conn.send_command(kind, *names[i:i + SUBSCRIBE_CHUNK])
             for n in new:
@@ -570,12 +580,6 @@ class RedisBroker(Broker):
             token = b"f%d" % self._fence_no
             self._fences[token] = sorted(fence)
             conn.send_command("PING", token)
-
-    def _is_glob(self, name: str) -> bool:
-        return any(c in name[len(self._ch_prefix):] for c in "*") or name != self._unescaped(name)
-
-    def _unescaped(self, name: str) -> str:
-        return name
 
     def _recompute_covering(self) -> None:
         with self._cond:

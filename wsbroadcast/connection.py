@@ -40,8 +40,50 @@ class TokenBucket:
         return False
 
 
+class Flag:
+    """A small event flag on one raw lock (an Event costs about 1 KiB per connection)."""
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self, value: bool = False) -> None:
+        self._lock = threading.Lock()
+        self._set = True
+        if not value:
+            self.clear()
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            try:
+                self._lock.release()
+            except RuntimeError:
+                pass
+
+    def clear(self) -> None:
+        if self._set:
+            self._set = False
+            self._lock.acquire(False)
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until set or ``timeout`` seconds pass; return whether it is set."""
+        if self._set:
+            return True
+        if self._lock.acquire(True, timeout):
+            self._lock.release()
+        return self._set
+
+
 class Connection:
     """A WebSocket connection: identity, subscriptions, outbox and close state."""
+
+    __slots__ = ("id", "sock", "fd", "addr", "tls", "recv", "kind", "is_plain", "claims",
+                 "max_outbox", "expires", "patterns", "replays", "floors", "registered", "rate",
+                 "last_seen", "out", "head_sent", "out_bytes", "waiting_write", "close_sent",
+                 "close_code", "close_deadline", "ping_sent_at", "dead", "attached", "flushed",
+                 "drained", "__weakref__")
 
     def __init__(self, sock: socket.socket, addr: Tuple[str, int], kind: str = V1,
                  claims: Any = None, max_outbox: int = 1 << 20,
@@ -87,10 +129,9 @@ class Connection:
         self.attached = False  # known to the writer
 
         #: set by the writer when the close frame is flushed (or can never be)
-        self.flushed = threading.Event()
+        self.flushed = Flag()
         #: set by the writer when the outbox drains below the replay low-water mark
-        self.drained = threading.Event()
-        self.drained.set()
+        self.drained = Flag(True)
 
     def __repr__(self) -> str:
         return "<Connection #%d %s:%s %s>" % (self.id, self.addr[0], self.addr[1], self.kind)

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 RECV_SIZE = 65536
+RECV_IDLE = 1024
 
 
 class Reader:
@@ -43,10 +44,14 @@ class Reader:
     #: binary messages are refused with 1003 unless a subclass handles them
     accept_binary = False
 
+    __slots__ = ("conn", "ws", "hub", "writer", "max_message_size", "close_timeout", "_parts",
+                 "_size", "_failed", "_close_requested", "splitter")
+
     def __init__(self, conn: Connection, ws: "WSConnection", hub: "Hub", writer: "Writer",
                  max_message_size: int, close_timeout: float) -> None:
         self.conn = conn
-        self.ws = ws
+        # after the handshake only the frame protocol is needed (not the HTTP machinery)
+        self.ws = getattr(ws, "connection", None) or ws
         self.hub = hub
         self.writer = writer
         self.max_message_size = max_message_size
@@ -91,11 +96,14 @@ class Reader:
     def _loop(self) -> None:
         conn = self.conn
         recv = conn.recv
+        size = RECV_IDLE
         while True:
             try:
-                data = recv(RECV_SIZE)
+                data = recv(size)
             except OSError:
                 return
+            # a big buffer only while busy: an idle connection waits on a small one
+            size = RECV_SIZE if len(data) >= size else RECV_IDLE
             if not data:
                 return
             conn.last_seen = time.monotonic()

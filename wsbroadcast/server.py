@@ -294,6 +294,7 @@ class Server:
                 expires=getattr(claims, "exp", None), tls=tls)
             reader = self.reader_class(conn, upgrade.ws, self.hub, self.writer,
                                        cfg.max_message_size, cfg.close_timeout)
+            upgrade.ws = None  # the handshake's HTTP state is no longer needed
             reader.run(upgrade.trailing, upgrade.refuse, on_open=self._on_open,
                        closing=lambda: self.shutting_down)
         finally:

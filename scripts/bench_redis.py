@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Scale-out cost: two wsbroadcast nodes on one Redis against one node on the memory broker.
+
+Same run, same workload for both setups: N plain subscribers (auto-subscribed to
+``broadcast``) and 2 publishers, split evenly over the nodes (the single node
+gets both halves). Each half is one C load generator (scripts/benchlib/loadgen.c)
+holding N/2 subscribers and one publisher, so on two nodes every subscriber gets
+the messages of both publishers, half of them through the other node and Redis.
+
+  tput      deliveries/s, publishers as fast as the servers absorb (windowed)
+  latency   p50/p99 publish-to-delivery at a fixed rate per publisher
+
+Setups are interleaved and repeated (--repeat); medians are printed with the
+ratio redis/memory. A private redis-server runs on a free port in a temp dir.
+
+The servers run on this interpreter (``/work/venv/bin/python scripts/bench_redis.py``).
+
+  scripts/bench_redis.py [--subs 100] [--duration 3] [--rate 200] [--repeat 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.machinery
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from redis_server import RedisServer  # noqa: E402
+from serverproc import ServerProcess  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load_bench():
+    """scripts/bench as a module (for building the load generator)."""
+    loader = importlib.machinery.SourceFileLoader("wsb_bench", str(ROOT / "scripts" / "bench"))
+    spec = importlib.util.spec_from_loader("wsb_bench", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+def run_loadgens(exe: str, ports: List[int], args: List[str], timeout: float) -> List[dict]:
+    """One load generator per port, all at once; their JSON results."""
+    procs = [subprocess.Popen([exe, "--path", "/ws", "--port", str(p)] + args, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for p in ports]
+    out = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            stdout, stderr = p.communicate()
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+        if p.returncode != 0 or not lines:
+            out.append({"error": "loadgen exit %s: %s" % (p.returncode, stderr.strip()[-300:])})
+        else:
+            out.append(json.loads(lines[-1]))
+    return out
+
+
+def start_nodes(extra: List[str], count: int) -> List[ServerProcess]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return [ServerProcess("--log-level", "warning", "--max-connections", "20000", *extra,
+                          cwd=str(ROOT), env=env) for _ in range(count)]
+
+
+def measure(setup: str, nodes: List[ServerProcess], exe: str, a: argparse.Namespace) -> Dict[str, float]:
+    half = max(1, a.subs // 2)
+    ports = [nodes[0].port, nodes[-1].port]
+    common = ["--subs", str(half), "--duration", str(a.duration), "--warmup", str(a.warmup),
+              "--connect-timeout", "60"]
+    bound = 60 + a.warmup + a.duration + 20
+    tput = run_loadgens(exe, ports, ["--mode", "tput"] + common, bound)
+    lat = run_loadgens(exe, ports, ["--mode", "rate", "--rate", str(a.rate)] + common, bound)
+    for r in tput + lat:
+        if "error" in r:
+            raise SystemExit("%s: %s" % (setup, r["error"]))
+        if r.get("closed_subs"):
+            log("%s: %d subscribers closed (slow consumers?)" % (setup, r["closed_subs"]))
+    expect = sum(2 * a.rate * r["seconds"] * r["subs"] for r in lat)
+    return {
+        "tput": sum(r["deliveries_per_s"] for r in tput),
+        "p50_ms": max(r["lat_p50_us"] for r in lat) / 1000.0,
+        "p99_ms": max(r["lat_p99_us"] for r in lat) / 1000.0,
+        "delivered": sum(r["deliveries"] for r in lat) / expect if expect else 0.0,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--subs", type=int, default=100, help="subscribers in all (split over the nodes)")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--rate", type=float, default=200.0, help="messages/s per publisher in the latency test")
+    p.add_argument("--repeat", type=int, default=1)
+    a = p.parse_args()
+    bench = load_bench()
+    exe = bench.build(Path.home() / ".cache" / "wsbroadcast-bench")["loadgen"]
+    bench.raise_nofile()
+    results: Dict[str, List[Dict[str, float]]] = {"memory, 1 node": [], "redis, 2 nodes": []}
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp, RedisServer(tmp) as rs:
+        log("redis-server on %s" % rs.url)
+        for rep in range(a.repeat):
+            order = list(results) if rep % 2 == 0 else list(reversed(list(results)))
+            for setup in order:
+                if setup.startswith("redis"):
+                    nodes = start_nodes(["--redis", rs.url], 2)
+                else:
+                    nodes = start_nodes(["--store", "memory"], 1)
+                try:
+                    res = measure(setup, nodes, exe, a)
+                finally:
+                    for n in nodes:
+                        n.terminate()
+                log("%s (run %d): %s" % (setup, rep + 1, json.dumps(res)))
+                results[setup].append(res)
+    med = {s: {k: statistics.median(r[k] for r in rs_) for k in rs_[0]} for s, rs_ in results.items()}
+    mem, red = med["memory, 1 node"], med["redis, 2 nodes"]
+    print("%d subscribers, 2 publishers (one per half), %.0f s per measurement, latency at %.0f msg/s "
+          "per publisher, %d CPUs, median of %d" % (a.subs, a.duration, a.rate, os.cpu_count() or 0, a.repeat))
+    rows = [("setup", "deliveries/s", "p50 ms", "p99 ms", "delivered")]
+    for name, m in (("memory, 1 node", mem), ("redis, 2 nodes", red)):
+        rows.append((name, "%.0f" % m["tput"], "%.2f" % m["p50_ms"], "%.2f" % m["p99_ms"],
+                     "%.3f" % m["delivered"]))
+    rows.append(("redis / memory", "%.2f" % (red["tput"] / mem["tput"]),
+                 "%.2f" % (red["p50_ms"] / mem["p50_ms"] if mem["p50_ms"] else 0),
+                 "%.2f" % (red["p99_ms"] / mem["p99_ms"] if mem["p99_ms"] else 0), ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

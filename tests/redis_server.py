@@ -1,0 +1,123 @@
+"""A private ``redis-server`` for tests: a free port on 127.0.0.1, its own directory.
+
+    with RedisServer(tmp_path, appendonly=True) as rs:
+        url = rs.url
+        rs.stop(); rs.start()        # restart on the same port; data survives with appendonly
+
+Tests are skipped (``require_redis_server``) only when no ``redis-server`` binary is
+installed; any other failure to start it is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from typing import List, Optional
+
+import pytest
+
+REDIS_SERVER = os.environ.get("WSBROADCAST_REDIS_SERVER") or shutil.which("redis-server")
+
+
+def require_redis_server() -> str:
+    """The path of redis-server, or skip the calling test (module) with the reason."""
+    if not REDIS_SERVER:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    return REDIS_SERVER
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """One redis-server process; ``stop`` and ``start`` keep its port and directory."""
+
+    def __init__(self, directory: str, appendonly: bool = False, port: Optional[int] = None,
+                 extra: Optional[List[str]] = None) -> None:
+        self.binary = require_redis_server()
+        self.dir = str(directory)
+        os.makedirs(self.dir, exist_ok=True)
+        self.appendonly = appendonly
+        self.port = port or free_port()
+        self.extra = list(extra or [])
+        self.proc: Optional[subprocess.Popen] = None
+        self.logfile = os.path.join(self.dir, "redis.log")
+
+    @property
+    def url(self) -> str:
+        return "redis://127.0.0.1:%d/0" % self.port
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        cmd = [
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", self.dir, "--save", "", "--daemonize", "no",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "always" if self.appendonly else "everysec",
+            "--logfile", self.logfile, "--databases", "1",
+        ] + self.extra
+        deadline = time.monotonic() + timeout
+        while True:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+            if self._wait_ready(deadline):
+                return self
+            # the port may still be held by the previous process for a moment
+            self._terminate()
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start on port %d:\n%s" % (self.port, self.log()))
+            time.sleep(0.1)
+
+    def _wait_ready(self, deadline: float) -> bool:
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.02)
+        return False
+
+    def _terminate(self, timeout: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()  # SIGTERM: redis flushes its append-only file and exits
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def stop(self) -> None:
+        """SIGTERM and wait for the process to end."""
+        self._terminate()
+
+    def restart(self) -> "RedisServer":
+        self.stop()
+        return self.start()
+
+    def log(self) -> str:
+        try:
+            with open(self.logfile) as f:
+                return f.read()[-4000:]
+        except OSError:
+            return ""
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
