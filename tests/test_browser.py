@@ -287,6 +287,7 @@ def test_page_reconnects_after_restart_and_shows_what_it_missed(tmp_path, pages,
         assert not [x for x in page.lines("info") if "could not be recovered" in x]
         # only the expected network errors while the server was away
         assert_no_console_errors(driver, allowed=NETWORK_ERROR)
+        page.focus().driver.get("about:blank")  # leave before the server goes: no retries to log
     finally:
         srv.shutdown()
         if srv2 is not None:
@@ -326,6 +327,10 @@ def test_flask_example_page_shows_posts_live(pages):
                       == ["#1 hello from the form"], message="the post did not show up live")
         broker.publish("news", "from the server")
         b.wait(lambda d: d.find_elements(By.CSS_SELECTOR, '#messages li.msg[data-seq="2"]'))
+        assert not a.js_errors() + b.js_errors()
+        assert_no_console_errors(a.driver)
+        for page in (a, b):  # leave the pages before the server goes, or they retry and log errors
+            page.focus().driver.get("about:blank")
     finally:
         broker.shutdown()
         httpd.shutdown()

@@ -606,9 +606,6 @@ def test_plain_trickled_request_is_cut_at_the_handshake_timeout(make_server):
         raw.close()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: TLSStream.recv loops on raw.recv without the HTTP "
-                                       "deadline, so a client trickling a TLS record holds its "
-                                       "thread past the handshake timeout")
 def test_tls_trickled_request_is_cut_at_the_handshake_timeout(make_server, cert):
     certfile, keyfile = cert
     timeout = 1.0 * SCALE

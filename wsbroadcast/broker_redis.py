@@ -47,6 +47,7 @@ is delivered. If Redis restarts with a lost tail of its append-only file
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 import secrets
@@ -137,6 +138,10 @@ HEALTH_INTERVAL = 1.0
 #: first reconnect delay (doubles up to reconnect_max; jittered)
 RECONNECT_MIN = 0.1
 
+#: redis-py >= 5 takes ``protocol`` (and 8 defaults to 3)
+_HAS_PROTOCOL = "protocol" in inspect.signature(redis.Connection.__init__).parameters \
+    or "protocol" in inspect.signature(getattr(redis.connection, "AbstractConnection", redis.Connection).__init__).parameters
+
 _GLOB_SPECIALS = "\\*?[]"
 
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
@@ -203,7 +208,9 @@ class RedisBroker(Broker):
         self._ch_prefix = key_prefix + "ch:"
         self._ch_prefix_b = self._ch_prefix.encode("utf-8")
         common = dict(socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
-                      retry=Retry(NoBackoff(), 0), health_check_interval=0, protocol=2)
+                      retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        if _HAS_PROTOCOL:
+            common["protocol"] = 2  # RESP2 replies everywhere (redis-py 8 defaults to RESP3)
         # commands (publish, reads, refills): a bounded pool, waits at most the socket timeout
         self._pool = redis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=socket_timeout, **common)
@@ -464,8 +471,12 @@ class RedisBroker(Broker):
 
     def _new_sub_connection(self) -> Any:
         # a connection of its own, outside any pool's count (the pool is only its factory)
+        # and always RESP2, whose pub/sub replies the listener parses (a URL may ask for RESP3)
         pool = self._sub_pool
-        return pool.connection_class(**pool.connection_kwargs)
+        kwargs = dict(pool.connection_kwargs)
+        if _HAS_PROTOCOL:
+            kwargs["protocol"] = 2
+        return pool.connection_class(**kwargs)
 
     def _on_connected(self) -> None:
         """A new subscription connection: everything must be subscribed and caught up again."""

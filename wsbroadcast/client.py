@@ -158,13 +158,19 @@ class Client:
 
     # ------------------------------------------------------------------ requests
     def _request(self, frame: Dict[str, Any], wait: bool = True,
-                 timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
+                 timeout: Optional[float] = None,
+                 on_reply: Optional[Callable[[Any], None]] = None) -> Optional[Dict[str, Any]]:
+        """Send ``frame``; with ``wait``, return its answer.
+
+        ``on_reply`` runs in the client's thread when the answer arrives, before any
+        later frame is handled (or with the exception when the connection is lost).
+        """
         timeout = self.timeout if timeout is None else timeout
         waiter: Optional[List[Any]] = None
         if wait:
             ident = next(self._ids)
             frame["id"] = ident
-            waiter = [threading.Event(), None]
+            waiter = [threading.Event(), None, on_reply]
             with self._lock:
                 self._waiters[ident] = waiter
         text = json.dumps(frame, separators=(",", ":"))
@@ -207,11 +213,17 @@ class Client:
                 if pattern in self._epochs:
                     frame["epoch"] = self._epochs[pattern]
                 self._last[pattern] = since
-        ack = self._request(frame, timeout=timeout)
+
+        def on_reply(reply: Any) -> None:
+            # In the client's thread, before the frames that follow the ack (a replay
+            # after a new epoch, live messages) are deduplicated against _last.
+            if isinstance(reply, dict) and reply.get("type") == "ack":
+                with self._lock:
+                    self._subs[pattern] = None
+                    self._note_ack(pattern, reply, since is None)
+
+        ack = self._request(frame, timeout=timeout, on_reply=on_reply)
         assert ack is not None
-        with self._lock:
-            self._subs[pattern] = None
-            self._note_ack(pattern, ack, since is None)
         return ack
 
     def unsubscribe(self, pattern: str, timeout: Optional[float] = None) -> None:
@@ -348,8 +360,15 @@ class Client:
         ws = self._ws
         assert ws is not None
         with self._lock:
-            patterns = list(self._subs)
+            # concrete topics first: their replays then buffer what a wildcard would
+            # otherwise deliver live ahead of them (and move _last past the replay)
+            patterns = sorted(self._subs, key=is_wildcard)
             positions = {p: (self._last.get(p), self._epochs.get(p)) for p in patterns}
+            # Topics seen only through a wildcard have no position to resume from (no
+            # since, no epoch): forget their last seq, or a new numbering (a restarted
+            # memory store) would be dropped as "seen already" until it passed the old one.
+            for topic in [t for t in self._last if t not in self._subs or is_wildcard(t)]:
+                del self._last[topic]
         self._connected.set()
         for pattern in patterns:
             frame: Dict[str, Any] = {"type": "subscribe", "topic": pattern}
@@ -406,5 +425,7 @@ class Client:
         if waiter[0] is None:
             waiter[2](reply)
         else:
+            if waiter[2] is not None:
+                waiter[2](reply)
             waiter[1] = reply
             waiter[0].set()

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Dict, Optional, Set, Tuple
 
-from .auth import Authenticator
+from .auth import Authenticator, install_redaction
 from .broker import Broker, LocalBroker
 from .config import Config
 from .connection import Connection, TokenBucket
@@ -37,6 +37,13 @@ from .topics import validate_topic
 from .writer import CLOSE_ALL, Writer
 
 logger = logging.getLogger(__name__)
+
+
+def _redact_library_logs() -> None:
+    """Redact tokens and keys in every record of the library's loggers, embedded or not."""
+    for name in list(logging.root.manager.loggerDict):
+        if name == "wsbroadcast" or name.startswith("wsbroadcast."):
+            install_redaction(logging.getLogger(name))
 
 
 class Server:
@@ -63,6 +70,7 @@ class Server:
         self.hub = Hub(self.broker, self.writer, cfg.max_subscriptions)
         self.auth = Authenticator(secret=cfg.secret, public_key=cfg.public_key, api_key=cfg.api_key)
         self.metrics = Metrics(self)
+        _redact_library_logs()
         self.scheme = "https" if cfg.certfile else "http"
         self._ssl: Optional[ssl.SSLContext] = None
         if cfg.certfile:

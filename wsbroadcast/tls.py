@@ -58,7 +58,13 @@ class TLSStream:
 
     # ------------------------------------------------------------------ reader side
     def recv(self, size: int) -> bytes:
-        """Decrypted bytes (b"" at the end of the stream); blocks like ``socket.recv``."""
+        """Decrypted bytes (b"" at the end of the stream); blocks like ``socket.recv``.
+
+        A timeout set on the socket bounds the whole call, however slowly the
+        bytes of a record trickle in.
+        """
+        timeout = self.raw.gettimeout()
+        deadline = time.monotonic() + timeout if timeout else None
         while True:
             with self._lock:
                 try:
@@ -67,6 +73,11 @@ class TLSStream:
                     pass
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     return b""
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("timed out")
+                self.raw.settimeout(remaining)
             data = self.raw.recv(65536)
             if not data:
                 return b""
