@@ -474,7 +474,6 @@ def test_fuzz_live_server(make_server):
     healthy.round_trip()
     failures: List[str] = []
     outcomes: dict = {}
-    done = threading.Event()
     lock = threading.Lock()
     progress = [0]
 
@@ -609,7 +608,7 @@ def test_non_minimal_length_text_frame_is_a_protocol_error(make_server, width):
 
 @pytest.mark.timeout(30)
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-@pytest.mark.xfail(strict=True, raises=(TimeoutError, AssertionError, ConnectionError),
+@pytest.mark.xfail(strict=True, raises=(TimeoutError, socket.timeout, AssertionError, ConnectionError),
                    reason="BUG: a JSON lone-surrogate escape (\\ud800) in published data kills "
                                        "the writer thread (UnicodeEncodeError in writer._apply); every "
                                        "connection then stops receiving")

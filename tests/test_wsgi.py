@@ -274,3 +274,69 @@ def test_shutdown_closes_mounted_connections_and_joins_threads(mounted):
     assert status == 503 and json.loads(body)["error"] == "unavailable"
     with pytest.raises(Exception):
         broker.publish("news", 1)
+
+
+GUNICORN_APP = '''
+import importlib.util
+spec = importlib.util.spec_from_file_location("flask_example", %r)
+example = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(example)
+from wsbroadcast.wsgi import Broker
+broker = Broker(store="memory", close_timeout=1.0).start()
+app = example.create_app(broker)
+'''
+
+
+@pytest.mark.timeout(60)
+def test_gunicorn_gthread_worker(tmp_path):
+    """The example app under gunicorn's threaded worker: same endpoint, same behaviour."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    gunicorn = pytest.importorskip("gunicorn")
+    from gunicorn.config import KNOWN_SETTINGS
+
+    (tmp_path / "gapp.py").write_text(GUNICORN_APP % os.path.join(ROOT, "examples", "flask_app.py"))
+    cmd = [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", "1",
+           "--threads", "8", "--bind", "127.0.0.1:0", "--chdir", str(tmp_path), "gapp:app"]
+    if any("--no-control-socket" in (s.cli or ()) for s in KNOWN_SETTINGS):
+        cmd.insert(3, "--no-control-socket")  # gunicorn >= 25 would make ~/.gunicorn/ otherwise
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    try:
+        port = None
+        deadline = time.monotonic() + 20 * SCALE
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            found = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", line)
+            port = int(found.group(1)) if found else None
+        assert port, "gunicorn %s did not start" % gunicorn.__version__
+        threading.Thread(target=proc.stderr.read, name="test-gunicorn-log", daemon=True).start()
+        v1 = wsraw.connect(port, path="/live", headers=[("Origin", "http://127.0.0.1:%d" % port)])
+        assert v1.subprotocol == V1
+        v1.send_json({"type": "subscribe", "topic": "news", "id": 1})
+        assert v1.recv_json()["type"] == "ack"
+        status, _, _ = _post(port, "/say", b"text=via+gunicorn", "application/x-www-form-urlencoded")
+        assert status == 303
+        assert v1.recv_json() == {"type": "message", "topic": "news", "seq": 1, "data": "via gunicorn"}
+        status, _, body = wsraw.http_request(port, _upgrade_request(port, [("Origin", "http://evil.example")]))
+        assert status == 403 and json.loads(body)["error"] == "forbidden_origin"
+        v1.send_frame(0x8, b"\x03\xe8")
+        assert v1.expect_close() == (1000, "")
+        assert v1.at_eof()
+        v1.close()
+        # the worker thread is free again: another connection is served
+        again = wsraw.connect(port, path="/live")
+        again.send_json({"type": "ping", "id": 2})
+        assert again.recv_json() == {"type": "pong", "id": 2}
+        again.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10 * SCALE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

@@ -65,6 +65,10 @@ class Broker(abc.ABC):
         Called with the hub's lock held: must not block.
         """
 
+    def wait_subscribed(self, pattern: str, timeout: float) -> bool:
+        """Block until this node's interest in ``pattern`` is in effect (never holding the hub lock)."""
+        return True
+
     @property
     def healthy(self) -> bool:
         """False while the broker cannot take publishes (e.g. its server is away)."""

@@ -83,7 +83,7 @@ class Connection:
                  "max_outbox", "expires", "patterns", "replays", "floors", "registered", "rate",
                  "last_seen", "out", "head_sent", "out_bytes", "waiting_write", "close_sent",
                  "close_code", "close_deadline", "ping_sent_at", "dead", "attached", "flushed",
-                 "drained", "__weakref__")
+                 "drained", "replay_queued", "replay_applied", "__weakref__")
 
     def __init__(self, sock: socket.socket, addr: Tuple[str, int], kind: str = V1,
                  claims: Any = None, max_outbox: int = 1 << 20,
@@ -108,18 +108,20 @@ class Connection:
         self.patterns: Set[str] = set()
         #: topic -> (buffered live deliveries, their bytes) while a replay runs
         self.replays: Dict[str, List[Any]] = {}
-        #: topic -> seq of its subscribe ack: deliveries at or below it are dropped
-        self.floors: Dict[str, int] = {}
+        #: topic -> (seq, epoch) of its subscribe ack: deliveries at or below it are dropped
+        self.floors: Dict[str, Tuple[int, str]] = {}
         self.registered = False
 
         # --- owned by the reader thread ---
         self.rate = rate
+        self.replay_queued = 0  # replayed bytes put on the writer's channel
         self.last_seen = time.monotonic()  # read by the writer for keepalive
 
         # --- owned by the writer thread ---
         self.out: List[bytes] = []  # frames not yet (fully) sent
         self.head_sent = 0  # bytes of out[0] already sent
         self.out_bytes = 0  # unsent bytes in out (read by the replaying reader)
+        self.replay_applied = 0  # replayed bytes taken from the channel into out
         self.waiting_write = False  # registered in the writer's selector
         self.close_sent = False
         self.close_code: Optional[int] = None

@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 REPLAY_PAGE = 200
 
 
+class _ReplayEnded(Exception):
+    """The replaying subscription went away before the replay finished."""
+
+
 def _frame(text: str) -> bytes:
     return text_frame(text.encode("utf-8"))
 
@@ -91,7 +95,11 @@ class Hub:
         """Carry out a batch of one connection's commands in order."""
         ops: List[tuple] = []
         replays: List[Tuple[Subscribe, int, str]] = []
+        early = self._subscribe_early(commands) if not self.broker.delivers_locally else ()
         with self.lock:
+            for pattern in early:
+                if pattern not in self._interest:  # refused, or nobody kept it
+                    self.broker.interest(pattern, False)
             if not conn.registered:
                 return
             pubs: List[Publish] = []
@@ -124,6 +132,22 @@ class Hub:
                 self.writer.put(ops)
         for cmd, upto, epoch in replays:
             self._replay(conn, cmd, upto)
+
+    def _subscribe_early(self, commands: Sequence[Any]) -> List[str]:
+        """With a shared broker, make new wildcard interest effective before acking it.
+
+        A pattern's ack carries no seq to recover from, so the broker's subscription
+        must be in place before the ack says the client is subscribed.
+        """
+        early = []
+        for cmd in commands:
+            if type(cmd) is Subscribe and is_wildcard(cmd.topic) and cmd.topic not in self._interest:
+                self.broker.interest(cmd.topic, True)
+                early.append(cmd.topic)
+        for pattern in early:
+            if not self.broker.wait_subscribed(pattern, 2.0):
+                logger.warning("broker subscription to %s not confirmed in time", pattern)
+        return early
 
     def subscribe_seed(self, conn: Connection) -> None:
         """The automatic subscription of a plain connection to the seed topic (no ack)."""
@@ -179,7 +203,7 @@ class Hub:
             logger.error("publish of %d message(s) from %s failed: %s", len(pubs), conn.label, exc)
             for p in pubs:
                 ops.append((SEND, conn, _frame(error_text(
-                    p.id, ErrorCode.INTERNAL, "message not stored: %s" % exc))))
+                    p.id, ErrorCode.UNAVAILABLE, "message not stored: %s" % exc))))
             return
         for p, (topic, seq, epoch, _data) in zip(pubs, stored):
             if has_id(p.id):
@@ -195,16 +219,16 @@ class Hub:
             if not recipients:
                 continue
             if self._replaying or self._floored:
-                recipients = self._filter(recipients, topic, seq, data)
+                recipients = self._filter(recipients, topic, seq, _epoch, data)
             ops.append((DELIVER, topic, seq, data, recipients, now))
 
-    def _filter(self, recipients: Any, topic: str, seq: int, data: str) -> Any:
+    def _filter(self, recipients: Any, topic: str, seq: int, epoch: str, data: str) -> Any:
         """Drop what a connection's ack already covers; buffer for replaying connections."""
         keep = []
         for conn in recipients:
             floor = conn.floors.get(topic)
             if floor is not None:
-                if seq <= floor:
+                if seq <= floor[0] and epoch == floor[1]:
                     continue
                 del conn.floors[topic]
                 self._floored -= 1
@@ -242,7 +266,7 @@ class Hub:
         try:
             latest, epoch = self.broker.latest(pattern)
         except (StoreError, BrokerUnavailable) as exc:
-            ops.append((SEND, conn, _frame(error_text(cmd.id, ErrorCode.INTERNAL, str(exc)))))
+            ops.append((SEND, conn, _frame(error_text(cmd.id, ErrorCode.UNAVAILABLE, str(exc)))))
             return None
         since = cmd.since
         replay_from: Optional[int] = None
@@ -265,7 +289,7 @@ class Hub:
         self._insert(conn, pattern, latest)
         if not self.broker.delivers_locally and pattern not in conn.floors:
             # publications up to the ack's seq may still be on their way: not for this one
-            conn.floors[pattern] = latest
+            conn.floors[pattern] = (latest, epoch)
             self._floored += 1
         ops.append((SEND, conn, _frame(ack_text(cmd.id, pattern, latest, epoch, recovered))))
         if replay_from is None or latest == 0:
@@ -305,7 +329,9 @@ class Hub:
         """Send stored messages (since, upto] paced by the outbox, then switch to live."""
         topic = cmd.topic
         pos = cmd.since or 0
-        low_water = max(1, conn.max_outbox // 2)
+        # the outbox never holds more than a quarter of its limit of replayed bytes, so
+        # live messages arriving meanwhile always find room
+        budget = max(1, conn.max_outbox // 4)
         try:
             while pos < upto and not (conn.close_sent or conn.dead):
                 page = self.broker.since(topic, pos, min(REPLAY_PAGE, upto - pos))
@@ -314,14 +340,25 @@ class Hub:
                     break
                 frames = [self._replay_frame(conn, m) for m in page]
                 pos = page[-1].seq
-                # pace: wait until the outbox has room, so a replay never makes a reader slow
-                while conn.out_bytes > low_water and not (conn.close_sent or conn.dead):
-                    conn.drained.clear()
-                    if conn.out_bytes > low_water:
-                        conn.drained.wait(0.2)
-                if conn.replays.get(topic) is None:
-                    return  # unsubscribed meanwhile
-                self.writer.put(((REPLAY, conn, frames),))
+                i = 0
+                while i < len(frames):
+                    # unsent bytes plus replayed bytes still on their way to the outbox
+                    while (conn.out_bytes + conn.replay_queued - conn.replay_applied > budget
+                           and not (conn.close_sent or conn.dead)):
+                        conn.drained.clear()
+                        if conn.out_bytes + conn.replay_queued - conn.replay_applied > budget:
+                            conn.drained.wait(0.2)
+                    if conn.replays.get(topic) is None or conn.close_sent or conn.dead:
+                        raise _ReplayEnded()  # unsubscribed or closed meanwhile
+                    size, j = len(frames[i]), i + 1
+                    while j < len(frames) and size + len(frames[j]) <= budget:
+                        size += len(frames[j])
+                        j += 1
+                    conn.replay_queued += size
+                    self.writer.put(((REPLAY, conn, frames[i:j]),))
+                    i = j
+        except _ReplayEnded:
+            pass
         except (StoreError, BrokerUnavailable) as exc:
             logger.error("replay of %s for %s failed: %s", topic, conn.label, exc)
         with self.lock:
@@ -331,6 +368,7 @@ class Hub:
                     self._replaying -= 1
                 live = [_frame(text) for seq, text in buf[0] if seq > upto]
                 if live and conn.registered:
+                    conn.replay_queued += sum(len(f) for f in live)
                     self.writer.put(((REPLAY, conn, live),))
 
     @staticmethod

@@ -215,10 +215,13 @@ class Writer:
                 conn = op[1]
                 if not (conn.close_sent or conn.dead):
                     frames = op[2]
+                    size = sum(len(f) for f in frames)
+                    conn.replay_applied += size
                     if conn.tls is not None:
                         frames = [conn.tls.encrypt(f) for f in frames]
+                        size = sum(len(f) for f in frames)
                     conn.out.extend(frames)
-                    conn.out_bytes += sum(len(f) for f in frames)
+                    conn.out_bytes += size
                     stats.delivered += len(frames)
                     self._mark(conn)
             elif kind == CLOSE:

@@ -31,6 +31,7 @@ Any WSGI app (Django included)::
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import socket
@@ -76,6 +77,7 @@ def socket_from_environ(environ: Dict[str, Any]) -> Tuple[Optional[socket.socket
     return probe.sock, probe.mode
 
 
+@functools.lru_cache(maxsize=None)
 def _make_probe() -> Type[Any]:
     import simple_websocket.ws as sw
 
@@ -91,17 +93,8 @@ def _make_probe() -> Type[Any]:
     return Probe
 
 
-class _LazyProbe:
-    _cls: Optional[Type[Any]] = None
-
-    def __call__(self, environ: Dict[str, Any]) -> Any:
-        if self._cls is None:
-            _LazyProbe._cls = _make_probe()
-        assert self._cls is not None
-        return self._cls(environ)
-
-
-_SocketProbe = _LazyProbe()
+def _SocketProbe(environ: Dict[str, Any]) -> Any:
+    return _make_probe()(environ)
 
 
 def _headers(environ: Dict[str, Any]) -> List[Tuple[bytes, bytes]]:
@@ -199,8 +192,10 @@ class Broker(Server):
         if sock is None or mode not in ("werkzeug", "gunicorn"):
             logger.error("cannot take the WebSocket's socket from this WSGI server (%s)",
                          environ.get("SERVER_SOFTWARE", "unknown"))
-            if mode not in ("unknown", "werkzeug", "gunicorn") and sock is not None:
+            if sock is not None:  # eventlet, gevent: green threads, not supported
                 logger.error("%s servers are not supported: the writer needs OS threads and sockets", mode)
+                if mode == "gevent":
+                    sock.close()  # simple-websocket's lookup made a dup() of it
             err = HttpError(ErrorCode.INTERNAL, "WebSockets are not supported on this server")
             err.status = 500
             return err, ""
