@@ -49,7 +49,8 @@ S subscriber threads each open a connection and subscribe to every topic of --to
 carries its send time (time.time_ns), the publisher's id and a per-publisher counter,
 padded to --size bytes; subscribers measure the latency from it and check that every
 message published to their topics arrives once and in order. After publishing, the
-subscribers get up to --drain seconds to receive what is in flight.
+subscribers get up to --drain seconds to receive what is in flight. Latency runs from
+the publish call to the subscriber's recv(), so it includes both clients' queues.
 
 A progress line (elapsed, connected, published/s, delivered/s, errors) goes to stderr
 once a second; the report goes to stdout (JSON with --json). The run always ends by
@@ -506,7 +507,8 @@ class Progress(threading.Thread):
     def finish(self) -> None:
         self.halt.set()
         self.join(2.0)
-        self.tick()
+        if self.run_.elapsed() - self._last[0] >= 0.25:  # no rate from a sliver of a second
+            self.tick()
         if self.tty and not self.quiet:
             sys.stderr.write("\n")
             sys.stderr.flush()
@@ -711,7 +713,8 @@ def build_report(args: argparse.Namespace, run: Run, subs: List[Subscriber], pub
     report: Dict[str, Any] = {
         "url": args.url,
         "config": {"subscribers": args.subscribers, "publishers": args.publishers,
-                   "topics": args.topics.split(","), "subscribe_pattern": args.subscribe_pattern,
+                   "topics": [t.strip() for t in args.topics.split(",") if t.strip()],
+                   "subscribe_pattern": args.subscribe_pattern,
                    "rate": args.rate, "size": args.size, "duration": args.duration,
                    "ramp_up": args.ramp_up, "ack_every": args.ack_every, "drain": args.drain,
                    "max_messages": args.max_messages, "timeout": args.timeout},
@@ -843,7 +846,11 @@ def plot(path: str, report: Dict[str, Any], hist: LogHistogram) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 8))
+    fig = plt.figure(figsize=(10, 10))
+    grid = fig.add_gridspec(3, 1, height_ratios=(2.2, 1, 1), hspace=0.35)
+    ax1 = fig.add_subplot(grid[0])
+    ax2 = fig.add_subplot(grid[1])
+    ax3 = fig.add_subplot(grid[2], sharex=ax2)
     lat = report["latency_ms"]
     c = report["config"]
     fig.suptitle("wsbroadcast stress: %d subscribers, %d publishers, %s msg/s each, %d B; "
@@ -876,36 +883,25 @@ def plot(path: str, report: Dict[str, Any], hist: LogHistogram) -> None:
     ax1.grid(True, which="major", alpha=0.3)
 
     tl = report["timeline"]
-    if tl:  # each point is the rate over the interval since the previous one
-        edges = [0.0] + [p["t"] for p in tl]
-        ax2.stairs([p["delivered_per_s"] for p in tl], edges, label="delivered/s (all subscribers)",
-                   color="#4C72B0", linewidth=1.8)
-        ax3 = ax2.twinx()  # publishing is subscribers times slower than delivering: own scale
-        ax3.stairs([p["published_per_s"] for p in tl], edges, label="published/s (all publishers, right axis)",
-                   color="#DD8452", linewidth=1.8)
-        ax3.set_ylabel("published/s", color="#DD8452")
-        ax3.tick_params(axis="y", colors="#DD8452")
-        ax3.set_ylim(bottom=0, top=max([p["published_per_s"] for p in tl] + [1.0]) * 1.15)
+    edges = [0.0] + [p["t"] for p in tl]  # each point: the rate since the previous one
     phases = report["phases"]
-    if "pub_start" in phases:
-        ax2.axvspan(0, phases["pub_start"], color="#cccccc", alpha=0.35, label="connecting")
-        if "pub_end" in phases:
-            ax2.axvspan(phases["pub_end"], phases.get("drain_end", phases["pub_end"]), color="#9ecae1",
-                        alpha=0.35, label="drain")
+    for ax, key, color, what in ((ax2, "delivered_per_s", "#4C72B0", "delivered/s (all subscribers)"),
+                                 (ax3, "published_per_s", "#DD8452", "published/s (all publishers)")):
+        if tl:
+            ax.stairs([p[key] for p in tl], edges, color=color, linewidth=1.8, label=what)
+        if "pub_start" in phases:
+            ax.axvspan(0, phases["pub_start"], color="#cccccc", alpha=0.35, label="connecting")
+            if "pub_end" in phases:
+                ax.axvspan(phases["pub_end"], max(phases.get("drain_end", 0), phases["pub_end"] + 0.02),
+                           color="#9ecae1", alpha=0.5, label="drain")
+        ax.set_ylabel(what.split(" ")[0])
+        ax.set_ylim(bottom=0, top=max([p[key] for p in tl] + [1.0]) * 1.15)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower center", fontsize=8, ncol=3, framealpha=0.9)
     ax2.set_title("throughput over time (1 s intervals)", fontsize=10)
-    ax2.set_xlabel("seconds since start")
-    ax2.set_ylabel("delivered/s", color="#4C72B0")
-    ax2.tick_params(axis="y", colors="#4C72B0")
-    ax2.set_ylim(bottom=0, top=max([p["delivered_per_s"] for p in tl] + [1.0]) * 1.15)
-    ax2.grid(True, alpha=0.3)
-    handles, labels = [], []
-    for ax in fig.axes[1:]:
-        h, lab = ax.get_legend_handles_labels()
-        handles += h
-        labels += lab
-    ax2.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=9,
-               frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    ax2.tick_params(labelbottom=False)
+    ax3.set_xlabel("seconds since start")
+    fig.subplots_adjust(left=0.08, right=0.97, top=0.93, bottom=0.06)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

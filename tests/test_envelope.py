@@ -242,8 +242,6 @@ def test_since_and_epoch_checks():
 
 # ---------------------------------------------------------------- text that cannot be sent as UTF-8
 
-@pytest.mark.xfail(strict=True, reason="BUG: JSON escapes of lone surrogates (\\ud800) pass parse_client_frame "
-                   "and produce str that cannot be encoded to UTF-8 (the writer thread dies on it)")
 @pytest.mark.parametrize("text", [
     '{"type":"publish","topic":"a","data":"\\ud800"}',
     '{"type":"ping","id":"\\udc00"}',
@@ -503,9 +501,6 @@ def test_frame_splitter_refuses_what_wsproto_refuses(stream_chunks):
         assert got == want
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: FrameSplitter's fast path accepts a text frame with a non-minimal "
-                                       "length encoding (RFC 6455 5.2 MUST); wsproto refuses it with 1002, so "
-                                       "the answer depends on how the frame is split across reads")
 @pytest.mark.parametrize("width", [16, 64])
 def test_frame_splitter_refuses_non_minimal_lengths_like_wsproto(width):
     payload = b'{"type":"ping"}'

@@ -209,10 +209,9 @@ def case_non_minimal_length(rng) -> Case:
         frame = client_frame(rng, 0x1, payload, width=16)  # 2-byte length for 15 bytes
     else:
         frame = client_frame(rng, 0x1, payload, width=64)  # 8-byte length for 15 bytes
-    # RFC 6455 5.2 requires the minimal length encoding; the reader's fast path accepts a whole
-    # non-minimal text frame while the same frame split across reads gets 1002: see
-    # test_non_minimal_length_text_frame_is_a_protocol_error below
-    return frame, False, (close_(1002), USABLE)
+    # RFC 6455 5.2 requires the minimal length encoding, whole or split across reads
+    # (see also test_non_minimal_length_text_frame_is_a_protocol_error below)
+    return frame, False, (close_(1002),)
 
 
 def case_length_msb_set(rng) -> Case:
@@ -589,9 +588,6 @@ def test_fuzz_handshake_garbage_and_abrupt_ends(make_server):
 # ---------------------------------------------------------------- server bugs, each pinned down
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="BUG: the reader's fast path (wsframe.FrameSplitter) accepts a whole text "
-                                       "frame with a non-minimal length encoding (RFC 6455 5.2 MUST); the same "
-                                       "frame split across reads reaches wsproto and gets 1002")
 @pytest.mark.parametrize("width", [16, 64])
 def test_non_minimal_length_text_frame_is_a_protocol_error(make_server, width):
     srv = make_server(close_timeout=CLOSE_TIMEOUT)
@@ -604,14 +600,9 @@ def test_non_minimal_length_text_frame_is_a_protocol_error(make_server, width):
         c.close()
 
 
-# ---------------------------------------------------------------- lone surrogates (a server bug)
+# ---------------------------------------------------------------- lone surrogates (regressions)
 
 @pytest.mark.timeout(30)
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-@pytest.mark.xfail(strict=True, raises=(TimeoutError, socket.timeout, AssertionError, ConnectionError),
-                   reason="BUG: a JSON lone-surrogate escape (\\ud800) in published data kills "
-                                       "the writer thread (UnicodeEncodeError in writer._apply); every "
-                                       "connection then stops receiving")
 def test_lone_surrogate_in_published_data_does_not_kill_the_server(make_server):
     srv = make_server(close_timeout=CLOSE_TIMEOUT, shutdown_timeout=1.0)
     healthy = Healthy(srv.port)
@@ -630,8 +621,6 @@ def test_lone_surrogate_in_published_data_does_not_kill_the_server(make_server):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="BUG: a ping whose id holds a lone-surrogate escape gets close 1011 "
-                                       "'internal error' instead of a pong or an error frame")
 def test_lone_surrogate_in_an_id_is_answered(make_server):
     srv = make_server(close_timeout=CLOSE_TIMEOUT)
     c = wsraw.connect(srv.port)

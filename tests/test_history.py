@@ -23,7 +23,6 @@ from conftest import SCALE
 from serverproc import ServerProcess
 from wsraw import RawWS, connect, wait_for
 
-from wsbroadcast import Server
 from wsbroadcast.store import SqliteStore
 
 TOPIC = "hist.t"
@@ -359,16 +358,18 @@ def test_sigkill_keeps_every_acked_message(tmp_path) -> None:
             (lambda k=k: publisher(port, TOPIC, k, [(n // 3, 0.0)], book, batch=40))
             for k in range(3)])
         join_all(threads)
-        assert book.errors == [] and book.seqs() == list(range(1, n + 1))
+        assert book.errors == []
+        assert book.seqs() == list(range(1, n + 1)), "acked seqs are not 1..%d" % n
+        assert len(book.epochs) == 1, book.epochs
         [epoch] = book.epochs
         first.kill()  # SIGKILL: no shutdown, no checkpoint, no close of the store
-        assert first.proc.returncode == -9
+        assert first.proc.returncode == -9, (first.proc.returncode, first.lines[-5:])
     finally:
         first.kill()
 
     second = ServerProcess("--store", path, "--history-size", "10000", "--port", str(port))
     try:
-        assert second.port == port
+        assert second.port == port, second.lines[-5:]
         sub = connect(port)
         try:
             ack = subscribe(sub, TOPIC, "all", since=0)

@@ -58,9 +58,22 @@ def has_id(value: Any) -> bool:
     return value is not _MISSING
 
 
+_dumps_ascii = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
 def encode_json(value: Any) -> str:
-    """Compact JSON text of ``value`` (raises ValueError/TypeError when not JSON)."""
-    return _dumps(value)
+    """Compact JSON text of ``value`` that is always valid UTF-8 (raises ValueError/TypeError).
+
+    Strings holding lone surrogates (from JSON escapes like ``\\ud800``) are written
+    with escapes, since they have no UTF-8 form.
+    """
+    text = _dumps(value)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return _dumps_ascii(value)
+    return text
 
 
 def _reject_constant(name: str) -> Any:

@@ -8,7 +8,6 @@ reader to run.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import selectors
 import socket
 import ssl
 import threading
 import time
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from .auth import Authenticator, install_redaction
 from .broker import Broker, LocalBroker

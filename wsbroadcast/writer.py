@@ -149,9 +149,19 @@ class Writer:
                         ops = get()
                     except queue.Empty:
                         break
-                    self._apply(ops)
-                if self._run_msgs:
-                    self._fan_out()
+                    try:
+                        self._apply(ops)
+                    except Exception:  # a bug must not stop delivery to everyone
+                        logger.exception("writer failed on an operation; it is dropped")
+                        self._run_msgs = []
+                        self._run_to = None
+                try:
+                    if self._run_msgs:
+                        self._fan_out()
+                except Exception:
+                    logger.exception("writer failed on a delivery; it is dropped")
+                    self._run_msgs = []
+                    self._run_to = None
                 # 2. write what became pending
                 if self._round_t0:
                     self._record_latency(time.monotonic())

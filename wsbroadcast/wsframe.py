@@ -142,7 +142,9 @@ class FrameSplitter:
                 pos = end
                 break
             text = None
-            if b0 == 0x81 and masked and not self._in_fragment:
+            # (a length in a wider form than needed is a protocol error: the parser says so)
+            if b0 == 0x81 and masked and not self._in_fragment and (
+                    head == 6 or (head == 8 and n > 125) or (head == 14 and n > 65535)):
                 key = buf[pos + head - 4:pos + head]
                 try:
                     text = unmask(buf[pos + head:pos + total], key).decode("utf-8")
