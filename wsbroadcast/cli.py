@@ -45,6 +45,8 @@ def _serve_parser(sub: "argparse._SubParsersAction") -> None:
                    help="open WebSocket connections; past it new ones are closed with 1013")
     g.add_argument("--max-connections-per-ip", type=int, default=d.max_connections_per_ip,
                    help="open WebSocket connections per client address (0: no limit)")
+    g.add_argument("--thread-stack-size", type=int, default=256 * 1024,
+                   help="stack size of each connection thread in bytes (small lets ~20,000 fit)")
     g.add_argument("--max-subscriptions", type=int, default=d.max_subscriptions,
                    help="subscriptions per connection")
     g.add_argument("--max-publish-rate", type=float, default=d.max_publish_rate,
@@ -168,7 +170,7 @@ def _serve(args: argparse.Namespace) -> int:
         secret=secret,
         public_key=public_key, api_key=args.api_key or os.environ.get("WSBROADCAST_API_KEY") or None,
         allowed_origins=tuple(args.allowed_origin), certfile=args.certfile, keyfile=args.keyfile,
-        redis_url=args.redis,
+        redis_url=args.redis, thread_stack_size=args.thread_stack_size,
     )
     install_redaction_on_handlers()
     try:

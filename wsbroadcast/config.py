@@ -48,8 +48,9 @@ class Config:
     keyfile: Optional[str] = None
     # scale-out
     redis_url: Optional[str] = None
-    #: thread stack size for connection threads (bytes; 0 = interpreter default)
-    thread_stack_size: int = 256 * KIB
+    #: stack size of threads started from now on, process-wide (bytes; 0 = leave as is);
+    #: ``wsbroadcast serve`` sets 256 KiB so that ~20,000 connection threads fit
+    thread_stack_size: int = 0
     #: seconds to wait for connections to close on shutdown
     shutdown_timeout: float = 5.0
 

@@ -145,8 +145,11 @@ class Server:
             self._trimmer = RetentionTrimmer(self.store)
             self._trimmer.start()
         if listen:
-            self._accept_thread = threading.Thread(target=self._accept_loop, name="wsbroadcast-accept",
-                                                   daemon=True)
+            sel = selectors.DefaultSelector()
+            sel.register(self._listener, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            self._accept_thread = threading.Thread(target=self._accept_loop, args=(sel,),
+                                                   name="wsbroadcast-accept", daemon=True)
             self._accept_thread.start()
             logger.info("listening on %s", self.url)
         else:
@@ -207,11 +210,8 @@ class Server:
         logger.info("stopped")
 
     # ------------------------------------------------------------------ accept
-    def _accept_loop(self) -> None:
+    def _accept_loop(self, sel: selectors.BaseSelector) -> None:
         assert self._listener is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self._listener, selectors.EVENT_READ)
-        sel.register(self._wake_r, selectors.EVENT_READ)
         pause = 0.0
         try:
             while True:
