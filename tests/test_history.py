@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 
 from conftest import SCALE
+import wsraw
 from serverproc import ServerProcess
 from wsraw import RawWS, connect, wait_for
 
@@ -690,3 +691,25 @@ def test_since_subscribe_overlapping_a_live_subscription(make_server, existing: 
     finally:
         go.set()
         ws.close()
+
+
+@pytest.mark.timeout(30)
+def test_two_since_subscribes_in_one_read_replay_from_the_lower(make_server) -> None:
+    srv = make_server(history_size=100)
+    for i in range(10):
+        srv.publish("twice", i)
+    c = wsraw.connect(srv.port)
+    c.send_texts(json.dumps({"type": "subscribe", "topic": "twice", "id": 1, "since": 6}),
+                 json.dumps({"type": "subscribe", "topic": "twice", "id": 2, "since": 2}))
+    got = []
+    acks = 0
+    while len(got) < 8 or acks < 2:
+        m = c.recv_json()
+        if m["type"] == "ack":
+            acks += 1
+        else:
+            got.append(m["seq"])
+    assert acks == 2
+    # one replay, from the lower since, each message once and in order; the first
+    # subscribe's own range (7..10) is part of it
+    assert got == list(range(3, 11))

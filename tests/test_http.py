@@ -183,3 +183,9 @@ def test_shutting_down_answers_503(make_server):
             wsraw.connect(srv.port)
     finally:
         srv.shutting_down = False
+
+
+def test_demo_page_connects_to_the_configured_path(make_server):
+    srv = make_server(path="/live/updates")
+    status, _, body = _req(srv.port, "GET", "/")
+    assert status == 200 and b'<meta name="wsbroadcast-path" content="/live/updates">' in body

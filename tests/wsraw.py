@@ -24,20 +24,11 @@ class RawWS:
     # ------------------------------------------------------------------ sending
     def send_frame(self, opcode: int, payload: bytes, fin: bool = True, mask: bool = True,
                    rsv: int = 0) -> None:
-        b0 = (0x80 if fin else 0) | (rsv << 4) | opcode
-        n = len(payload)
-        mbit = 0x80 if mask else 0
-        if n < 126:
-            head = struct.pack("!BB", b0, mbit | n)
-        elif n < 65536:
-            head = struct.pack("!BBH", b0, mbit | 126, n)
-        else:
-            head = struct.pack("!BBQ", b0, mbit | 127, n)
-        if mask:
-            key = os.urandom(4)
-            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if n < 4096 else _mask(payload, key)
-            head += key
-        self.sock.sendall(head + payload)
+        self.sock.sendall(encode_frame(opcode, payload, fin, mask, rsv))
+
+    def send_texts(self, *texts: str) -> None:
+        """Several text frames in one write (so the server reads them together)."""
+        self.sock.sendall(b"".join(encode_frame(0x1, t.encode("utf-8")) for t in texts))
 
     def send_text(self, text: str) -> None:
         self.send_frame(0x1, text.encode("utf-8"))
@@ -105,6 +96,25 @@ class RawWS:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def encode_frame(opcode: int, payload: bytes, fin: bool = True, mask: bool = True,
+                 rsv: int = 0) -> bytes:
+    """A client frame, masked unless told otherwise."""
+    b0 = (0x80 if fin else 0) | (rsv << 4) | opcode
+    n = len(payload)
+    mbit = 0x80 if mask else 0
+    if n < 126:
+        head = struct.pack("!BB", b0, mbit | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", b0, mbit | 126, n)
+    else:
+        head = struct.pack("!BBQ", b0, mbit | 127, n)
+    if mask:
+        key = os.urandom(4)
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if n < 4096 else _mask(payload, key)
+        head += key
+    return head + payload
 
 
 def _mask(payload: bytes, key: bytes) -> bytes:

@@ -118,7 +118,13 @@ class Hub:
                 if kind is Subscribe:
                     replay = self._subscribe_locked(conn, cmd, ops)
                     if replay is not None:
-                        replays.append(replay)
+                        for i, (other, upto, _e) in enumerate(replays):
+                            if other.topic == replay[0].topic:  # one replay from the lowest since
+                                if replay[0].since < other.since:
+                                    replays[i] = (replay[0], upto, _e)
+                                break
+                        else:
+                            replays.append(replay)
                 elif kind is Unsubscribe:
                     self._unsubscribe_locked(conn, cmd.topic)
                     ops.append((SEND, conn, _frame(ack_text(cmd.id, cmd.topic))))
@@ -295,7 +301,8 @@ class Hub:
         if replay_from is None or latest == 0:
             return None
         if pattern in conn.replays:
-            return None  # a replay of this topic is already running; it covers the live part
+            # a replay of this topic is pending in this batch: it covers this one too
+            return (cmd._replace(since=replay_from), latest, epoch)
         if not conn.replays:
             self._replaying += 1
         conn.replays[pattern] = [[], 0]

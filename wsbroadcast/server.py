@@ -12,6 +12,7 @@ In the spirit of ``socketserver``::
 from __future__ import annotations
 
 import errno
+import html
 import logging
 import selectors
 import socket
@@ -391,7 +392,10 @@ class Server:
     def demo_page(self) -> bytes:
         """The demo page served at /."""
         if self._demo is None:
-            self._demo = load_demo_page()
+            path = html.escape(self.config.path, quote=True).encode()
+            self._demo = load_demo_page().replace(
+                b'<meta name="wsbroadcast-path" content="/ws">',
+                b'<meta name="wsbroadcast-path" content="' + path + b'">', 1)
         return self._demo
 
     def thread_count(self) -> int:
