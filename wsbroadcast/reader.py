@@ -173,6 +173,7 @@ class Reader:
                     if not self.accept_binary:
                         self._refuse(CloseCode.UNSUPPORTED_DATA, "binary messages are not accepted")
                         break
+                    data = bytes(data)  # wsproto 1.2 hands out bytearrays
                     self._size += len(data)
                 else:
                     self._size += len(data) if data.isascii() else len(data.encode("utf-8"))
