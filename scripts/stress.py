@@ -219,16 +219,48 @@ def describe(exc: BaseException) -> str:
     return "%s: %s" % (exc.__class__.__name__, text)
 
 
-class Subscriber(threading.Thread):
-    def __init__(self, run: Run, ident: int, patterns: List[str], slot: int, slots: int) -> None:
-        super().__init__(name="stress-sub-%d" % ident, daemon=True)
+class Worker(threading.Thread):
+    """One connection of the run: set up in its ramp-up slot, then does its part."""
+
+    def __init__(self, name: str, run: Run, ident: int, slot: int, slots: int) -> None:
+        super().__init__(name=name, daemon=True)
         self.run_ = run
         self.num = ident
-        self.patterns = patterns
         self.slot, self.slots = slot, slots
         self.client: Any = None
         self.setup_ok = False
         self.connect_error: Optional[str] = None
+
+    @property
+    def connected(self) -> bool:
+        return self.client is not None and self.client.connected
+
+    def setup(self) -> None:
+        """Open the connection (and subscribe); errors are recorded, not raised."""
+        self.client = self.run_.client()
+
+    def set_up(self) -> bool:
+        """Wait for this worker's slot, set up, and report whether it is ready."""
+        run = self.run_
+        try:
+            if not run.wait_start_delay(self.slot, self.slots):
+                return False
+            try:
+                self.setup()
+                self.setup_ok = True
+            except Exception as exc:  # OSError, ConnectionError, handshake and protocol errors
+                self.connect_error = describe(exc)
+        finally:
+            if not run.finish_setup() and self.setup_ok:
+                self.setup_ok = False
+                self.connect_error = "setup not finished before publishing started (--timeout)"
+        return self.setup_ok
+
+
+class Subscriber(Worker):
+    def __init__(self, run: Run, ident: int, patterns: List[str], slot: int, slots: int) -> None:
+        super().__init__("stress-sub-%d" % ident, run, ident, slot, slots)
+        self.patterns = patterns
         self.closed_error: Optional[str] = None
         self.received = 0  # deliveries of this run's messages, duplicates included
         self.distinct = 0
@@ -245,25 +277,13 @@ class Subscriber(threading.Thread):
     def _on_gap(self, pattern: str, reply: Any) -> None:
         self.gaps += 1
 
+    def setup(self) -> None:
+        self.client = self.run_.client(on_gap=self._on_gap)
+        for pattern in self.patterns:
+            self.client.subscribe(pattern)
+
     def run(self) -> None:
-        run = self.run_
-        try:
-            if not run.wait_start_delay(self.slot, self.slots):
-                return
-            try:
-                self.client = run.client(on_gap=self._on_gap)
-                for pattern in self.patterns:
-                    self.client.subscribe(pattern)
-                self.setup_ok = True
-            except (OSError, ConnectionError, ClientError, ConnectionClosed, ProtocolError) as exc:
-                self.connect_error = describe(exc)
-            except Exception as exc:  # simple-websocket's handshake errors and the like
-                self.connect_error = describe(exc)
-        finally:
-            if not run.finish_setup() and self.setup_ok:
-                self.setup_ok = False
-                self.connect_error = "setup not finished before publishing started (--timeout)"
-        if not self.setup_ok:
+        if not self.set_up():
             self.done.set()
             return
         self._receive()
@@ -311,26 +331,16 @@ class Subscriber(threading.Thread):
                 self.done.set()
         self.done.set()
 
-    @property
-    def connected(self) -> bool:
-        return self.client is not None and self.client.connected
-
     def lost(self) -> int:
         if not self.setup_ok or self.expected is None:
             return 0
         return max(0, self.expected - self.distinct)
 
 
-class Publisher(threading.Thread):
+class Publisher(Worker):
     def __init__(self, run: Run, ident: int, topics: List[str], slot: int, slots: int) -> None:
-        super().__init__(name="stress-pub-%d" % ident, daemon=True)
-        self.run_ = run
-        self.num = ident
+        super().__init__("stress-pub-%d" % ident, run, ident, slot, slots)
         self.topics = topics
-        self.slot, self.slots = slot, slots
-        self.client: Any = None
-        self.setup_ok = False
-        self.connect_error: Optional[str] = None
         self.published = 0
         self.by_topic: Dict[str, int] = {t: 0 for t in topics}
         self.errors = 0
@@ -338,10 +348,6 @@ class Publisher(threading.Thread):
         self.uncertain = 0  # sent, but the answer never came: may or may not be delivered
         self.started: Optional[float] = None
         self.stopped: Optional[float] = None
-
-    @property
-    def connected(self) -> bool:
-        return self.client is not None and self.client.connected
 
     def _error(self, exc: BaseException) -> None:
         self.errors += 1
@@ -362,19 +368,7 @@ class Publisher(threading.Thread):
 
     def run(self) -> None:
         run = self.run_
-        try:
-            if not run.wait_start_delay(self.slot, self.slots):
-                return
-            try:
-                self.client = run.client()
-                self.setup_ok = True
-            except Exception as exc:  # OSError, ConnectionError, handshake errors
-                self.connect_error = describe(exc)
-        finally:
-            if not run.finish_setup() and self.setup_ok:
-                self.setup_ok = False
-                self.connect_error = "setup not finished before publishing started (--timeout)"
-        if not self.setup_ok:
+        if not self.set_up():
             return
         run.go.wait()
         if run.stop.is_set() or run.pub_stop.is_set():

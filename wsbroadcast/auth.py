@@ -280,6 +280,26 @@ def _header_values(headers: HeadersLike, name: str) -> List[str]:
     return out
 
 
+#: what each PyJWT failure is called in an answer (most specific first); never the token
+_JWT_ERRORS = (
+    (jwt.ExpiredSignatureError, "token expired"),
+    (jwt.ImmatureSignatureError, "token not yet valid"),
+    (jwt.InvalidSignatureError, "bad token signature"),
+    (jwt.InvalidAudienceError, "token audience not accepted"),
+    (jwt.InvalidIssuerError, "token issuer not accepted"),
+    (jwt.MissingRequiredClaimError, "token lacks a required claim"),
+    (jwt.InvalidAlgorithmError, "token algorithm not accepted"),
+    (jwt.DecodeError, "malformed token"),
+)
+
+
+def _jwt_error_text(exc: Exception) -> str:
+    for cls, text in _JWT_ERRORS:
+        if isinstance(exc, cls):
+            return text
+    return "invalid token"
+
+
 class Authenticator:
     """Verifies JWTs and API keys.
 
@@ -383,24 +403,8 @@ class Authenticator:
                 audience=self.audience,
                 issuer=self.issuer,
             )
-        except jwt.ExpiredSignatureError:
-            raise AuthError("token expired") from None
-        except jwt.ImmatureSignatureError:
-            raise AuthError("token not yet valid") from None
-        except jwt.InvalidSignatureError:
-            raise AuthError("bad token signature") from None
-        except jwt.InvalidAudienceError:
-            raise AuthError("token audience not accepted") from None
-        except jwt.InvalidIssuerError:
-            raise AuthError("token issuer not accepted") from None
-        except jwt.MissingRequiredClaimError:
-            raise AuthError("token lacks a required claim") from None
-        except jwt.InvalidAlgorithmError:
-            raise AuthError("token algorithm not accepted") from None
-        except jwt.DecodeError:
-            raise AuthError("malformed token") from None
-        except jwt.InvalidTokenError:
-            raise AuthError("invalid token") from None
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(_jwt_error_text(exc)) from None
         except Exception:  # e.g. a key type error deep in cryptography
             log.debug("unexpected error verifying a token", exc_info=False)
             raise AuthError("invalid token") from None

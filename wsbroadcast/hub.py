@@ -1,7 +1,7 @@
 """The hub: the registry of connections and subscriptions, where a message is matched.
 
 Commands parsed by a reader arrive here in batches (one per chunk read). Under
-one lock the hub checks them, assigns seqs through the store, matches each
+one lock the hub checks them, assigns seqs through the broker, matches each
 publication against the subject tree, and queues acks and deliveries on the
 writer's channel, so that per topic the order of the channel is the seq order
 and a subscribe's ack precedes every message published after it.

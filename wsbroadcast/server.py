@@ -253,12 +253,7 @@ class Server:
     def _handle(self, sock: socket.socket, addr: Tuple[str, int]) -> None:
         cfg = self.config
         try:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if cfg.socket_sndbuf:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_sndbuf)
-            except OSError:
-                pass
+            self.tune_socket(sock)
             stream: Any = sock
             tls = None
             if self._ssl is not None:
@@ -308,6 +303,15 @@ class Server:
         finally:
             if upgrade.refuse is None:
                 self._release(addr[0])
+
+    def tune_socket(self, sock: socket.socket) -> None:
+        """Options every client socket gets: no Nagle delay, a capped send buffer."""
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.config.socket_sndbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.socket_sndbuf)
+        except OSError:
+            pass
 
     def _on_open(self, conn: Connection) -> None:
         if conn.kind == PLAIN:

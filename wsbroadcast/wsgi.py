@@ -225,12 +225,7 @@ class Broker(Server):
                 if upgrade.refuse is None:
                     self._release(ip)
                 return None, mode
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if cfg.socket_sndbuf:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.socket_sndbuf)
-            except OSError:
-                pass
+            self.tune_socket(sock)
             try:
                 self.run_connection(sock, addr, upgrade)
             except OSError as exc:
