@@ -828,3 +828,39 @@ def test_tokens_never_logged_by_the_cli_at_debug_level():
     for line in proc.lines:
         for secret in _secrets_of(tokens):
             assert secret not in line, "a secret in the log: %r" % line
+
+
+def test_nothing_is_carried_out_after_expiry_even_before_the_close(make_server):
+    # a long clock tick, so that the close cannot come from the writer's timer first
+    srv = make_server(secret=SECRET, ping_interval=60.0, close_timeout=8.0)
+    exp = time.time() + 1.0 * SCALE
+    short = jwt.encode({"sub": "ann", "exp": exp, "subscribe": ["a"], "publish": ["a"]}, SECRET,
+                       algorithm="HS256")
+    c = ws(srv.port, query_token=short)
+    assert roundtrip(c, {"type": "subscribe", "topic": "a", "id": 1})["type"] == "ack"
+    while time.time() < exp:  # wait for the expiry by the wall clock the server uses
+        time.sleep(0.05)
+    c.send_json({"type": "publish", "topic": "a", "data": "late", "id": 2})
+    code, reason = c.expect_close(timeout=5 * SCALE)
+    assert code == 1008 and "expired" in reason
+    assert srv.hub.history("a", 0, 10) == []  # the late publish was not stored
+    c.close()
+
+
+def test_client_gives_up_when_reconnect_is_refused(make_server, tmp_path):
+    from wsbroadcast import Client, ConnectionClosed
+    srv = make_server(secret=SECRET, store=str(tmp_path / "s.db"))
+    exp = time.time() + 1.0 * SCALE
+    short = jwt.encode({"sub": "ann", "exp": exp, "subscribe": ["a"], "publish": ["a"]}, SECRET,
+                       algorithm="HS256")
+    client = Client.connect(srv.url, token=short, max_backoff=0.2)
+    try:
+        client.subscribe("a")
+        # expiry closes the connection; every reconnect is refused with 401: the client stops
+        with pytest.raises(ConnectionClosed):
+            while True:
+                assert client.recv(timeout=10 * SCALE) is not None, "the client did not stop"
+        assert "401" in client.close_reason
+        assert not client.connected
+    finally:
+        client.close()

@@ -301,6 +301,13 @@ class Client:
                 try:
                     self._ws = self._dial()
                 except (OSError, ConnectionError, simple_websocket.ConnectionError) as exc:
+                    status = getattr(exc, "status_code", None)  # simple-websocket's refusal
+                    if status in (401, 403):
+                        # credentials refused (e.g. an expired token): retrying cannot help
+                        logger.warning("reconnect refused with HTTP %d; giving up", status)
+                        self.close_reason = "reconnect refused with HTTP %d" % status
+                        self._closed.set()
+                        break
                     logger.debug("reconnect failed: %s", exc)
                     continue
                 self.reconnects += 1

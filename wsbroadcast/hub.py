@@ -20,10 +20,10 @@ from .envelope import (
     has_id, message_text, pong_text,
 )
 from .broker import Broker, Publication
-from .errors import BrokerUnavailable, ErrorCode, StoreError
+from .errors import BrokerUnavailable, CloseCode, ErrorCode, StoreError
 from .store import StoredMessage
 from .topics import SubjectTree, is_wildcard, validate_topic
-from .writer import DELIVER, REPLAY, SEND, SLOW, Writer
+from .writer import CLOSE, DELIVER, REPLAY, SEND, SLOW, Writer
 from .wsframe import text_frame
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,10 @@ class Hub:
     # ------------------------------------------------------------------ commands
     def handle(self, conn: Connection, commands: Sequence[Any]) -> None:
         """Carry out a batch of one connection's commands in order."""
+        if conn.expires is not None and time.time() >= conn.expires:
+            # credentials ran out: nothing more is carried out (the writer closes it)
+            self.writer.put(((CLOSE, conn, CloseCode.POLICY_VIOLATION, "token expired"),))
+            return
         ops: List[tuple] = []
         replays: List[Tuple[Subscribe, int, str]] = []
         early = self._subscribe_early(commands) if not self.broker.delivers_locally else ()
