@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from wsbroadcast.errors import ServerClosed
+
 flask = pytest.importorskip("flask")
 simple_websocket = pytest.importorskip("simple_websocket")
 
@@ -265,14 +267,14 @@ def test_shutdown_closes_mounted_connections_and_joins_threads(mounted):
     assert broker._trimmer is not None and not broker._trimmer._thread.is_alive()
     # no wsbroadcast thread is left, and the server's request threads have ended
     assert wsraw.wait_for(lambda: not [t for t in threading.enumerate()
-                                       if t.name.startswith("wsbroadcast")])
+                                       if t.name.startswith("wsbroadcast") and t not in before])
     assert wsraw.wait_for(lambda: {t for t in threading.enumerate()
                                    if t.name != "test-werkzeug"} <= before | {threading.current_thread()},
                           timeout=10 * SCALE)
     # after shutdown the endpoint answers 503 and publish refuses
     status, _, body = wsraw.http_request(port, _upgrade_request(port))
     assert status == 503 and json.loads(body)["error"] == "unavailable"
-    with pytest.raises(Exception):
+    with pytest.raises(ServerClosed):
         broker.publish("news", 1)
 
 
