@@ -16,7 +16,7 @@ the messages of both publishers, half of them through the other node and Redis.
 Setups are interleaved and repeated (--repeat); medians are printed with the
 ratio redis/memory. A private redis-server runs on a free port in a temp dir.
 
-The servers run on this interpreter (``/work/venv/bin/python scripts/bench_redis.py``).
+The servers run on this interpreter (``python scripts/bench_redis.py``, with wsbroadcast[redis] installed).
 
   scripts/bench_redis.py [--subs 100] [--duration 3] [--rate 200] [--repeat 1]
 """
