@@ -590,20 +590,25 @@ def test_plain_trickled_request_is_cut_at_the_handshake_timeout(make_server):
     raw = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
     try:
         request_bytes = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"p" * 200 + b"\r\n"
-        started = time.monotonic()
-        limit = started + timeout + 2.0 * SCALE
-        for i in range(len(request_bytes)):
-            if srv.thread_count() == 0 or time.monotonic() > limit:
-                break
-            try:
-                raw.sendall(request_bytes[i:i + 1])
-            except OSError:
-                break
-            time.sleep(0.2)  # pacing the attack, not synchronisation
-        assert wsraw.wait_for(lambda: srv.thread_count() == 0, timeout=0.5), \
-            "thread still held %.1fs after the connection began" % (time.monotonic() - started)
+        _trickle(srv, raw, request_bytes, timeout)
     finally:
         raw.close()
+
+
+def _trickle(srv, raw, data, timeout):
+    """Send ``data`` a byte every 0.2 s; the server must free the thread by the handshake timeout."""
+    started = time.monotonic()
+    limit = started + timeout + 2.0 * SCALE
+    for i in range(len(data)):
+        if srv.thread_count() == 0 or time.monotonic() > limit:
+            break
+        try:
+            raw.sendall(data[i:i + 1])
+        except OSError:
+            break
+        time.sleep(0.2)  # pacing the attack, not synchronisation
+    assert wsraw.wait_for(lambda: srv.thread_count() == 0, timeout=0.5), \
+        "thread still held %.1fs after the connection began" % (time.monotonic() - started)
 
 
 def test_tls_trickled_request_is_cut_at_the_handshake_timeout(make_server, cert):
@@ -625,18 +630,7 @@ def test_tls_trickled_request_is_cut_at_the_handshake_timeout(make_server, cert)
                 incoming.write(raw.recv(65536))
         obj.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"p" * 200 + b"\r\n")
         record = outgoing.read()
-        started = time.monotonic()
-        limit = started + timeout + 2.0 * SCALE
-        for i in range(len(record)):
-            if srv.thread_count() == 0 or time.monotonic() > limit:
-                break
-            try:
-                raw.sendall(record[i:i + 1])
-            except OSError:
-                break
-            time.sleep(0.2)  # pacing the attack, not synchronisation
-        assert wsraw.wait_for(lambda: srv.thread_count() == 0, timeout=0.5), \
-            "thread still held %.1fs after the connection began" % (time.monotonic() - started)
+        _trickle(srv, raw, record, timeout)
     finally:
         raw.close()
 

@@ -44,15 +44,6 @@ static unsigned long long dropped;
 
 static void on_sig(int s) { (void)s; stop = 1; }
 
-static void ensure(char **buf, size_t *cap, size_t need) {
-    if (need <= *cap) return;
-    size_t c = *cap ? *cap : 4096;
-    while (c < need) c *= 2;
-    char *n = realloc(*buf, c);
-    if (!n) { perror("realloc"); exit(1); }
-    *buf = n; *cap = c;
-}
-
 static void set_events(client *c) {
     struct epoll_event ev = {.events = EPOLLIN | (c->want_out ? EPOLLOUT : 0), .data.fd = c->fd};
     epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev);

@@ -94,15 +94,6 @@ static inline int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-static void ensure(char **buf, size_t *cap, size_t need) {
-    if (need <= *cap) return;
-    size_t c = *cap ? *cap : 4096;
-    while (c < need) c *= 2;
-    char *n = realloc(*buf, c);
-    if (!n) { perror("realloc"); exit(1); }
-    *buf = n; *cap = c;
-}
-
 static void set_events(conn *c, uint32_t ev) {
     struct epoll_event e = {.events = ev, .data.u32 = (uint32_t)(c - conns)};
     epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &e);

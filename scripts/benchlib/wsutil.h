@@ -1,9 +1,21 @@
-/* Shared helpers for the benchmark C programs: SHA-1 and base64 (inline, no deps). */
+/* Shared helpers for the benchmark C programs: SHA-1, base64, buffer growth (no deps). */
 #ifndef WSUTIL_H
 #define WSUTIL_H
 #include <stdint.h>
 #include <string.h>
 #include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+/* Grow *buf (capacity *cap) to hold at least need bytes; exits when memory runs out. */
+__attribute__((unused)) static void ensure(char **buf, size_t *cap, size_t need) {
+    if (need <= *cap) return;
+    size_t c = *cap ? *cap : 4096;
+    while (c < need) c *= 2;
+    char *n = realloc(*buf, c);
+    if (!n) { perror("realloc"); exit(1); }
+    *buf = n; *cap = c;
+}
 
 static inline uint32_t wsu_rol(uint32_t v, int b) { return (v << b) | (v >> (32 - b)); }
 
