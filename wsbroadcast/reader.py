@@ -11,8 +11,6 @@ the socket.
 from __future__ import annotations
 
 import logging
-import socket
-import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Any, List, Optional
@@ -33,7 +31,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-_LINGER_RESET = struct.pack("ii", 1, 0)
 RECV_SIZE = 65536
 RECV_IDLE = 1024
 
@@ -126,11 +123,6 @@ class Reader:
         self.writer.put(((DETACH, conn, done),))
         if not done.wait(self.close_timeout + 5.0):
             logger.error("writer did not release %s", conn.label)
-        try:
-            if conn.out_bytes or not conn.flushed.is_set() and conn.close_sent:
-                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError:
-            pass
         try:
             conn.sock.close()
         except OSError:

@@ -448,6 +448,12 @@ class Writer:
         self._kill(conn)
 
     def _detach(self, conn: Connection) -> None:
+        if conn.out:
+            # bytes that will never be sent: the reader's close then resets the connection
+            try:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
         self._unregister(conn)
         self._conns.discard(conn)
         self._closing.discard(conn)
