@@ -146,6 +146,7 @@ def _token(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from .auth import install_redaction_on_handlers, load_secret
+    from .errors import ConfigError
     from .server import Server
 
     public_key = None
@@ -175,7 +176,8 @@ def _serve(args: argparse.Namespace) -> int:
     install_redaction_on_handlers()
     try:
         server = Server(config.host, config.port, config=config)
-    except ValueError as exc:  # e.g. a --public-key that is not a PEM public key
+    except ValueError as exc:  # ConfigError, or e.g. a --public-key that is not a PEM public key
+        logger.debug("start-up failed", exc_info=True)
         return _fail("serve", str(exc))
     stop = threading.Event()
 
@@ -185,7 +187,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    server.start()
+    try:
+        server.start()
+    except ConfigError as exc:
+        logger.debug("start-up failed", exc_info=True)
+        server.shutdown()
+        return _fail("serve", str(exc))
     logger.info("demo page at %s/ ; WebSocket at %s ; %s", server.http_url, server.url,
                 "redis: " + config.redis_url if config.redis_url else "store: " + config.store)
     sys.stderr.flush()

@@ -10,6 +10,7 @@ Exception tree::
     ├── StoreError               the message store could not read or write
     ├── BrokerUnavailable        the broker (e.g. Redis) cannot take a publish now
     ├── ServerClosed             an operation on a server that is shut down
+    ├── ConfigError              a setting or start-up condition the user must fix
     └── ClientError              the Python client's failures
         └── ConnectionClosed     the client's connection is closed (has ``code``)
 
@@ -108,6 +109,14 @@ class BrokerUnavailable(WsBroadcastError):
 
 class ServerClosed(WsBroadcastError, RuntimeError):
     """The server is shut down or not started."""
+
+
+class ConfigError(WsBroadcastError, ValueError):
+    """A setting or start-up condition the user must fix (bad flag, port in use, store locked).
+
+    Its message is one line saying what is wrong and what to do; the command line prints
+    it as ``wsbroadcast serve: MESSAGE`` and exits with status 2.
+    """
 
 
 class ClientError(WsBroadcastError):
