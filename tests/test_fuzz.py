@@ -52,23 +52,9 @@ def close_(code: int) -> str:
 
 def client_frame(rng: random.Random, opcode: int, payload: bytes, fin: bool = True, mask: bool = True,
                  rsv: int = 0, length: Optional[int] = None, width: Optional[int] = None) -> bytes:
-    """One client frame; ``length``/``width`` (7, 16 or 64) may lie about the payload."""
-    n = len(payload) if length is None else length
-    if width is None:
-        width = 7 if n < 126 else 16 if n < 65536 else 64
-    b0 = (0x80 if fin else 0) | (rsv << 4) | (opcode & 0x0F)
-    mbit = 0x80 if mask else 0
-    if width == 7:
-        head = bytes((b0, mbit | n))
-    elif width == 16:
-        head = struct.pack("!BBH", b0, mbit | 126, n)
-    else:
-        head = struct.pack("!BBQ", b0, mbit | 127, n)
-    if mask:
-        key = bytes(rng.getrandbits(8) for _ in range(4))
-        head += key
-        payload = wsraw._mask(payload, key) if payload else b""
-    return head + payload
+    """One client frame, its mask key drawn from ``rng``; ``length``/``width`` may lie."""
+    key = bytes(rng.getrandbits(8) for _ in range(4)) if mask else None
+    return wsraw.encode_frame(opcode, payload, fin, mask, rsv, length, width, key)
 
 
 def text(rng, s: str, **kw) -> bytes:

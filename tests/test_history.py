@@ -9,9 +9,7 @@ live subscription of the same connection.
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 import sqlite3
 import threading
 import time
@@ -22,7 +20,9 @@ import pytest
 from conftest import SCALE
 import wsraw
 from serverproc import ServerProcess
-from wsraw import RawWS, connect, wait_for
+from httputil import http_json
+from httputil import publish as http_publish
+from wsraw import RawWS, connect, expect_pong_next, subscribe, wait_for
 
 from wsbroadcast.store import SqliteStore
 
@@ -36,27 +36,6 @@ def store_spec(kind: str, tmp_path) -> str:
     return "memory" if kind == "memory" else str(tmp_path / "history.db")
 
 
-def http_json(port: int, method: str, path: str, body: Any = None,
-              timeout: float = 10.0) -> Tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout * SCALE)
-    try:
-        headers = {}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        conn.request(method, path, body=data, headers=headers)
-        resp = conn.getresponse()
-        raw = resp.read()
-        return resp.status, (json.loads(raw) if raw else None)
-    finally:
-        conn.close()
-
-
-def http_publish(port: int, topic: str, data: Any) -> Tuple[int, Any]:
-    return http_json(port, "POST", "/publish", {"topic": topic, "data": data})
-
-
 def history(port: int, topic: str, since: Optional[int] = None,
             limit: Optional[int] = None) -> List[Dict[str, Any]]:
     path = "/history?topic=" + topic
@@ -67,16 +46,6 @@ def history(port: int, topic: str, since: Optional[int] = None,
     status, body = http_json(port, "GET", path)
     assert status == 200, (status, body)
     return body
-
-
-def subscribe(ws: RawWS, topic: str, ident: Any = "s", **extra: Any) -> Dict[str, Any]:
-    """Send a subscribe and return its answer (ack or error)."""
-    frame = {"type": "subscribe", "topic": topic, "id": ident}
-    frame.update(extra)
-    ws.send_json(frame)
-    reply = ws.recv_json(timeout=10 * SCALE)
-    assert reply.get("id") == ident, reply
-    return reply
 
 
 def read_until(ws: RawWS, topic: str, last_seq: int, timeout: float = 30.0,
@@ -106,13 +75,6 @@ def read_until(ws: RawWS, topic: str, last_seq: int, timeout: float = 30.0,
         assert obj.get("type") == "message" and obj.get("topic") == topic, obj
         out.append((obj["seq"], obj["data"]))
     return out
-
-
-def expect_pong_next(ws: RawWS, ident: str = "barrier") -> None:
-    """Ping and require the pong to be the very next frame (nothing delivered meanwhile)."""
-    ws.send_json({"type": "ping", "id": ident})
-    reply = ws.recv_json(timeout=10 * SCALE)
-    assert reply == {"type": "pong", "id": ident}, reply
 
 
 def assert_exact(got: List[Tuple[int, Any]], first: int, last: int) -> None:
@@ -264,39 +226,10 @@ class SlowWS(RawWS):
     chunk = 4096
     pause = 0.002
 
-    def _need(self, n: int, deadline: float) -> bytes:
-        while len(self.buf) < n:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("no frame in time")
-            time.sleep(self.pause)  # pacing of the reader, not synchronisation
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(self.chunk)
-            if not data:
-                raise ConnectionError("connection closed by server")
-            self.buf += data
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
 
 def connect_slow(port: int) -> SlowWS:
     """Upgrade a socket whose receive buffer is small, so the server cannot park the replay in it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-    sock.settimeout(10 * SCALE)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(("GET /ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
-                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                  "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: wsbroadcast.v1\r\n\r\n"
-                  % port).encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        assert chunk, "closed during handshake"
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    assert head.split()[1] == b"101", head
-    return SlowWS(sock, "wsbroadcast.v1", rest)
+    return wsraw.connect(port, rcvbuf=16 * 1024, timeout=10 * SCALE, cls=SlowWS)
 
 
 @pytest.mark.timeout(90)

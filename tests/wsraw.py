@@ -10,11 +10,17 @@ import struct
 import time
 from typing import Any, List, Optional, Tuple
 
-DEFAULT_TIMEOUT = 5.0
+#: multiply every timing constant of the tests (slow or loaded machines)
+SCALE = float(os.environ.get("WSBROADCAST_TEST_TIMEOUT_SCALE", "1"))
+DEFAULT_TIMEOUT = 5.0 * SCALE
 
 
 class RawWS:
     """A client socket after a successful upgrade; frames are built by hand."""
+
+    #: bytes asked of the socket per recv, and a pause before each (a slow reader paces itself)
+    chunk = 65536
+    pause = 0.0
 
     def __init__(self, sock: socket.socket, subprotocol: Optional[str], rest: bytes = b"") -> None:
         self.sock = sock
@@ -42,8 +48,10 @@ class RawWS:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("no frame in time")
+            if self.pause:
+                time.sleep(self.pause)  # pacing of the reader, not synchronisation
             self.sock.settimeout(remaining)
-            data = self.sock.recv(65536)
+            data = self.sock.recv(self.chunk)
             if not data:
                 raise ConnectionError("connection closed by server")
             self.buf += data
@@ -99,19 +107,26 @@ class RawWS:
 
 
 def encode_frame(opcode: int, payload: bytes, fin: bool = True, mask: bool = True,
-                 rsv: int = 0) -> bytes:
-    """A client frame, masked unless told otherwise."""
-    b0 = (0x80 if fin else 0) | (rsv << 4) | opcode
-    n = len(payload)
+                 rsv: int = 0, length: Optional[int] = None, width: Optional[int] = None,
+                 key: Optional[bytes] = None) -> bytes:
+    """A client frame, masked (with ``key``, else a random one) unless told otherwise.
+
+    ``length`` and ``width`` (7, 16 or 64 bits) may lie about the payload.
+    """
+    b0 = (0x80 if fin else 0) | (rsv << 4) | (opcode & 0x0F)
+    n = len(payload) if length is None else length
+    if width is None:
+        width = 7 if n < 126 else 16 if n < 65536 else 64
     mbit = 0x80 if mask else 0
-    if n < 126:
+    if width == 7:
         head = struct.pack("!BB", b0, mbit | n)
-    elif n < 65536:
+    elif width == 16:
         head = struct.pack("!BBH", b0, mbit | 126, n)
     else:
         head = struct.pack("!BBQ", b0, mbit | 127, n)
+    n = len(payload)
     if mask:
-        key = os.urandom(4)
+        key = key if key is not None else os.urandom(4)
         payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if n < 4096 else _mask(payload, key)
         head += key
     return head + payload
@@ -119,6 +134,8 @@ def encode_frame(opcode: int, payload: bytes, fin: bool = True, mask: bool = Tru
 
 def _mask(payload: bytes, key: bytes) -> bytes:
     n = len(payload)
+    if not n:
+        return b""
     k = int.from_bytes((key * (n // 4 + 1))[:n], "big")
     return (int.from_bytes(payload, "big") ^ k).to_bytes(n, "big")
 
@@ -133,7 +150,9 @@ def http_request(port: int, request: bytes, timeout: float = DEFAULT_TIMEOUT) ->
         sock.close()
 
 
-def read_response(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> Tuple[int, dict, bytes]:
+def read_response(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT,
+                  upgrade: bool = False) -> Tuple[int, dict, bytes]:
+    """(status, headers, body) of one response; after a 101 (``upgrade``) body is the bytes that followed."""
     deadline = time.monotonic() + timeout
     data = b""
     while b"\r\n\r\n" not in data:
@@ -142,6 +161,8 @@ def read_response(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> Tupl
         if not chunk:
             break
         data += chunk
+    if b"\r\n\r\n" not in data:
+        raise ConnectionError("closed before a complete response: %r" % data[:200])
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
@@ -149,6 +170,8 @@ def read_response(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> Tupl
     for line in lines[1:]:
         k, _, v = line.partition(":")
         headers[k.strip().lower()] = v.strip()
+    if upgrade and status == 101:
+        return status, headers, body
     length = int(headers.get("content-length", "-1"))
     while length >= 0 and len(body) < length:
         sock.settimeout(max(0.01, deadline - time.monotonic()))
@@ -159,37 +182,69 @@ def read_response(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> Tupl
     return status, headers, body
 
 
-def connect(port: int, subprotocol: Optional[str] = "wsbroadcast.v1", path: str = "/ws",
-            headers: Optional[List[Tuple[str, str]]] = None, timeout: float = DEFAULT_TIMEOUT) -> RawWS:
-    """Open a raw WebSocket connection (raises AssertionError unless answered 101)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    key = base64.b64encode(os.urandom(16)).decode()
+def upgrade_request(port: int, path: str = "/ws", subprotocol: Optional[str] = "wsbroadcast.v1",
+                    headers: Optional[List[Tuple[str, str]]] = None, key: Optional[str] = None) -> bytes:
+    """The bytes of a valid WebSocket upgrade request (extra ``headers`` appended)."""
+    key = key or base64.b64encode(os.urandom(16)).decode()
     lines = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1:%d" % port, "Upgrade: websocket",
              "Connection: Upgrade", "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13"]
     if subprotocol:
         lines.append("Sec-WebSocket-Protocol: " + subprotocol)
     for k, v in headers or []:
         lines.append("%s: %s" % (k, v))
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-    data = b""
-    deadline = time.monotonic() + timeout
-    while b"\r\n\r\n" not in data:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError("closed during handshake: %r" % data)
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    status = int(head.split()[1])
-    if status != 101:
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def handshake(port: int, path: str = "/ws", subprotocol: Optional[str] = "wsbroadcast.v1",
+              headers: Optional[List[Tuple[str, str]]] = None, timeout: float = DEFAULT_TIMEOUT,
+              rcvbuf: Optional[int] = None, cls: type = RawWS) -> Tuple[int, dict, Any]:
+    """Send an upgrade request: (101, headers, ``cls`` instance) when accepted, else (status, headers, body).
+
+    ``rcvbuf`` sets SO_RCVBUF before connecting (a small one keeps the server from parking much there).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(upgrade_request(port, path, subprotocol, headers))
+        status, hdrs, body = read_response(sock, timeout, upgrade=True)
+    except BaseException:
         sock.close()
-        raise AssertionError("handshake answered %d: %r" % (status, head))
-    chosen = None
-    for line in head.decode("latin-1").split("\r\n")[1:]:
-        k, _, v = line.partition(":")
-        if k.strip().lower() == "sec-websocket-protocol":
-            chosen = v.strip()
-    return RawWS(sock, chosen, rest)
+        raise
+    if status == 101:
+        return status, hdrs, cls(sock, hdrs.get("sec-websocket-protocol"), body)
+    sock.close()
+    return status, hdrs, body
+
+
+def connect(port: int, subprotocol: Optional[str] = "wsbroadcast.v1", path: str = "/ws",
+            headers: Optional[List[Tuple[str, str]]] = None, timeout: float = DEFAULT_TIMEOUT,
+            rcvbuf: Optional[int] = None, cls: type = RawWS) -> Any:
+    """Open a raw WebSocket connection (raises AssertionError unless answered 101)."""
+    status, hdrs, conn = handshake(port, path, subprotocol, headers, timeout, rcvbuf, cls)
+    if status != 101:
+        raise AssertionError("handshake answered %d: %r" % (status, conn))
+    return conn
+
+
+def subscribe(ws: RawWS, topic: str, ident: Any = "s", timeout: float = 2 * DEFAULT_TIMEOUT,
+              **extra: Any) -> Any:
+    """Send a subscribe and return its answer (ack or error), which must carry ``ident``."""
+    frame = {"type": "subscribe", "topic": topic, "id": ident}
+    frame.update(extra)
+    ws.send_json(frame)
+    reply = ws.recv_json(timeout)
+    assert reply.get("id") == ident, reply
+    return reply
+
+
+def expect_pong_next(ws: RawWS, ident: Any = "barrier", timeout: float = 2 * DEFAULT_TIMEOUT) -> None:
+    """Ping and require the pong to be the very next frame: nothing was delivered before it."""
+    ws.send_json({"type": "ping", "id": ident})
+    reply = ws.recv_json(timeout)
+    assert reply == {"type": "pong", "id": ident}, "expected the pong next, got %r" % (reply,)
 
 
 def wait_for(predicate, timeout: float = DEFAULT_TIMEOUT, interval: float = 0.01) -> bool:
