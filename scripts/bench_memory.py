@@ -1,0 +1,287 @@
+#!/usr/bin/env python3
+"""What attacks cost the server in memory: RSS before and after, one scenario at a time.
+
+Each scenario starts its own broker the way a user does (``python -m wsbroadcast
+serve``, through tests/serverproc.py), prepares it, measures its RSS, runs the
+attack, samples the RSS for a while (the largest sample counts) and checks that
+an honest client is still served. One table row per measurement:
+
+    scripts/bench_memory.py [--only NAME ...] [--store sqlite|memory] [--settle 4]
+
+Scenarios (``--only`` picks some; default: all):
+
+- ``history``: ``--messages`` stored messages of ``--size`` bytes on one topic;
+  ``--clients`` HTTP clients ask ``GET /history?limit=1000`` and never read, and as
+  many v1 subscribers ask ``since: 0`` and never read. Target: growth < 64 MiB; a
+  reading client then pages through the whole history and a ``since: 0``
+  subscriber receives every message.
+
+A scenario is a function registered with ``@scenario(name)``; it gets the parsed
+arguments and returns ``Row``s. Options of its own are added by the function
+given as ``options=``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+import wsraw  # noqa: E402
+from serverproc import ServerProcess  # noqa: E402
+
+MIB = 1024 * 1024
+#: receive buffer of the clients that never read (the kernel absorbs little for them)
+NONREADER_RCVBUF = 4096
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Row(NamedTuple):
+    """One measurement: RSS in MiB before and after (the largest sample) the attack."""
+
+    scenario: str
+    case: str
+    before: float
+    after: float
+    target: Optional[float]  # largest acceptable growth in MiB (None: no target)
+    note: str = ""
+
+    @property
+    def growth(self) -> float:
+        return self.after - self.before
+
+    @property
+    def verdict(self) -> str:
+        if self.target is None:
+            return "-"
+        return "ok" if self.growth < self.target and "FAIL" not in self.note else "FAIL"
+
+
+class Scenario(NamedTuple):
+    run: Callable[[argparse.Namespace], List[Row]]
+    options: Optional[Callable[[argparse.ArgumentParser], None]]
+    doc: str
+
+
+SCENARIOS: Dict[str, Scenario] = {}
+
+
+def scenario(name: str, options: Optional[Callable[[argparse.ArgumentParser], None]] = None
+             ) -> Callable[[Callable[[argparse.Namespace], List[Row]]], Callable[[argparse.Namespace], List[Row]]]:
+    """Register a scenario function under ``name`` (``--only name``)."""
+    def register(fn: Callable[[argparse.Namespace], List[Row]]) -> Callable[[argparse.Namespace], List[Row]]:
+        SCENARIOS[name] = Scenario(fn, options, (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+    return register
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def start_server(args: argparse.Namespace, workdir: str, *extra: str) -> ServerProcess:
+    """A broker as a user starts it, with the store asked for (SQLite in ``workdir``)."""
+    store = "memory" if args.store == "memory" else os.path.join(workdir, "history.db")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return ServerProcess("--store", store, *extra,
+                         cwd=str(ROOT), env=env, timeout=30.0)
+
+
+def rss_mib(proc: ServerProcess) -> float:
+    return proc.rss_kib() / 1024.0
+
+
+def steady_rss(proc: ServerProcess, quiet: float = 1.0, timeout: float = 30.0) -> float:
+    """The RSS once it has not moved by more than 1 MiB for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    last = rss_mib(proc)
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = rss_mib(proc)
+        if abs(now - last) > 1.0:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return now
+    return rss_mib(proc)
+
+
+def peak_rss(proc: ServerProcess, seconds: float) -> float:
+    """The largest RSS sampled every 50 ms for ``seconds``."""
+    peak = rss_mib(proc)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        peak = max(peak, rss_mib(proc))
+    return peak
+
+
+def http_publish(conn: http.client.HTTPConnection, topic: str, data: str) -> int:
+    body = json.dumps({"topic": topic, "data": data}).encode()
+    conn.request("POST", "/publish", body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    doc = json.loads(resp.read())
+    if resp.status != 200:
+        raise RuntimeError("publish answered %d: %r" % (resp.status, doc))
+    return int(doc["seq"])
+
+
+# ---------------------------------------------------------------- scenario: history
+
+
+def _history_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("history")
+    g.add_argument("--messages", type=int, default=200, help="stored messages (default 200)")
+    g.add_argument("--size", type=int, default=MIB - 64,
+                   help="bytes of each message's data (default: just under 1 MiB)")
+    g.add_argument("--clients", type=int, default=10,
+                   help="non-reading /history clients, and as many since:0 subscribers (default 10)")
+
+
+def read_history(port: int, topic: str, timeout: float = 60.0) -> List[int]:
+    """Page through GET /history with ``since`` = the last seq got; return every seq."""
+    seqs: List[int] = []
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        while True:
+            conn.request("GET", "/history?topic=%s&limit=1000&since=%d" % (topic, seqs[-1] if seqs else 0))
+            resp = conn.getresponse()
+            rows = json.loads(resp.read())
+            if resp.status != 200:
+                raise RuntimeError("history answered %d: %r" % (resp.status, rows))
+            if not rows:
+                return seqs
+            seqs.extend(r["seq"] for r in rows)
+    finally:
+        conn.close()
+
+
+def replay_all(port: int, topic: str, count: int, timeout: float = 60.0) -> List[int]:
+    """Subscribe with ``since: 0`` and read ``count`` messages; return their seqs."""
+    ws = wsraw.connect(port, timeout=timeout)
+    try:
+        ws.send_json({"type": "subscribe", "topic": topic, "since": 0, "id": "r"})
+        seqs: List[int] = []
+        deadline = time.monotonic() + timeout
+        while len(seqs) < count:
+            msg = ws.recv_json(timeout=max(0.1, deadline - time.monotonic()))
+            if msg.get("type") == "message":
+                seqs.append(msg["seq"])
+        return seqs
+    finally:
+        ws.close()
+
+
+def nonreading_history(port: int, topic: str) -> object:
+    """A client that asks for a topic's whole history and never reads the answer."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, NONREADER_RCVBUF)
+    sock.settimeout(10.0)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(("GET /history?topic=%s&limit=1000 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
+                  % (topic, port)).encode())
+    return sock
+
+
+def nonreading_replay(port: int, topic: str) -> object:
+    """A v1 subscriber that asks for a topic's whole history (``since: 0``) and never reads."""
+    ws = wsraw.connect(port, rcvbuf=NONREADER_RCVBUF)
+    ws.send_json({"type": "subscribe", "topic": topic, "since": 0, "id": 1})
+    return ws
+
+
+@scenario("history", options=_history_options)
+def history_scenario(args: argparse.Namespace) -> List[Row]:
+    """Non-reading /history clients and since:0 subscribers on a large history."""
+    topic = "bench.history"
+    rows: List[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as workdir:
+        with start_server(args, workdir, "--history-size", str(max(1000, args.messages))) as proc:
+            data = "x" * args.size
+            log("history: publishing %d messages of %d bytes" % (args.messages, args.size))
+            conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=60)
+            try:
+                for _ in range(args.messages):
+                    http_publish(conn, topic, data)
+            finally:
+                conn.close()
+            del data
+            before = steady_rss(proc)
+            log("history: %.1f MiB before; %d non-reading clients of each kind"
+                % (before, args.clients))
+            held: List[object] = []
+            try:
+                for _ in range(args.clients):
+                    held.append(nonreading_history(proc.port, topic))
+                for _ in range(args.clients):
+                    held.append(nonreading_replay(proc.port, topic))
+                after = peak_rss(proc, args.settle)
+                seqs = read_history(proc.port, topic)
+                got_http = seqs == list(range(1, args.messages + 1))
+                seqs = replay_all(proc.port, topic, args.messages)
+                got_ws = seqs == list(range(1, args.messages + 1))
+            finally:
+                for c in held:
+                    c.close()  # type: ignore[attr-defined]
+            note = "reader: /history %s, since:0 %s" % ("all" if got_http else "FAIL",
+                                                        "all" if got_ws else "FAIL")
+            rows.append(Row("history", "%s, %d x %d B, %d+%d non-readers" % (
+                args.store, args.messages, args.size, args.clients, args.clients),
+                before, after, 64.0, note))
+    return rows
+
+
+# ---------------------------------------------------------------- main
+
+
+def print_table(rows: List[Row]) -> None:
+    head = ("scenario", "case", "RSS before MiB", "RSS after MiB", "growth MiB", "target", "verdict", "note")
+    table = [head] + [(r.scenario, r.case, "%.1f" % r.before, "%.1f" % r.after, "%.1f" % r.growth,
+                       "< %g" % r.target if r.target is not None else "-", r.verdict, r.note)
+                      for r in rows]
+    widths = [max(len(str(line[i])) for line in table) for i in range(len(head))]
+    for n, line in enumerate(table):
+        print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join("%s: %s" % (n, s.doc) for n, s in SCENARIOS.items()))
+    p.add_argument("--only", action="append", choices=sorted(SCENARIOS),
+                   help="run this scenario (repeatable; default: all)")
+    p.add_argument("--store", choices=("sqlite", "memory"), default="sqlite",
+                   help="the server's store (default: sqlite, as `serve` does)")
+    p.add_argument("--settle", type=float, default=4.0,
+                   help="seconds the RSS is sampled after an attack (default 4)")
+    p.add_argument("--json", help="also write the rows to this file")
+    for s in SCENARIOS.values():
+        if s.options is not None:
+            s.options(p)
+    args = p.parse_args(argv)
+    rows: List[Row] = []
+    for name in args.only or list(SCENARIOS):
+        rows.extend(SCENARIOS[name].run(args))
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dict(r._asdict(), growth=r.growth, verdict=r.verdict) for r in rows], f, indent=2)
+    return 0 if all(r.verdict != "FAIL" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
