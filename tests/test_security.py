@@ -684,12 +684,12 @@ def test_upgrades_reset_mid_handshake_do_not_use_up_the_per_ip_limit(make_server
     srv = make_server(max_connections_per_ip=1)
     for _ in range(20):
         s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
-        s.sendall(("GET /ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
-                   "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                   "Sec-WebSocket-Version: 13\r\n\r\n" % srv.port).encode())
+        s.sendall(wsraw.upgrade_request(srv.port, subprotocol=None))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()  # a reset, often before the 101 is written
-    assert wsraw.wait_for(lambda: srv.thread_count() == 0, timeout=5 * SCALE)
+    # all 20 accepted (each one's thread registered before it counts) and every thread gone
+    assert wsraw.wait_for(lambda: srv.accepted == 20 and srv.thread_count() == 0, timeout=10 * SCALE), \
+        (srv.accepted, srv.thread_count())
     c = ws(srv.port)
     assert_nothing_pending(c)
     c.close()

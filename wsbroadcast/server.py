@@ -230,8 +230,8 @@ class Server:
                             pause = 0.1
                             break
                         raise
-                    self.accepted += 1
                     self._spawn(sock, addr)
+                    self.accepted += 1  # after _spawn: its thread is in _threads by then
         finally:
             sel.close()
 
