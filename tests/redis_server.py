@@ -23,9 +23,9 @@ REDIS_SERVER = os.environ.get("WSBROADCAST_REDIS_SERVER") or shutil.which("redis
 
 
 def require_redis_server() -> str:
-    """The path of redis-server, or skip the calling test (module) with the reason."""
+    """The path of redis-server, or skip the calling test (or module, at import) with the reason."""
     if not REDIS_SERVER:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)", allow_module_level=True)
     return REDIS_SERVER
 
 
