@@ -41,7 +41,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from .errors import AuthError, TopicError
+from .errors import AuthError, ConfigError, TopicError
 from .topics import pattern_matches, validate_pattern, validate_topic
 
 __all__ = [
@@ -637,18 +637,26 @@ def load_secret(
     """The configured secret: ``secret``, else the stripped content of ``secret_file``,
     else the environment variable ``env_var``; None when none is set.
 
-    An explicit empty secret or an empty file raise ValueError (never silently turn
-    authentication off); an empty environment variable counts as unset.
+    An explicit empty secret, an empty or unreadable file raise ConfigError (never
+    silently turn authentication off); an empty environment variable counts as unset.
     """
     if secret is not None:
         if not secret:
-            raise ValueError("the secret is empty")
+            raise ConfigError("the secret is empty: give one with --secret, --secret-file or "
+                              "$WSBROADCAST_SECRET")
         return secret
     if secret_file:
-        with open(secret_file, "r", encoding="utf-8") as fh:
-            value = fh.read().strip()
+        try:
+            with open(secret_file, "r", encoding="utf-8") as fh:
+                value = fh.read().strip()
+        except OSError as exc:
+            raise ConfigError("cannot read the secret file %s: %s; give a readable file with --secret-file"
+                              % (secret_file, exc.strerror or exc)) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError("the secret file %s is not UTF-8 text; put the secret in it as one line"
+                              % secret_file) from exc
         if not value:
-            raise ValueError("the secret file is empty")
+            raise ConfigError("the secret file %s is empty; put the secret in it as one line" % secret_file)
         return value
     value = os.environ.get(env_var, "").strip() if env_var else ""
     return value or None

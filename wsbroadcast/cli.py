@@ -10,84 +10,111 @@ import sys
 import threading
 from typing import List, Optional
 
-from .config import Config
+from . import __version__
+from .config import Config, human_bytes
 
 logger = logging.getLogger("wsbroadcast")
 
 _DEFAULT_STORE = "wsbroadcast.db"
+_STACK_SIZE = 256 * 1024
 
 
-def _serve_parser(sub: "argparse._SubParsersAction") -> None:
+def _d(text: str, default: object) -> str:
+    """Help text with its default, said once."""
+    return "%s (default: %s)" % (text, default)
+
+
+def _serve_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     d = Config()
     p = sub.add_parser("serve", help="run the broker",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Run the broker: WebSocket at PATH, the demo page at /, "
-                                   "/healthz, /metrics, POST /publish and GET /history on one port.")
-    p.add_argument("--host", default=d.host, help="address to listen on")
-    p.add_argument("--port", type=int, default=d.port, help="port to listen on (0: any free port)")
-    p.add_argument("--path", default=d.path, help="the WebSocket endpoint's path")
+                                   "/healthz, /metrics, POST /publish and GET /history on one port. "
+                                   "By default history is kept in ./%s." % _DEFAULT_STORE)
+    p.add_argument("--host", default=d.host, help=_d("address to listen on (0.0.0.0: every interface)", d.host))
+    p.add_argument("--port", type=int, default=d.port, help=_d("port to listen on (0: any free port)", d.port))
+    p.add_argument("--path", default=d.path, help=_d("the WebSocket endpoint's path", d.path))
     p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error", "critical"], help="log level (stderr)")
+                   choices=["debug", "info", "warning", "error", "critical"],
+                   help=_d("log level on stderr (debug adds tracebacks to start-up errors)", "info"))
     g = p.add_argument_group("limits")
-    g.add_argument("--max-message-size", type=int, default=d.max_message_size,
-                   help="largest message in bytes (after reassembly); also the HTTP publish body")
-    g.add_argument("--max-outbox", type=int, default=d.max_outbox,
-                   help="unsent bytes a connection may owe before it is closed as a slow consumer (1008)")
-    g.add_argument("--ping-interval", type=float, default=d.ping_interval,
-                   help="seconds of silence before the server pings a connection (0: never)")
-    g.add_argument("--ping-timeout", type=float, default=d.ping_timeout,
-                   help="seconds to wait for any answer to a ping before closing")
-    g.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout,
-                   help="seconds a client has to send a complete request (covers TLS and slow headers)")
-    g.add_argument("--close-timeout", type=float, default=d.close_timeout,
-                   help="seconds a closing connection gets to take its close frame before a reset")
-    g.add_argument("--max-connections", type=int, default=d.max_connections,
-                   help="open WebSocket connections; past it new ones are closed with 1013")
-    g.add_argument("--max-connections-per-ip", type=int, default=d.max_connections_per_ip,
-                   help="open WebSocket connections per client address (0: no limit)")
-    g.add_argument("--thread-stack-size", type=int, default=256 * 1024,
-                   help="stack size of each connection thread in bytes (small lets ~20,000 fit)")
-    g.add_argument("--max-subscriptions", type=int, default=d.max_subscriptions,
-                   help="subscriptions per connection")
-    g.add_argument("--max-publish-rate", type=float, default=d.max_publish_rate,
-                   help="publishes per second per connection, and per address over HTTP (0: no limit)")
-    g.add_argument("--publish-burst", type=int, default=d.publish_burst,
-                   help="publishes allowed at once above the rate (0: one second's worth)")
+    g.add_argument("--max-message-size", type=int, default=d.max_message_size, metavar="BYTES",
+                   help=_d("largest message (after reassembly); also the HTTP publish body",
+                           human_bytes(d.max_message_size)))
+    g.add_argument("--max-outbox", type=int, default=d.max_outbox, metavar="BYTES",
+                   help=_d("unsent bytes a connection may owe before it is closed as a slow consumer (1008)",
+                           human_bytes(d.max_outbox)))
+    g.add_argument("--ping-interval", type=float, default=d.ping_interval, metavar="SECONDS",
+                   help=_d("silence before the server pings a connection (0: never)", "%g" % d.ping_interval))
+    g.add_argument("--ping-timeout", type=float, default=d.ping_timeout, metavar="SECONDS",
+                   help=_d("time to wait for any answer to a ping before closing", "%g" % d.ping_timeout))
+    g.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout, metavar="SECONDS",
+                   help=_d("time a client has to send a complete request (covers TLS and slow headers)",
+                           "%g" % d.handshake_timeout))
+    g.add_argument("--close-timeout", type=float, default=d.close_timeout, metavar="SECONDS",
+                   help=_d("time a closing connection gets to take its close frame before a reset",
+                           "%g" % d.close_timeout))
+    g.add_argument("--max-connections", type=int, default=d.max_connections, metavar="N",
+                   help=_d("open WebSocket connections; past it new ones are closed with 1013",
+                           d.max_connections))
+    g.add_argument("--max-connections-per-ip", type=int, default=d.max_connections_per_ip, metavar="N",
+                   help=_d("open WebSocket connections per client address (0: no limit)",
+                           d.max_connections_per_ip))
+    g.add_argument("--thread-stack-size", type=int, default=_STACK_SIZE, metavar="BYTES",
+                   help=_d("stack size of each connection thread (small lets ~20,000 fit; 0: Python's)",
+                           human_bytes(_STACK_SIZE)))
+    g.add_argument("--max-subscriptions", type=int, default=d.max_subscriptions, metavar="N",
+                   help=_d("subscriptions per connection", d.max_subscriptions))
+    g.add_argument("--max-publish-rate", type=float, default=d.max_publish_rate, metavar="PER_SECOND",
+                   help=_d("publishes per second per connection, and per address over HTTP (0: no limit)",
+                           "%g" % d.max_publish_rate))
+    g.add_argument("--publish-burst", type=int, default=d.publish_burst, metavar="N",
+                   help=_d("publishes allowed at once above the rate (0: one second's worth)", d.publish_burst))
     h = p.add_argument_group("history")
-    h.add_argument("--store", default=_DEFAULT_STORE,
-                   help="SQLite file for history and seqs, or 'memory' for none that survives a restart")
-    h.add_argument("--history-size", type=int, default=d.history_size, help="messages kept per topic")
-    h.add_argument("--history-ttl", type=float, default=None, help="seconds a message is kept (default: no limit)")
+    h.add_argument("--store", default=_DEFAULT_STORE, metavar="FILE",
+                   help=_d("SQLite file for history and seqs, or 'memory' for none that survives a restart",
+                           _DEFAULT_STORE))
+    h.add_argument("--history-size", type=int, default=d.history_size, metavar="N",
+                   help=_d("messages kept per topic", d.history_size))
+    h.add_argument("--history-ttl", type=float, default=None, metavar="SECONDS",
+                   help=_d("how long a message is kept", "no limit"))
     h.add_argument("--full-sync", action="store_true",
                    help="sync the store to disk on every commit (survives power loss, slower)")
-    h.add_argument("--redis", metavar="URL",
+    r = p.add_argument_group("scale-out")
+    r.add_argument("--redis", metavar="URL",
                    help="share seqs, history and fan-out with other nodes through Redis "
-                        "(redis://host:port/db; needs the extra wsbroadcast[redis]); replaces --store")
+                        "(redis://host:port/db; needs pip install 'wsbroadcast[redis]'); replaces --store")
     s = p.add_argument_group("security")
     s.add_argument("--secret", help="HS256 secret for tokens (prefer --secret-file or $WSBROADCAST_SECRET)")
-    s.add_argument("--secret-file", help="file holding the HS256 secret")
-    s.add_argument("--public-key", help="PEM file of the RS256/ES256 public key for tokens")
+    s.add_argument("--secret-file", metavar="FILE", help="file holding the HS256 secret")
+    s.add_argument("--public-key", metavar="FILE", help="PEM file of the RS256/ES256 public key for tokens")
     s.add_argument("--api-key", help="key for back-end publishers (X-API-Key header); also $WSBROADCAST_API_KEY")
-    s.add_argument("--allowed-origin", action="append", default=[],
+    s.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="browser origin allowed besides the server's own (repeatable; '*' allows any)")
-    s.add_argument("--certfile", help="TLS certificate (PEM): serve wss:// and https://")
-    s.add_argument("--keyfile", help="TLS private key (PEM)")
+    s.add_argument("--certfile", metavar="FILE", help="TLS certificate (PEM): serve wss:// and https://")
+    s.add_argument("--keyfile", metavar="FILE", help="TLS private key (PEM)")
     p.set_defaults(func=_serve)
+    return p
 
 
-def _token_parser(sub: "argparse._SubParsersAction") -> None:
+def _token_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p = sub.add_parser("token", help="print a signed token",
                        description="Print a JWT for the given claims, signed with the secret "
-                                   "(HS256) or a private key (RS256/ES256).")
+                                   "(HS256) or a private key (RS256/ES256). A client passes it as "
+                                   "?token=... on the WebSocket URL or as 'Authorization: Bearer ...'.")
     p.add_argument("--secret", help="HS256 secret (or --secret-file, or $WSBROADCAST_SECRET)")
-    p.add_argument("--secret-file", help="file holding the HS256 secret")
-    p.add_argument("--private-key", help="PEM private key file (RS256 or ES256)")
-    p.add_argument("--algorithm", default=None, help="HS256 (default with a secret), RS256 or ES256")
-    p.add_argument("--sub", help="who the token is for")
-    p.add_argument("--subscribe", action="append", default=[], help="topic pattern it may subscribe to (repeatable)")
-    p.add_argument("--publish", action="append", default=[], help="topic it may publish on (repeatable)")
-    p.add_argument("--lifetime", type=float, default=3600.0, help="seconds until it expires (0: never)")
+    p.add_argument("--secret-file", metavar="FILE", help="file holding the HS256 secret")
+    p.add_argument("--private-key", metavar="FILE", help="PEM private key file (RS256 or ES256)")
+    p.add_argument("--algorithm", default=None,
+                   help=_d("HS256, RS256 or ES256", "HS256 with a secret, else from the key's type"))
+    p.add_argument("--sub", help=_d("who the token is for", "none"))
+    p.add_argument("--subscribe", action="append", default=[], metavar="PATTERN",
+                   help=_d("topic pattern it may subscribe to (repeatable)", "none"))
+    p.add_argument("--publish", action="append", default=[], metavar="TOPIC",
+                   help=_d("topic it may publish on (repeatable)", "none"))
+    p.add_argument("--lifetime", type=float, default=3600.0, metavar="SECONDS",
+                   help=_d("time until it expires (0: never)", "3600"))
     p.set_defaults(func=_token)
+    return p
 
 
 def _fail(command: str, message: str) -> int:
@@ -147,34 +174,34 @@ def _token(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .auth import install_redaction_on_handlers, load_secret
     from .errors import ConfigError
-    from .server import Server
+    from .server import Server, check_listen
 
-    public_key = None
     try:
+        public_key = None
         if args.public_key:
-            with open(args.public_key, "rb") as f:
-                public_key = f.read()
+            try:
+                with open(args.public_key, "rb") as f:
+                    public_key = f.read()
+            except OSError as exc:
+                raise ConfigError("cannot read the public key %s: %s; give a PEM file with --public-key"
+                                  % (args.public_key, exc.strerror or exc)) from exc
         secret = load_secret(args.secret, args.secret_file)
-    except OSError as exc:
-        return _fail("serve", "cannot read %s: %s" % (exc.filename or "a file", exc.strerror or exc))
-    except ValueError as exc:
-        return _fail("serve", str(exc))
-    config = Config(
-        host=args.host, port=args.port, path=args.path,
-        max_message_size=args.max_message_size, max_outbox=args.max_outbox,
-        ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
-        handshake_timeout=args.handshake_timeout, close_timeout=args.close_timeout,
-        max_connections=args.max_connections, max_connections_per_ip=args.max_connections_per_ip,
-        max_subscriptions=args.max_subscriptions, max_publish_rate=args.max_publish_rate,
-        publish_burst=args.publish_burst, store=args.store, history_size=args.history_size,
-        history_ttl=args.history_ttl, store_full_sync=args.full_sync,
-        secret=secret,
-        public_key=public_key, api_key=args.api_key or os.environ.get("WSBROADCAST_API_KEY") or None,
-        allowed_origins=tuple(args.allowed_origin), certfile=args.certfile, keyfile=args.keyfile,
-        redis_url=args.redis, thread_stack_size=args.thread_stack_size,
-    )
-    install_redaction_on_handlers()
-    try:
+        config = Config(
+            host=args.host, port=args.port, path=args.path,
+            max_message_size=args.max_message_size, max_outbox=args.max_outbox,
+            ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
+            handshake_timeout=args.handshake_timeout, close_timeout=args.close_timeout,
+            max_connections=args.max_connections, max_connections_per_ip=args.max_connections_per_ip,
+            max_subscriptions=args.max_subscriptions, max_publish_rate=args.max_publish_rate,
+            publish_burst=args.publish_burst, store=args.store, history_size=args.history_size,
+            history_ttl=args.history_ttl, store_full_sync=args.full_sync,
+            secret=secret,
+            public_key=public_key, api_key=args.api_key or os.environ.get("WSBROADCAST_API_KEY") or None,
+            allowed_origins=tuple(args.allowed_origin), certfile=args.certfile, keyfile=args.keyfile,
+            redis_url=args.redis, thread_stack_size=args.thread_stack_size,
+        )
+        install_redaction_on_handlers()
+        check_listen(config.host, config.port)  # before the store file is created
         server = Server(config.host, config.port, config=config)
     except ValueError as exc:  # ConfigError, or e.g. a --public-key that is not a PEM public key
         logger.debug("start-up failed", exc_info=True)
@@ -206,10 +233,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``wsbroadcast`` command."""
     parser = argparse.ArgumentParser(prog="wsbroadcast",
                                      description="A threaded WebSocket publish/subscribe broker.")
+    parser.add_argument("--version", action="version", version="wsbroadcast " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _serve_parser(sub)
-    _token_parser(sub)
-    args = parser.parse_args(argv)
+    commands = {"serve": _serve_parser(sub), "token": _token_parser(sub)}
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # a typo under a command gets that command's usage
+        (commands.get(args.command) or parser).error("unrecognized arguments: %s" % " ".join(unknown))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+import math
+from typing import Dict, NamedTuple, Optional, Tuple
+
+from .errors import ConfigError
 
 KIB = 1024
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 
 
 @dataclasses.dataclass
@@ -54,6 +58,103 @@ class Config:
     #: seconds to wait for connections to close on shutdown
     shutdown_timeout: float = 5.0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def replace(self, **changes: object) -> "Config":
-        """A copy with some fields changed."""
+        """A copy with some fields changed (checked like a new one)."""
         return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting outside its range (see ``RANGES``)."""
+        for name, rng in RANGES.items():
+            rng.check(name, getattr(self, name))
+        if not isinstance(self.host, str) or not self.host.strip():
+            raise ConfigError("--host is empty: give an address to listen on (127.0.0.1, 0.0.0.0 for all)")
+        if not isinstance(self.path, str) or not self.path.startswith("/") or any(
+                c.isspace() or c in "?#" for c in self.path):
+            raise ConfigError("--path %r is not a URL path: give one that starts with '/' (default /ws)"
+                              % (self.path,))
+        if not isinstance(self.store, str) or not self.store:
+            raise ConfigError("--store is empty: give a SQLite file path, or 'memory'")
+
+
+def human_bytes(n: float) -> str:
+    """A byte count in the largest binary unit that divides it (``1 MiB``, ``256 KiB``, ``1000 bytes``)."""
+    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
+        if n and n % size == 0:
+            return "%d %s" % (n // size, unit)
+    return "%d bytes" % n
+
+
+class Range(NamedTuple):
+    """The values a numeric setting accepts: ``low <= value <= high`` (None: unbounded)."""
+
+    low: float
+    high: Optional[float] = None
+    #: what the number counts: "bytes" (shown in KiB/MiB), "seconds", or a noun
+    unit: str = ""
+    integer: bool = True
+    #: None is accepted (and means "no limit")
+    optional: bool = False
+    #: the command-line flag, when not ``--`` + the field name with dashes
+    flag: Optional[str] = None
+    #: 0 is accepted too (meaning "off"), below ``low``
+    zero: bool = False
+
+    def allowed(self) -> str:
+        """What to give, in words."""
+        def show(v: float) -> str:
+            if self.unit.startswith("bytes") and v:
+                return human_bytes(v)
+            return "%d" % v if float(v).is_integer() else "%g" % v
+        kind = "an integer" if self.integer else "a number"
+        if self.high is None:
+            text = "%s of at least %s" % (kind, show(self.low))
+        else:
+            text = "%s from %s to %s" % (kind, show(self.low), show(self.high))
+        if self.zero:
+            text = "0 or " + text
+        if self.unit:
+            text += " (%s)" % self.unit
+        return text
+
+    def check(self, name: str, value: object) -> None:
+        """Raise ConfigError unless ``value`` is in this range."""
+        if value is None and self.optional:
+            return
+        flag = self.flag or "--" + name.replace("_", "-")
+        ok_type = (int,) if self.integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, ok_type):
+            raise ConfigError("%s %r is not %s: give %s" % (
+                flag, value, "an integer" if self.integer else "a number", self.allowed()))
+        if value == 0 and self.zero:
+            return
+        if not math.isfinite(value) or value < self.low or (self.high is not None and value > self.high):
+            raise ConfigError("%s %s is out of range: give %s" % (flag, value, self.allowed()))
+
+
+#: Every numeric setting's accepted values, checked by ``Config.validate()`` (so by
+#: ``Config(...)``, ``Server(...)`` and ``wsbroadcast serve`` alike). A new numeric
+#: field gets its line here.
+RANGES: Dict[str, Range] = {
+    "port": Range(0, 65535, "0: any free port"),
+    "max_message_size": Range(1, 1 * GIB, "bytes"),
+    # below a few frames' worth, every reading client would look slow
+    "max_outbox": Range(1 * KIB, None, "bytes"),
+    "socket_sndbuf": Range(0, 64 * MIB, "bytes", flag="socket_sndbuf"),
+    "ping_interval": Range(0, 86400, "seconds; 0: never", integer=False),
+    "ping_timeout": Range(0.01, 86400, "seconds", integer=False),
+    "handshake_timeout": Range(0.01, 3600, "seconds", integer=False),
+    "close_timeout": Range(0.01, 3600, "seconds", integer=False),
+    "max_connections": Range(1, 10_000_000, "connections"),
+    "max_subscriptions": Range(1, 10_000_000, "subscriptions"),
+    "max_connections_per_ip": Range(0, 10_000_000, "connections; 0: no limit"),
+    "max_publish_rate": Range(0, 1_000_000_000, "per second; 0: no limit", integer=False),
+    "publish_burst": Range(0, 1_000_000_000, "messages; 0: one second's worth"),
+    "queue_size": Range(1, 100_000_000, "items", flag="queue_size"),
+    "history_size": Range(0, 1_000_000_000, "messages per topic"),
+    "history_ttl": Range(0, None, "seconds", integer=False, optional=True),
+    "thread_stack_size": Range(32 * KIB, 1 * GIB, "bytes; 0: the default", zero=True),
+    "shutdown_timeout": Range(0, 3600, "seconds", integer=False, flag="shutdown_timeout"),
+}

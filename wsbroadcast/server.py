@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import html
 import logging
+import os
 import selectors
 import socket
 import ssl
@@ -26,7 +27,7 @@ from .broker import Broker, LocalBroker
 from .config import Config
 from .connection import Connection, TokenBucket
 from .envelope import PLAIN, encode_json
-from .errors import CloseCode, ServerClosed
+from .errors import CloseCode, ConfigError, ServerClosed, StoreError
 from .http import HttpSession, Upgrade, load_demo_page
 from .hub import Hub
 from .metrics import Metrics
@@ -45,6 +46,71 @@ def _redact_library_logs() -> None:
             install_redaction(logging.getLogger(name))
 
 
+def _tls_context(certfile: str, keyfile: Optional[str]) -> ssl.SSLContext:
+    """A server TLS context; ConfigError when the certificate or key cannot be loaded."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as exc:
+        raise ConfigError("cannot load the TLS certificate %s: not a PEM certificate matching its key; "
+                          "give PEM files with --certfile and --keyfile" % certfile) from exc
+    except OSError as exc:
+        reason = "%s: %s" % (exc.filename, exc.strerror) if exc.filename else exc.strerror or str(exc)
+        raise ConfigError("cannot load the TLS certificate %s (%s); give PEM files with --certfile "
+                          "and --keyfile" % (certfile, reason)) from exc
+    return ctx
+
+
+def _store_problem(spec: str, exc: Exception) -> str:
+    """What is wrong with a store path that SQLite could not open, in words."""
+    if not spec.startswith("file:"):
+        folder = os.path.dirname(os.path.abspath(spec))
+        if os.path.isdir(spec):
+            return "--store %s is a folder" % spec
+        if not os.path.isdir(folder):
+            return "cannot create the store %s: the folder %s does not exist" % (spec, folder)
+    return str(exc)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking socket listening on (host, port); ConfigError saying what to change."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise _listen_error(host, port, exc) from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise _listen_error(host, port, exc) from exc
+    return sock
+
+
+def check_listen(host: str, port: int) -> None:
+    """Raise ConfigError now if (host, port) cannot be listened on (before anything is created)."""
+    listen_socket(host, port).close()
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> ConfigError:
+    if isinstance(exc, socket.gaierror):
+        return ConfigError("cannot listen on host %r: %s; give an address or name with --host "
+                           "(127.0.0.1 for this machine only, 0.0.0.0 for all)" % (host, exc.strerror or exc))
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError("port %d is in use (another server?); pick one with --port" % port)
+    if exc.errno == errno.EACCES:
+        return ConfigError("port %d needs privileges this user lacks; pick one from 1024 up with --port"
+                           % port)
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ConfigError("cannot listen on %s: not an address of this machine; give one with --host "
+                           "(127.0.0.1 for this machine only, 0.0.0.0 for all)" % host)
+    return ConfigError("cannot listen on %s port %d: %s; check --host and --port"
+                       % (host, port, exc.strerror or exc))
+
+
 class Server:
     """A wsbroadcast server: one port, HTTP and WebSocket, one writer thread."""
 
@@ -54,27 +120,41 @@ class Server:
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, config: Optional[Config] = None,
                  message_store: Optional[MessageStore] = None, **settings: Any) -> None:
         base = config or Config()
-        self.config = base.replace(host=host, port=port, **settings)
+        self.config = base.replace(host=host, port=port, **settings)  # ConfigError when out of range
         cfg = self.config
-        self.store: Optional[MessageStore] = None
-        if cfg.redis_url:
-            from .broker_redis import RedisBroker  # the optional extra wsbroadcast[redis]
-            self.broker: Broker = RedisBroker(cfg.redis_url, history_size=cfg.history_size,
-                                              history_ttl=cfg.history_ttl)
-        else:
-            self.store = message_store if message_store is not None else open_store(
-                cfg.store, cfg.history_size, cfg.history_ttl, full_sync=cfg.store_full_sync)
-            self.broker = LocalBroker(self.store)
-        self.writer = Writer(cfg.queue_size, cfg.close_timeout, cfg.ping_interval, cfg.ping_timeout)
-        self.hub = Hub(self.broker, self.writer, cfg.max_subscriptions)
-        self.auth = Authenticator(secret=cfg.secret, public_key=cfg.public_key, api_key=cfg.api_key)
-        self.metrics = Metrics(self)
-        _redact_library_logs()
+        # settings that can be wrong are checked before the store is opened (or created)
+        try:
+            self.auth = Authenticator(secret=cfg.secret, public_key=cfg.public_key, api_key=cfg.api_key)
+        except ValueError as exc:
+            raise ConfigError("%s; check --public-key, --secret and --api-key" % exc) from exc
         self.scheme = "https" if cfg.certfile else "http"
         self._ssl: Optional[ssl.SSLContext] = None
         if cfg.certfile:
-            self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self._ssl.load_cert_chain(cfg.certfile, cfg.keyfile)
+            self._ssl = _tls_context(cfg.certfile, cfg.keyfile)
+        self.store: Optional[MessageStore] = None
+        if cfg.redis_url:
+            try:
+                from .broker_redis import RedisBroker  # the optional extra wsbroadcast[redis]
+            except ImportError as exc:
+                raise ConfigError("--redis needs the redis package: pip install 'wsbroadcast[redis]' "
+                                  "(or pip install redis)") from exc
+            try:
+                self.broker: Broker = RedisBroker(cfg.redis_url, history_size=cfg.history_size,
+                                                  history_ttl=cfg.history_ttl)
+            except ValueError as exc:
+                raise ConfigError("--redis %s: %s; give redis://HOST:PORT/DB" % (cfg.redis_url, exc)) from exc
+        else:
+            try:
+                self.store = message_store if message_store is not None else open_store(
+                    cfg.store, cfg.history_size, cfg.history_ttl, full_sync=cfg.store_full_sync)
+            except StoreError as exc:
+                raise ConfigError("%s; give a writable SQLite file with --store, or --store memory"
+                                  % _store_problem(cfg.store, exc)) from exc
+            self.broker = LocalBroker(self.store)
+        self.writer = Writer(cfg.queue_size, cfg.close_timeout, cfg.ping_interval, cfg.ping_timeout)
+        self.hub = Hub(self.broker, self.writer, cfg.max_subscriptions)
+        self.metrics = Metrics(self)
+        _redact_library_logs()
         self.shutting_down = False
         self.started_at = 0.0
         self.accepted = 0  # TCP connections accepted (accept thread only)
@@ -126,13 +206,7 @@ class Server:
             return self
         cfg = self.config
         if listen:
-            family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((cfg.host, cfg.port))
-            sock.listen(1024)
-            sock.setblocking(False)
-            self._listener = sock
+            self._listener = listen_socket(cfg.host, cfg.port)
         self._started = True
         self.started_at = time.monotonic()
         if cfg.thread_stack_size:
@@ -153,7 +227,8 @@ class Server:
             self._accept_thread.start()
             logger.info("listening on %s", self.url)
         else:
-            logger.info("started without a listening socket")
+            logger.info("broker ready for connections handed over by the web application "
+                        "(no port of its own)")
         return self
 
     def serve_forever(self) -> None:

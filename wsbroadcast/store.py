@@ -360,13 +360,13 @@ class SqliteStore(MessageStore):
             if self._shared_reads:
                 raise StoreError("cannot open sqlite store %s: %s" % (self.path, exc)) from exc
             first = exc
-        logger.warning(
-            "sqlite store %s is not writable (%s); opening it read-only", self.path, first
-        )
         try:
             conn = self._connect(self._reader_uri, True)
             conn.execute("SELECT 1 FROM topics LIMIT 1").fetchall()
             self.read_only = True
+            logger.warning(
+                "sqlite store %s is not writable (%s); opened it read-only", self.path, first
+            )
             return conn
         except sqlite3.Error as exc:
             if conn is not None:
