@@ -4,26 +4,45 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 import time
 
 import pytest
 
 import wsraw
+from conftest import SCALE
+from httputil import metric
 from serverproc import ServerProcess
 from wsbroadcast import Client
 
-
-def _metric(port, name):
-    _, _, body = wsraw.http_request(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    for line in body.decode().splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return line
-    return None
+PAYLOAD = "p" * 4096
 
 
-def _value(line):
-    return float(line.rpartition(" ")[2]) if line else 0.0
+def stuck_subscriber(port: int, topic: str) -> wsraw.RawWS:
+    """A subscriber with a tiny receive buffer that does not read from now on."""
+    c = wsraw.connect(port, rcvbuf=4096)
+    assert wsraw.subscribe(c, topic, 1)["type"] == "ack"
+    return c
+
+
+def assert_reset_after_buffered_data(c: wsraw.RawWS) -> None:
+    """Reading what the kernel still holds ends in ECONNRESET, never in an orderly EOF."""
+    c.sock.settimeout(5 * SCALE)
+    with pytest.raises(ConnectionResetError):
+        for _ in range(10000):
+            assert c.sock.recv(65536), "an orderly EOF where a reset was expected"
+
+
+def flood_until_slow(srv, topic: str, limit: int = 5000) -> int:
+    """Publish PAYLOAD to ``topic`` until the writer closes a slow consumer; the count published."""
+    for i in range(1, limit + 1):
+        srv.publish(topic, PAYLOAD)
+        if i % 16 == 0:
+            assert srv.writer.sync(10 * SCALE), "the writer is stuck"
+            if srv.writer.stats.slow_consumers:
+                return i
+    raise AssertionError("no slow consumer after %d messages" % limit)
 
 
 @pytest.mark.timeout(120)
@@ -32,23 +51,24 @@ def test_stuck_subscriber_is_closed_and_others_get_everything():
         port = srv.port
         url = "ws://127.0.0.1:%d/ws" % port
         # the stuck subscriber: subscribes, then never reads (small receive buffer)
-        stuck = wsraw.connect(port)
-        stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stuck.send_json({"type": "subscribe", "topic": "flood", "id": 1})
-        assert stuck.recv_json()["type"] == "ack"
+        stuck = stuck_subscriber(port, "flood")
         fast = Client.connect(url)
         fast.subscribe("flood")
         n, size = 3000, 10 * 1024  # 30 MB
         got = []
         last_arrival = [0.0]
+        failure = []
 
         def read():
-            while len(got) < n:
-                m = fast.recv(timeout=30)
-                if m is None:
-                    return
-                got.append(m.seq)
-                last_arrival[0] = time.monotonic()
+            try:
+                while len(got) < n:
+                    m = fast.recv(timeout=30 * SCALE)
+                    if m is None:
+                        return
+                    got.append(m.seq)
+                    last_arrival[0] = time.monotonic()
+            except BaseException as exc:  # reported by the test thread
+                failure.append(exc)
 
         reader = threading.Thread(target=read, name="test-fast-reader")
         reader.start()
@@ -58,23 +78,21 @@ def test_stuck_subscriber_is_closed_and_others_get_everything():
         for i in range(n):
             pub.publish("flood", payload, ack=(i % 100 == 99))
         published_at = time.monotonic()
-        reader.join(60)
+        reader.join(60 * SCALE)
+        assert not reader.is_alive(), "the fast reader is still waiting (%d of %d)" % (len(got), n)
+        assert not failure, failure
         assert got == list(range(1, n + 1)), "the fast subscriber missed messages"
-        assert last_arrival[0] - published_at < 5.0, "the fast subscriber lagged"
-        assert wsraw.wait_for(lambda: _value(_metric(port, "wsbroadcast_slow_consumer_closes_total")) == 1,
-                              timeout=10)
-        assert _value(_metric(port, 'wsbroadcast_close_codes_total{code="1008"}')) == 1
+        assert last_arrival[0] - published_at < 10.0 * SCALE, "the fast subscriber lagged"
+        assert wsraw.wait_for(lambda: metric(port, "wsbroadcast_slow_consumer_closes_total") == 1,
+                              timeout=10 * SCALE)
+        assert metric(port, 'wsbroadcast_close_codes_total{code="1008"}') == 1
         growth = srv.rss_kib() - rss_before
         assert growth < 4 * 1024, "server RSS grew by %d KiB" % growth
-        # the stuck one, when it finally reads, finds its stream cut: a 1008 close or a reset
-        try:
-            code, reason = stuck.expect_close(timeout=10)
-            assert code == 1008 and reason == "slow consumer"
-        except (ConnectionResetError, ConnectionError):
-            pass
+        # the stuck one never reads: once the close grace (3 s by default) is over it is reset
+        assert wsraw.wait_reset(stuck.sock, timeout=10 * SCALE), wsraw.tcp_state(stuck.sock)
         # the server is still healthy and serving
         pub.publish("flood", "after")
-        assert fast.recv(timeout=5).data == "after"
+        assert fast.recv(timeout=5 * SCALE).data == "after"
         for c in (fast, pub):
             c.close()
         stuck.close()
@@ -93,3 +111,82 @@ def test_slow_reader_that_reads_is_not_closed(make_server):
         m = c.recv_json(timeout=10)
         assert m["seq"] == i + 1
     assert srv.writer.stats.slow_consumers == 0
+
+
+@pytest.mark.timeout(60)
+def test_stuck_reader_that_resumes_in_time_gets_whole_frames_then_exactly_the_1008_close(make_server):
+    # a long grace: the reader resumes well inside it, so no reset can race the close frame
+    srv = make_server(max_outbox=64 * 1024, socket_sndbuf=32 * 1024, close_timeout=30 * SCALE)
+    stuck = stuck_subscriber(srv.port, "flood")
+    published = flood_until_slow(srv, "flood")
+    assert srv.writer.stats.close_codes.get(1008) == 1
+    # now it reads: every frame still in flight, in order and whole, then the close frame
+    seqs = []
+    while True:
+        op, payload = stuck.recv_frame(timeout=10 * SCALE)
+        if op == 0x8:
+            break
+        assert op == 0x1, (op, payload[:80])
+        msg = json.loads(payload)
+        assert msg["type"] == "message" and msg["data"] == PAYLOAD, msg.get("seq")
+        seqs.append(msg["seq"])
+    assert seqs == list(range(1, len(seqs) + 1)), "a gap or a repeat before the close: %r" % seqs[-5:]
+    assert 0 < len(seqs) < published, "the unsent backlog (%d of %d) is dropped, not delivered" % (
+        len(seqs), published)
+    code, reason = struct.unpack("!H", payload[:2])[0], payload[2:].decode("utf-8")
+    assert (code, reason) == (1008, "slow consumer")
+    assert stuck.at_eof(timeout=10 * SCALE), "nothing may follow the close frame"
+    assert wsraw.tcp_state(stuck.sock) != wsraw.TCP_CLOSE, "closed cleanly, not reset"
+    stuck.close()
+
+
+@pytest.mark.timeout(60)
+def test_stuck_reader_that_never_reads_is_reset_after_the_grace_and_nobody_waits(make_server):
+    grace = 1.0 * SCALE
+    srv = make_server(max_outbox=64 * 1024, socket_sndbuf=32 * 1024, close_timeout=grace)
+    stuck = stuck_subscriber(srv.port, "flood")
+    other = wsraw.connect(srv.port)
+    assert wsraw.subscribe(other, "probe", 1)["type"] == "ack"
+    flood_until_slow(srv, "flood")
+    slow_seen = time.monotonic()
+    # during the grace period every other subscriber is served at once
+    worst, n = 0.0, 0
+    while wsraw.tcp_state(stuck.sock) != wsraw.TCP_CLOSE:
+        assert time.monotonic() - slow_seen < grace + 5 * SCALE, "the stuck reader was never reset"
+        n += 1
+        t0 = time.monotonic()
+        srv.publish("probe", n)
+        msg = other.recv_json(timeout=5 * SCALE)
+        assert (msg["topic"], msg["seq"]) == ("probe", n), msg
+        worst = max(worst, time.monotonic() - t0)
+        time.sleep(0.02)  # pacing of the probes, not synchronisation
+    reset_after = time.monotonic() - slow_seen
+    assert reset_after >= 0.5 * grace, "reset %.2fs after the close: before its grace" % reset_after
+    assert worst < 1.0 * SCALE, "another subscriber waited %.2fs" % worst
+    assert_reset_after_buffered_data(stuck)
+    assert wsraw.wait_for(lambda: len(srv.hub) == 1, timeout=5 * SCALE)
+    wsraw.expect_pong_next(other)
+    stuck.close()
+    other.close()
+
+
+@pytest.mark.timeout(60)
+def test_peer_that_leaves_with_bytes_unsent_is_reset_at_once(make_server):
+    """The reader ends (EOF) while the outbox holds bytes: the writer's detach resets the socket."""
+    srv = make_server(max_outbox=1024 * 1024, socket_sndbuf=32 * 1024, close_timeout=30 * SCALE)
+    stuck = stuck_subscriber(srv.port, "flood")
+    # fill the kernel's buffers and leave bytes in the outbox, short of the slow-consumer limit
+    conn = next(iter(srv.hub._conns.values()))  # white box: to know the precondition holds
+    for i in range(1, 200):
+        srv.publish("flood", PAYLOAD)
+        assert srv.writer.sync(10 * SCALE)
+        if conn.out_bytes > 16 * 1024:
+            break
+    assert conn.out_bytes > 16 * 1024 and srv.writer.stats.slow_consumers == 0
+    stuck.sock.shutdown(socket.SHUT_WR)  # the peer is done (EOF) and still does not read
+    t0 = time.monotonic()
+    assert wsraw.wait_reset(stuck.sock, timeout=10 * SCALE), wsraw.tcp_state(stuck.sock)
+    assert time.monotonic() - t0 < 10 * SCALE
+    assert_reset_after_buffered_data(stuck)
+    assert wsraw.wait_for(lambda: len(srv.hub) == 0 and srv.thread_count() == 0, timeout=5 * SCALE)
+    stuck.close()

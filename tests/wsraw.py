@@ -247,6 +247,20 @@ def expect_pong_next(ws: RawWS, ident: Any = "barrier", timeout: float = 2 * DEF
     assert reply == {"type": "pong", "id": ident}, "expected the pong next, got %r" % (reply,)
 
 
+TCP_CLOSE = 7  # tcpi_state of a socket that got a reset (and of one fully closed)
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of ``sock`` (1 established, 7 closed), read without touching its data."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def wait_reset(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """True when the peer resets ``sock`` within ``timeout``: its state turns CLOSE while
+    this side still holds unread data and never sent a FIN (a FIN from the peer cannot do that)."""
+    return wait_for(lambda: tcp_state(sock) == TCP_CLOSE, timeout)
+
+
 def wait_for(predicate, timeout: float = DEFAULT_TIMEOUT, interval: float = 0.01) -> bool:
     """Poll ``predicate`` until true or ``timeout``; return its last value."""
     deadline = time.monotonic() + timeout
