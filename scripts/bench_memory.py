@@ -15,6 +15,9 @@ Scenarios (``--only`` picks some; default: all):
   many v1 subscribers ask ``since: 0`` and never read. Target: growth < 64 MiB; a
   reading client then pages through the whole history and a ``since: 0``
   subscriber receives every message.
+- ``fragments``: one text frame without FIN, then ``--fragments`` empty continuation
+  frames on one connection. Target: the RSS comes back within 2 MiB of its level
+  before the attack once the connection is closed.
 
 A scenario is a function registered with ``@scenario(name)``; it gets the parsed
 arguments and returns ``Row``s. Options of its own are added by the function
@@ -240,6 +243,80 @@ def history_scenario(args: argparse.Namespace) -> List[Row]:
             rows.append(Row("history", "%s, %d x %d B, %d+%d non-readers" % (
                 args.store, args.messages, args.size, args.clients, args.clients),
                 before, after, 64.0, note))
+    return rows
+
+
+# ---------------------------------------------------------------- scenario: fragments
+
+
+def _fragments_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fragments")
+    g.add_argument("--fragments", type=int, default=1_600_000,
+                   help="empty continuation frames sent after one unfinished text frame (default 1.6 million)")
+
+
+class _Sampler:
+    """The largest RSS of a process, sampled every 50 ms in a thread until ``stop()``."""
+
+    def __init__(self, proc: ServerProcess) -> None:
+        import threading
+        self.proc = proc
+        self.peak = rss_mib(proc)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-rss-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.05):
+            try:
+                self.peak = max(self.peak, rss_mib(self.proc))
+            except (OSError, RuntimeError):
+                return
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join(5)
+        return self.peak
+
+
+@scenario("fragments", options=_fragments_options)
+def fragments_scenario(args: argparse.Namespace) -> List[Row]:
+    """One message of endless empty continuation frames; RSS during and after the connection."""
+    rows: List[Row] = []
+    block_frames = 10_000
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as workdir:
+        with start_server(args, workdir) as proc:
+            idle_threads = proc.threads()
+            before = steady_rss(proc)
+            log("fragments: %.1f MiB before; sending %d empty continuation frames"
+                % (before, args.fragments))
+            ws = wsraw.connect(proc.port, timeout=60)
+            sampler = _Sampler(proc)
+            sent = 0
+            started = time.monotonic()
+            ws.send_frame(0x1, b"", fin=False)
+            block = wsraw.encode_frame(0x0, b"", fin=False) * block_frames
+            try:
+                while sent < args.fragments:
+                    ws.sock.sendall(block)
+                    sent += block_frames
+                ws.send_frame(0x0, b"")  # the end of the message, if it is still read
+            except OSError as exc:
+                log("fragments: the server stopped reading after %d frames (%s)" % (sent, exc))
+            code = None
+            try:
+                code = ws.expect_close(timeout=5)[0]
+            except (OSError, TimeoutError) as exc:
+                log("fragments: no close frame (%s)" % (exc,))
+            elapsed = time.monotonic() - started
+            ws.close()
+            during = sampler.stop()
+            gone = wsraw.wait_for(lambda: proc.threads() <= idle_threads, timeout=120)
+            after = steady_rss(proc, quiet=2.0)
+            note = "%d frames sent in %.1fs, close %s%s" % (sent, elapsed, code,
+                                                          "" if gone else ", thread still there: FAIL")
+            rows.append(Row("fragments", "%s, during the message" % args.store, before, during, None, note))
+            rows.append(Row("fragments", "%s, after the close" % args.store, before, after, 2.0, ""))
     return rows
 
 

@@ -22,6 +22,8 @@ class Config:
     path: str = "/ws"
     #: largest message (payload bytes after reassembly) and largest HTTP publish body
     max_message_size: int = 1 * MIB
+    #: most frames one WebSocket message may take (fragments, empty ones included)
+    max_message_frames: int = 4096
     #: unsent bytes a connection may owe before it is closed as a slow consumer
     max_outbox: int = 1 * MIB
     #: cap of the kernel's send buffer per connection (bytes the outbox limit cannot see)

@@ -41,20 +41,23 @@ class Reader:
     #: binary messages are refused with 1003 unless a subclass handles them
     accept_binary = False
 
-    __slots__ = ("conn", "ws", "hub", "writer", "max_message_size", "close_timeout", "_parts",
-                 "_size", "_failed", "_close_requested", "splitter")
+    __slots__ = ("conn", "ws", "hub", "writer", "max_message_size", "max_message_frames",
+                 "close_timeout", "_parts", "_size", "_frames", "_failed", "_close_requested", "splitter")
 
     def __init__(self, conn: Connection, ws: "WSConnection", hub: "Hub", writer: "Writer",
-                 max_message_size: int, close_timeout: float) -> None:
+                 max_message_size: int, close_timeout: float, max_message_frames: int = 4096) -> None:
         self.conn = conn
         # after the handshake only the frame protocol is needed (not the HTTP machinery)
         self.ws = getattr(ws, "connection", None) or ws
         self.hub = hub
         self.writer = writer
         self.max_message_size = max_message_size
+        #: frames one message may take (empty fragments cost a frame each, not a byte)
+        self.max_message_frames = max_message_frames
         self.close_timeout = close_timeout
-        self._parts: List[str] = []
-        self._size = 0
+        self._parts: List[str] = []  # the non-empty pieces of the message under way
+        self._size = 0  # its payload bytes so far
+        self._frames = 0  # its complete frames so far
         self._failed = False  # wsproto reported a protocol error or we refused the input
         self._close_requested = False  # this reader asked the writer for a close frame
         #: whole frames; ordinary text frames decoded without wsproto (the fast path)
@@ -172,14 +175,21 @@ class Reader:
                 if self._size > self.max_message_size:
                     self._refuse(CloseCode.MESSAGE_TOO_BIG, "message too big")
                     break
+                if event.frame_finished:
+                    self._frames += 1
+                    if self._frames > self.max_message_frames:
+                        self._refuse(CloseCode.MESSAGE_TOO_BIG, "message in too many frames")
+                        break
                 if not event.message_finished:
-                    self._parts.append(data)
+                    if data:
+                        self._parts.append(data)
                     continue
                 if self._parts:
                     self._parts.append(data)
                     data = data[:0].join(self._parts)
                     self._parts = []
                 self._size = 0
+                self._frames = 0
                 self.on_message(data, commands)
             elif kind is Ping:
                 self.writer.put(((SEND, conn, pong_frame(event.payload)),))

@@ -370,7 +370,8 @@ class Server:
                       if cfg.max_publish_rate > 0 else None),
                 expires=getattr(claims, "exp", None), tls=tls)
             reader = self.reader_class(conn, upgrade.ws, self.hub, self.writer,
-                                       cfg.max_message_size, cfg.close_timeout)
+                                       cfg.max_message_size, cfg.close_timeout,
+                                       max_message_frames=cfg.max_message_frames)
             upgrade.ws = None  # the handshake's HTTP state is no longer needed
             reader.run(upgrade.trailing, upgrade.refuse, on_open=self._on_open,
                        closing=lambda: self.shutting_down)

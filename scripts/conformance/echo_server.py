@@ -54,7 +54,8 @@ def main() -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = EchoServer(args.host, args.port, store="memory", history_size=0, path="/",
-                        max_message_size=16 * MIB + 1024, max_outbox=64 * MIB,
+                        max_message_size=16 * MIB + 1024,
+                        max_message_frames=1 << 20, max_outbox=64 * MIB,
                         socket_sndbuf=0, ping_interval=0, close_timeout=2.0)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
