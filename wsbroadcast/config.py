@@ -142,6 +142,7 @@ class Range(NamedTuple):
 RANGES: Dict[str, Range] = {
     "port": Range(0, 65535, "0: any free port"),
     "max_message_size": Range(1, 1 * GIB, "bytes"),
+    "max_message_frames": Range(1, 100_000_000, "frames"),
     # below a few frames' worth, every reading client would look slow
     "max_outbox": Range(1 * KIB, None, "bytes"),
     "socket_sndbuf": Range(0, 64 * MIB, "bytes", flag="socket_sndbuf"),
