@@ -131,6 +131,13 @@ def test_history_errors(server, query, code):
     _json_error(status, h, body, code)
 
 
+@pytest.mark.parametrize("query", ["", "topic="])
+def test_history_without_a_topic_says_how_to_ask(server, query):
+    status, h, body = _req(server.port, "GET", "/history?" + query)
+    assert status == 400
+    assert "/history?topic=" in json.loads(body)["message"]
+
+
 def test_ws_path_without_upgrade_is_426(server):
     status, h, body = _req(server.port, "GET", "/ws")
     assert status == 426

@@ -303,3 +303,24 @@ def test_bulk_insert_then_remove_all_leaves_an_empty_tree(entries, topics):
     assert tree._root.empty()
     for t in topics:
         assert tree.match(t) == frozenset()
+
+
+@pytest.mark.parametrize("check", [validate_topic, validate_pattern])
+@pytest.mark.parametrize("topic, said", [
+    ("news..eu", "'news..eu' has an empty part"),
+    ("news.", "'news.' has an empty part"),
+    ("", "no topic given"),
+    ("news.e u", "the part 'e u'"),
+])
+def test_errors_say_what_was_given_and_what_is_allowed(check, topic, said):
+    with pytest.raises(TopicError) as info:
+        check(topic)
+    assert said in info.value.message
+    assert "A-Z a-z 0-9 _ - : @" in info.value.message and "news.eu" in info.value.message
+
+
+def test_wildcard_errors_say_where_wildcards_belong():
+    with pytest.raises(TopicError, match="'news.\\*' has a wildcard.*for subscribing"):
+        validate_topic("news.*")
+    with pytest.raises(TopicError, match="'>' may only be the last part"):
+        validate_pattern("news.>.eu")

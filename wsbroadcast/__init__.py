@@ -2,16 +2,16 @@
 
 from .config import Config
 from .errors import (
-    AuthError, BrokerUnavailable, ClientError, CloseCode, ConnectionClosed, ErrorCode,
-    ProtocolError, ServerClosed, StoreError, TopicError, WsBroadcastError,
+    AuthError, BrokerUnavailable, ClientError, CloseCode, ConfigError, ConnectionClosed, ErrorCode,
+    HandshakeRefused, ProtocolError, ServerClosed, StoreError, TopicError, WsBroadcastError,
 )
 from .server import Server
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AuthError", "BrokerUnavailable", "Client", "ClientError", "CloseCode", "Config",
-    "ConnectionClosed", "ErrorCode", "ProtocolError", "Server", "ServerClosed", "StoreError",
+    "AuthError", "BrokerUnavailable", "Client", "ClientError", "CloseCode", "Config", "ConfigError",
+    "ConnectionClosed", "ErrorCode", "HandshakeRefused", "ProtocolError", "Server", "ServerClosed", "StoreError",
     "TopicError", "WsBroadcastError", "__version__",
 ]
 

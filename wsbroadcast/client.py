@@ -26,12 +26,21 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tu
 from urllib.parse import quote
 
 import simple_websocket
+from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from .envelope import SUBPROTOCOL
-from .errors import ClientError, ConnectionClosed, ErrorCode, ProtocolError
+from .errors import ClientError, ConnectionClosed, ErrorCode, HandshakeRefused, ProtocolError
 from .topics import is_wildcard, validate_pattern, validate_topic
 
 logger = logging.getLogger(__name__)
+
+
+#: the most of a refusal's body read for its error code and message
+_MAX_REFUSAL_BODY = 64 * 1024
+
+#: the values of ``Client.state``, in the order a connection goes through them
+STATES = ("connecting", "connected", "reconnecting", "closed")
 
 
 class Message(NamedTuple):
@@ -61,12 +70,66 @@ class _LockedSocket:
 
 
 class _SafeWebSocket(simple_websocket.Client):
-    """simple-websocket's client with serialised writes (its send and ping share a socket)."""
+    """simple-websocket's client with serialised writes (its send and ping share a socket),
+    a deadline on the handshake, and the server's refusal as a HandshakeRefused."""
+
+    def __init__(self, url: str, handshake_timeout: float = 10.0, **kwargs: Any) -> None:
+        self._handshake_timeout = handshake_timeout
+        super().__init__(url, **kwargs)
 
     def handshake(self) -> None:
-        super().handshake()
-        self.sock = _LockedSocket(self.sock)
+        sock = self.sock
+        try:
+            sock.settimeout(self._handshake_timeout)
+            sock.sendall(self.ws.send(Request(host=self.host, target=self.path,
+                                              subprotocols=self.subprotocols,
+                                              extra_headers=self.extra_headeers)))
+            event = self._next_event()
+            if isinstance(event, RejectConnection):
+                raise self._refusal(event)
+            if not isinstance(event, AcceptConnection):
+                raise HandshakeRefused(400, message="unexpected answer to the handshake")
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        self.subprotocol = event.subprotocol
+        self.connected = True
+        self.sock = _LockedSocket(sock)
         self._send_lock = threading.Lock()  # guards: the wsproto object when sending
+
+    def _next_event(self) -> Any:
+        while True:
+            for event in self.ws.events():
+                return event
+            data = self.sock.recv(self.receive_bytes)
+            if not data:
+                raise ClientError("the server closed the connection during the handshake")
+            self.ws.receive_data(data)
+
+    def _refusal(self, reject: RejectConnection) -> HandshakeRefused:
+        """The refusal with the server's error code and message from its JSON body, if any."""
+        body = b""
+        event: Any = reject
+        try:
+            while reject.has_body and len(body) < _MAX_REFUSAL_BODY:
+                event = self._next_event()
+                if not isinstance(event, RejectData):
+                    break
+                body += event.data
+                if event.body_finished:
+                    break
+        except (OSError, ClientError, LocalProtocolError, RemoteProtocolError):
+            pass  # the status alone still says what happened
+        code, message = None, ""
+        try:
+            doc = json.loads(body.decode("utf-8"))
+            if isinstance(doc, dict):
+                code = doc.get("error") if isinstance(doc.get("error"), str) else None
+                message = doc.get("message") if isinstance(doc.get("message"), str) else ""
+        except ValueError:
+            pass
+        return HandshakeRefused(reject.status_code, code, message)
 
     def send(self, data: Any) -> None:
         with self._send_lock:
@@ -85,7 +148,8 @@ class Client:
                  timeout: float = 10.0, max_backoff: float = 5.0, queue_size: int = 10000,
                  on_reconnect: Optional[Callable[[], None]] = None,
                  on_gap: Optional[Callable[[str, Dict[str, Any]], None]] = None,
-                 headers: Optional[Dict[str, str]] = None) -> None:
+                 headers: Optional[Dict[str, str]] = None,
+                 on_state: Optional[Callable[[str], None]] = None) -> None:
         self.url = url
         self.token = token
         self.ssl_context = ssl_context
@@ -94,6 +158,11 @@ class Client:
         self.max_backoff = max_backoff
         self.on_reconnect = on_reconnect
         self.on_gap = on_gap
+        #: called with each new ``state`` (in the client's thread, or the one calling open/close)
+        self.on_state = on_state
+        #: "connecting", "connected", "reconnecting" (messages wait until it is back) or "closed"
+        self.state = "connecting"
+        self._state_lock = threading.Lock()  # guards: state changes (one callback per change)
         self.headers = dict(headers or {})
         self.reconnects = 0
         self._ids = itertools.count(1)
@@ -118,9 +187,15 @@ class Client:
         return cls(url, **kwargs).open()
 
     def open(self) -> "Client":
-        """Connect (raises ConnectionError/OSError when the server refuses)."""
-        self._ws = self._dial()
+        """Connect; HandshakeRefused when the server says no (401, 403, 404), OSError when
+        it cannot be reached."""
+        try:
+            self._ws = self._dial()
+        except BaseException:
+            self._set_state("closed")
+            raise
         self._connected.set()
+        self._set_state("connected")
         self._thread = threading.Thread(target=self._run, name="wsbroadcast-client", daemon=True)
         self._thread.start()
         return self
@@ -143,18 +218,31 @@ class Client:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(self.timeout)
         self._fail_waiters()
+        self._set_state("closed")
 
     @property
     def connected(self) -> bool:
-        """True while a connection is up."""
+        """True while a connection is up (False while reconnecting and once closed)."""
         return self._connected.is_set() and not self._closed.is_set()
+
+    def _set_state(self, state: str) -> None:
+        with self._state_lock:
+            if self.state == state or self.state == "closed":
+                return
+            self.state = state
+        if self.on_state is not None:
+            try:
+                self.on_state(state)
+            except Exception:
+                logger.exception("on_state callback failed")
 
     def _dial(self) -> _SafeWebSocket:
         url = self.url
         if self.token:
             url += ("&" if "?" in url else "?") + "token=" + quote(self.token)
-        return _SafeWebSocket(url, subprotocols=[SUBPROTOCOL], headers=self.headers or None,
-                              ssl_context=self.ssl_context, receive_bytes=65536)
+        return _SafeWebSocket(url, handshake_timeout=self.timeout, subprotocols=[SUBPROTOCOL],
+                              headers=self.headers or None, ssl_context=self.ssl_context,
+                              receive_bytes=65536)
 
     # ------------------------------------------------------------------ requests
     def _request(self, frame: Dict[str, Any], wait: bool = True,
@@ -249,7 +337,10 @@ class Client:
         return time.monotonic() - start
 
     def recv(self, timeout: Optional[float] = None) -> Optional[Message]:
-        """The next message, or None after ``timeout`` seconds; raises once closed and drained."""
+        """The next message, or None after ``timeout`` seconds; raises once closed and drained.
+
+        None also while the client is reconnecting: ``state`` and ``connected`` tell.
+        """
         try:
             item = self._messages.get(timeout=timeout) if timeout != 0 else self._messages.get_nowait()
         except queue.Empty:
@@ -292,6 +383,9 @@ class Client:
             self.close_reason = ws.close_message or ""
             if not self.reconnect:
                 break
+            logger.warning("connection to %s lost (close code %s%s); reconnecting", self.url,
+                           self.close_code, ", " + self.close_reason if self.close_reason else "")
+            self._set_state("reconnecting")
             self._fail_waiters()
             while not self._closed.is_set():
                 delay = min(self.max_backoff, backoff) * (0.5 + random.random() / 2)
@@ -300,21 +394,26 @@ class Client:
                 backoff = min(self.max_backoff, backoff * 2)
                 try:
                     self._ws = self._dial()
-                except (OSError, ConnectionError, simple_websocket.ConnectionError) as exc:
-                    status = getattr(exc, "status_code", None)  # simple-websocket's refusal
-                    if status in (401, 403):
+                except HandshakeRefused as exc:
+                    if exc.status in (401, 403):
                         # credentials refused (e.g. an expired token): retrying cannot help
-                        logger.warning("reconnect refused with HTTP %d; giving up", status)
-                        self.close_reason = "reconnect refused with HTTP %d" % status
+                        logger.warning("reconnect to %s refused, giving up: %s", self.url, exc)
+                        self.close_reason = str(exc)
                         self._closed.set()
                         break
+                    logger.debug("reconnect failed: %s", exc)
+                    continue
+                except (OSError, ClientError, simple_websocket.ConnectionError) as exc:
                     logger.debug("reconnect failed: %s", exc)
                     continue
                 self.reconnects += 1
                 backoff = 0.1
                 self._resubscribe()
+                logger.info("reconnected to %s", self.url)
+                self._set_state("connected")
                 break
         self._connected.clear()
+        self._set_state("closed")
         self._fail_waiters()
         self._put(ConnectionClosed(self.close_code, self.close_reason))
 

@@ -12,7 +12,8 @@ Exception tree::
     ├── ServerClosed             an operation on a server that is shut down
     ├── ConfigError              a setting or start-up condition the user must fix
     └── ClientError              the Python client's failures
-        └── ConnectionClosed     the client's connection is closed (has ``code``)
+        ├── ConnectionClosed     the client's connection is closed (has ``code``)
+        └── HandshakeRefused     the server refused to connect (has ``status``, ``code``)
 
 Every error that reaches a WebSocket client is an error frame with one of the
 ``ErrorCode`` values; every close uses a ``CloseCode``.
@@ -130,3 +131,23 @@ class ConnectionClosed(ClientError):
         super().__init__(f"connection closed (code={code}, reason={reason!r})")
         self.code = code
         self.reason = reason
+
+
+_STATUS_WORDS = {400: "bad request", 401: "unauthorized", 403: "forbidden", 404: "not found",
+                 426: "upgrade required", 429: "too many requests", 503: "unavailable"}
+
+
+class HandshakeRefused(ClientError):
+    """The server answered the WebSocket handshake with an HTTP error instead of upgrading.
+
+    ``status`` is the HTTP status, ``code`` the body's ``error`` (``unauthorized``,
+    ``forbidden_origin``, ``not_found``, ...) and ``message`` its ``message``, when given.
+    """
+
+    def __init__(self, status: int, code: Optional[str] = None, message: str = "") -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        what = code or _STATUS_WORDS.get(status, "refused")
+        super().__init__("server refused the connection: HTTP %d %s%s"
+                         % (status, what, ": " + message if message else ""))

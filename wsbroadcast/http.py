@@ -304,12 +304,15 @@ class HttpSession:
     def _history(self, req: h11.Request, url: Any, head: bool) -> None:
         query = parse_qs(url.query, keep_blank_values=True)
         topic = (query.get("topic") or [""])[0]
+        if not topic:
+            raise HttpError(ErrorCode.BAD_TOPIC, "no topic given; ask for one: /history?topic=news.eu")
         try:
             validate_pattern(topic)
         except TopicError as exc:
             raise HttpError(ErrorCode.BAD_TOPIC, exc.message) from None
         if is_wildcard(topic):
-            raise HttpError(ErrorCode.BAD_TOPIC, "history needs a concrete topic")
+            raise HttpError(ErrorCode.BAD_TOPIC, "history needs a concrete topic, not the pattern %r "
+                                                 "(ask for one topic at a time)" % topic)
         since = _int_param(query, "since", 0, 0, None)
         limit = _int_param(query, "limit", 100, 1, 1000)
         claims = self._credentials(req, url)

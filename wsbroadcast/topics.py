@@ -17,12 +17,22 @@ _TOKEN = re.compile(r"[A-Za-z0-9_\-:@]+\Z")
 
 T = TypeVar("T", bound=Hashable)
 
+_ALLOWED = "parts of A-Z a-z 0-9 _ - : @ joined by single dots, e.g. news.eu"
+
+
+def _bad_token(topic: str, token: str) -> TopicError:
+    """The error for a part of ``topic`` that is not a valid token, saying what is allowed."""
+    if not token:
+        return TopicError("topic %r has an empty part (two dots in a row, or a dot at an end); "
+                          "give %s" % (topic, _ALLOWED))
+    return TopicError("topic %r has the part %r; give %s" % (topic, token[:32], _ALLOWED))
+
 
 def _tokens(topic: object) -> List[str]:
     if not isinstance(topic, str):
-        raise TopicError("topic must be a string")
+        raise TopicError("topic must be a string of %s" % _ALLOWED)
     if not topic:
-        raise TopicError("topic is empty")
+        raise TopicError("no topic given; give %s" % _ALLOWED)
     if len(topic.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
         raise TopicError(f"topic is longer than {MAX_TOPIC_BYTES} bytes")
     return topic.split(".")
@@ -33,8 +43,9 @@ def validate_topic(topic: object) -> str:
     for token in _tokens(topic):
         if not _TOKEN.match(token):
             if token in ("*", ">"):
-                raise TopicError("wildcards are not allowed here")
-            raise TopicError("invalid topic token %r" % token[:32])
+                raise TopicError("topic %r has a wildcard; publishing and history need a concrete topic "
+                                 "(* and > are for subscribing)" % (topic,))
+            raise _bad_token(topic, token)  # type: ignore[arg-type]
     return topic  # type: ignore[return-value]
 
 
@@ -47,10 +58,11 @@ def validate_pattern(pattern: object) -> str:
             continue
         if token == ">":
             if i != last:
-                raise TopicError("'>' may only be the last token")
+                raise TopicError("pattern %r has '>' before its end; '>' may only be the last part "
+                                 "(news.>)" % (pattern,))
             continue
         if not _TOKEN.match(token):
-            raise TopicError("invalid topic token %r" % token[:32])
+            raise _bad_token(pattern, token)  # type: ignore[arg-type]
     return pattern  # type: ignore[return-value]
 
 
