@@ -4,22 +4,49 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 _LISTEN = re.compile(r"listening on wss?://[^:]+:(\d+)/")
+_SERVE = [sys.executable, "-m", "wsbroadcast", "serve", "--host", "127.0.0.1"]
+
+
+def without_file_permission_override() -> Optional[List[str]]:
+    """A command prefix under which file modes bind (chmod 444 stops writes), or None.
+
+    Root ignores file modes through CAP_DAC_OVERRIDE: as root the prefix is setpriv
+    dropping that capability (the process stays root, so it can still read the
+    interpreter and the repository it owns). Not root: no prefix is needed. None
+    when running as root without setpriv.
+    """
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    drop = "-dac_override,-dac_read_search"
+    return [setpriv, "--bounding-set=" + drop, "--inh-caps=" + drop]
+
+
+def run_serve(*args: str, prefix: Sequence[str] = (), env: Optional[dict] = None,
+              timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Run ``wsbroadcast serve ARGS`` (port 0 unless given) expecting it to exit by itself."""
+    cmd = list(prefix) + _SERVE + ([] if "--port" in args else ["--port", "0"]) + list(args)
+    return subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 class ServerProcess:
     """A broker process on 127.0.0.1 and a free port; its log lines are kept in ``lines``."""
 
     def __init__(self, *args: str, cwd: Optional[str] = None, env: Optional[dict] = None,
-                 timeout: float = 20.0) -> None:
-        cmd = [sys.executable, "-m", "wsbroadcast", "serve", "--host", "127.0.0.1", "--port", "0"]
+                 timeout: float = 20.0, prefix: Sequence[str] = ()) -> None:
+        cmd = list(prefix) + _SERVE + ["--port", "0"]
         cmd.extend(args)
         self.lines: List[str] = []
         self.port = 0

@@ -486,7 +486,10 @@ def test_read_only_store_refuses_publishes_and_keeps_serving(make_server, tmp_pa
             expect_pong_next(late)
         finally:
             late.close()
-        assert http_json(srv.port, "GET", "/healthz")[0] == 200
+        # /healthz tells that publishes cannot be stored (PROTOCOL.md section 1)
+        status, health = http_json(srv.port, "GET", "/healthz")
+        assert (status, health["status"]) == (503, "degraded"), (status, health)
+        assert "read-only" in health["reason"], health
         # the publisher's connection is still open and usable
         expect_pong_next(pub)
     finally:

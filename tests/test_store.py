@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from serverproc import without_file_permission_override
 
 from wsbroadcast.errors import StoreError
 from wsbroadcast.store import (
@@ -403,14 +404,10 @@ def test_sqlite_chmod_read_only_file(tmp_path) -> None:
         if (tmp_path / name).exists():
             os.remove(tmp_path / name)
     os.chmod(path, 0o444)
-    cmd = [sys.executable, "-c", _CHMOD_CHILD, str(path)]
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("running as root without setpriv: chmod cannot stop writes")
-        # Root ignores file modes through CAP_DAC_OVERRIDE; run the child without it.
-        drop = "-dac_override,-dac_read_search"
-        cmd = [setpriv, "--bounding-set=" + drop, "--inh-caps=" + drop] + cmd
+    prefix = without_file_permission_override()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: chmod cannot stop writes")
+    cmd = prefix + [sys.executable, "-c", _CHMOD_CHILD, str(path)]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -74,6 +74,11 @@ class Broker(abc.ABC):
         """False while the broker cannot take publishes (e.g. its server is away)."""
         return True
 
+    @property
+    def reason(self) -> Optional[str]:
+        """Why publishes cannot be stored now (one line for /healthz), None while they can."""
+        return None if self.healthy else "the shared broker is unavailable"
+
     def status(self) -> dict:
         """Details for /healthz."""
         return {"kind": type(self).__name__, "healthy": self.healthy}
@@ -102,8 +107,16 @@ class LocalBroker(Broker):
     def oldest(self, topic: str) -> int:
         return self.store.oldest(topic)
 
+    @property
+    def healthy(self) -> bool:
+        return self.store.failure is None
+
+    @property
+    def reason(self) -> Optional[str]:
+        return self.store.failure
+
     def status(self) -> dict:
-        return {"kind": "local", "store": type(self.store).__name__, "healthy": True,
+        return {"kind": "local", "store": type(self.store).__name__, "healthy": self.healthy,
                 "read_only": bool(getattr(self.store, "read_only", False))}
 
     def close(self) -> None:

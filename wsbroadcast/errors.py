@@ -8,6 +8,7 @@ Exception tree::
     │   └── PermissionDenied     forbidden
     ├── AuthError                a token or key that does not authenticate (HTTP 401)
     ├── StoreError               the message store could not read or write
+    │   └── StoreInUse           its file is locked by another store (another server)
     ├── BrokerUnavailable        the broker (e.g. Redis) cannot take a publish now
     ├── ServerClosed             an operation on a server that is shut down
     ├── ConfigError              a setting or start-up condition the user must fix
@@ -102,6 +103,14 @@ class AuthError(WsBroadcastError):
 
 class StoreError(WsBroadcastError):
     """The message store failed to read or write."""
+
+
+class StoreInUse(StoreError):
+    """The store's file is locked by another store: ``pid`` holds it (None when unknown)."""
+
+    def __init__(self, message: str, pid: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 class BrokerUnavailable(WsBroadcastError):

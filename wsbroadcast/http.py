@@ -232,7 +232,7 @@ class HttpSession:
             self.respond(200, self.server.demo_page(), "text/html; charset=utf-8", head=head)
         elif path == "/healthz":
             health = self.server.health()
-            status = 200 if health["status"] != "shutting_down" else 503
+            status = 200 if health["status"] == "ok" else 503
             self.respond(status, encode_json(health).encode(), head=head)
         elif path == "/metrics":
             body, ctype = self.server.metrics.exposition()

@@ -21,6 +21,7 @@ from .envelope import (
 )
 from .broker import Broker, Publication
 from .errors import BrokerUnavailable, CloseCode, ErrorCode, StoreError
+from .logutil import RateLimitedLog
 from .store import StoredMessage
 from .topics import SubjectTree, is_wildcard, validate_topic
 from .writer import CLOSE, DELIVER, REPLAY, SEND, SLOW, Writer
@@ -58,6 +59,7 @@ class Hub:
         self._replaying = 0  # connections with a replay in progress
         self._floored = 0  # (connection, topic) floors set: deliveries at or below are dropped
         self.received = 0  # messages published
+        self._refused_log = RateLimitedLog(logger)  # refused publishes: one line per interval
         broker.start(self.on_publications)
 
     # ------------------------------------------------------------------ registry
@@ -210,7 +212,8 @@ class Hub:
         try:
             stored = self._store_locked(pubs)
         except (StoreError, BrokerUnavailable) as exc:
-            logger.error("publish of %d message(s) from %s failed: %s", len(pubs), conn.label, exc)
+            self._refused_log.error("publish of %d message(s) from %s failed: %s",
+                                    len(pubs), conn.label, exc)
             for p in pubs:
                 ops.append((SEND, conn, _frame(error_text(
                     p.id, ErrorCode.UNAVAILABLE, "message not stored: %s" % exc))))

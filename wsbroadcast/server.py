@@ -27,7 +27,7 @@ from .broker import Broker, LocalBroker
 from .config import Config
 from .connection import Connection, TokenBucket
 from .envelope import PLAIN, encode_json
-from .errors import CloseCode, ConfigError, ServerClosed, StoreError
+from .errors import CloseCode, ConfigError, ServerClosed, StoreError, StoreInUse
 from .http import HttpSession, Upgrade, load_demo_page
 from .hub import Hub
 from .metrics import Metrics
@@ -61,15 +61,18 @@ def _tls_context(certfile: str, keyfile: Optional[str]) -> ssl.SSLContext:
     return ctx
 
 
-def _store_problem(spec: str, exc: Exception) -> str:
-    """What is wrong with a store path that SQLite could not open, in words."""
+def _store_error(spec: str, exc: StoreError) -> ConfigError:
+    """A store that could not be opened, in words, with what to do."""
+    if isinstance(exc, StoreInUse):
+        return ConfigError("%s; stop that server or give another file with --store" % exc)
+    problem = str(exc)
     if not spec.startswith("file:"):
         folder = os.path.dirname(os.path.abspath(spec))
         if os.path.isdir(spec):
-            return "--store %s is a folder" % spec
-        if not os.path.isdir(folder):
-            return "cannot create the store %s: the folder %s does not exist" % (spec, folder)
-    return str(exc)
+            problem = "--store %s is a folder" % spec
+        elif not os.path.isdir(folder):
+            problem = "cannot create the store %s: the folder %s does not exist" % (spec, folder)
+    return ConfigError("%s; give a writable SQLite file with --store, or --store memory" % problem)
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
@@ -144,12 +147,10 @@ class Server:
             except ValueError as exc:
                 raise ConfigError("--redis %s: %s; give redis://HOST:PORT/DB" % (cfg.redis_url, exc)) from exc
         else:
-            try:
-                self.store = message_store if message_store is not None else open_store(
-                    cfg.store, cfg.history_size, cfg.history_ttl, full_sync=cfg.store_full_sync)
-            except StoreError as exc:
-                raise ConfigError("%s; give a writable SQLite file with --store, or --store memory"
-                                  % _store_problem(cfg.store, exc)) from exc
+            # opened (created, locked) by start(), once the port is bound
+            self.store = message_store if message_store is not None else open_store(
+                cfg.store, cfg.history_size, cfg.history_ttl, full_sync=cfg.store_full_sync,
+                defer_open=True)
             self.broker = LocalBroker(self.store)
         self.writer = Writer(cfg.queue_size, cfg.close_timeout, cfg.ping_interval, cfg.ping_timeout)
         self.hub = Hub(self.broker, self.writer, cfg.max_subscriptions)
@@ -201,12 +202,23 @@ class Server:
         With ``listen=False`` no socket is bound and no accept loop runs: the broker
         (hub, writer, store) serves connections handed to ``run_connection``, as
         ``wsbroadcast.wsgi.Broker`` does.
+
+        The store is opened (and locked) only after the port is bound. Raises
+        ConfigError when the port cannot be bound or the store cannot be opened.
         """
         if self._started:
             return self
         cfg = self.config
         if listen:
             self._listener = listen_socket(cfg.host, cfg.port)
+        if self.store is not None:
+            try:
+                self.store.open()
+            except StoreError as exc:
+                if self._listener is not None:
+                    self._listener.close()
+                    self._listener = None
+                raise _store_error(getattr(self.store, "path", cfg.store), exc) from exc
         self._started = True
         self.started_at = time.monotonic()
         if cfg.thread_stack_size:
@@ -454,18 +466,24 @@ class Server:
         return self.hub.publish(topic, encode_json(data))
 
     def health(self) -> Dict[str, Any]:
-        """The /healthz document."""
-        status = "shutting_down" if self.shutting_down else "ok"
-        if not self.shutting_down and not (self.writer.alive and self.broker.healthy):
-            status = "degraded"
-        return {
-            "status": status,
+        """The /healthz document: status "ok", or "degraded" with the reason (PROTOCOL.md 1)."""
+        if self.shutting_down:
+            reason: Optional[str] = "shutting down"
+        elif not self.writer.alive:
+            reason = "the writer thread is not running"
+        else:
+            reason = self.broker.reason
+        doc: Dict[str, Any] = {"status": "ok" if reason is None else "degraded"}
+        if reason is not None:
+            doc["reason"] = reason
+        doc.update({
             "uptime": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "connections": len(self.hub),
             "writer": {"state": self.writer.state, "alive": self.writer.alive,
                        "queue_depth": self.writer.depth()},
             "broker": self.broker.status(),
-        }
+        })
+        return doc
 
     def demo_page(self) -> bytes:
         """The demo page served at /."""

@@ -41,7 +41,9 @@ from typing import (
     Tuple,
 )
 
-from .errors import StoreError
+from .errors import StoreError, StoreInUse
+from .logutil import RateLimitedLog
+from .pidlock import LockHeld, PidLock
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +104,14 @@ class MessageStore(abc.ABC):
     history_size: int
     history_ttl: Optional[float]
     read_only: bool = False
+
+    def open(self) -> None:
+        """Acquire what the store needs (files, locks); idempotent. Raises StoreError."""
+
+    @property
+    def failure(self) -> Optional[str]:
+        """Why publishes cannot be stored now (one line), or None while they can."""
+        return None
 
     @abc.abstractmethod
     def latest(self, topic: str) -> Tuple[int, str]:
@@ -238,6 +248,10 @@ class MemoryStore(MessageStore):
                     del self._rings[topic]
         return removed
 
+    @property
+    def failure(self) -> Optional[str]:
+        return "store is closed" if self._closed else None
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -265,15 +279,25 @@ class SqliteStore(MessageStore):
     ``path`` is a file path, ``":memory:"`` (no persistence; reads share the writer
     connection), or an SQLite ``file:`` URI (e.g. ``file:/x/h.db?mode=ro``).
 
-    Opening: the file is opened read-write and the schema created. If that fails
-    (read-only file or directory, another process holding the write lock, ...)
-    the file is opened read-only instead: ``read_only`` is True, reads work,
-    ``append_batch`` raises StoreError and ``trim`` does nothing. If it cannot be
-    opened at all (missing directory, not a database, no schema in a read-only
-    file) the constructor raises StoreError.
+    Opening (in the constructor, or in :meth:`open` with ``defer_open``): a file
+    path is first locked, through ``PATH.lock`` holding this process's pid; a
+    lock held by another store (of this process or another) raises StoreError
+    naming that pid. Then the file is opened read-write and the schema created.
+    If that fails (read-only file, or a directory where the lock file cannot be
+    made) the file is opened read-only instead: ``read_only`` is True, reads
+    work, ``append_batch`` raises StoreError and ``trim`` does nothing. In a
+    read-only directory SQLite cannot make the ``-shm`` file WAL readers need:
+    a file closed cleanly there (no ``-wal`` file) is opened immutable, which
+    assumes nobody writes it meanwhile. If the file cannot be opened at all
+    (missing directory, not a database, no schema in a read-only file) StoreError
+    is raised. ``file:`` URIs and ``":memory:"`` are opened as given, unlocked.
 
     This process must be the only writer of the file: topic metadata (epoch,
     last seq) is cached in memory and updated only after a successful commit.
+    After each commit the path is checked to still name the file that was
+    opened: once it was deleted or replaced, appends raise StoreError (nothing
+    more is acknowledged that a restart would not find) and :attr:`failure`
+    says why.
     Reads use a small pool of read-only WAL connections, so they run
     concurrently with the writer and each sees a committed snapshot (a batch is
     never seen torn); if a reader connection cannot be opened, reads fall back to
@@ -292,6 +316,7 @@ class SqliteStore(MessageStore):
         full_sync: bool = False,
         *,
         clock: Clock = time.time,
+        defer_open: bool = False,
     ) -> None:
         _check_retention(history_size, history_ttl)
         self.path = str(path)
@@ -299,16 +324,27 @@ class SqliteStore(MessageStore):
         self.history_ttl = history_ttl
         self.full_sync = bool(full_sync)
         self.read_only = False
+        self.epoch = ""
         self._clock = clock
         self._is_uri = self.path.startswith("file:")
         self._shared_reads = self.path == ":memory:"
+        # the file a plain path names (locked, checked after commits); None for URIs
+        self._file: Optional[str] = None
         if self._is_uri or self._shared_reads:
             self._reader_uri = self.path
         else:
-            self._reader_uri = pathlib.Path(os.path.abspath(self.path)).as_uri() + "?mode=ro"
+            self._file = os.path.abspath(self.path)
+            self._reader_uri = pathlib.Path(self._file).as_uri() + "?mode=ro"
+        # Why the file can no longer be trusted (deleted or replaced); set once, never
+        # cleared. _append_error: the last append's failure, cleared by a success.
+        # Both are plain attribute stores, read without a lock by ``failure``.
+        self._lost: Optional[str] = None
+        self._append_error: Optional[str] = None
+        self._errors = RateLimitedLog(logger)
 
         # _wlock guards the writer connection _writer and everything only the writer
-        # changes: _meta, _dirty, _trimmed_size, _oldest_time; _closed is set holding
+        # changes: _meta, _dirty, _trimmed_size, _oldest_time, and what open() sets once
+        # (_writer, epoch, read_only, _reader_uri, _identity, _lock_file); _closed is set holding
         # both _wlock and _pool_lock, so either one suffices to read it. Lock order:
         # the hub's lock, then _wlock, then _pool_lock; never the other way round.
         self._wlock = threading.Lock()
@@ -331,8 +367,39 @@ class SqliteStore(MessageStore):
         # on reads go through the writer connection under _wlock.
         self._reader_failed = False
 
-        self._writer = self._open()
-        self.epoch = self._load()
+        self._writer: Optional[sqlite3.Connection] = None
+        self._lock_file: Optional[PidLock] = None
+        # (st_dev, st_ino) of the file opened, compared with the path's after commits
+        self._identity: Optional[Tuple[int, int]] = None
+        if not defer_open:
+            self.open()
+
+    # -- opening
+
+    def open(self) -> None:
+        """Lock and open the file and load its topics (see the class doc); idempotent."""
+        with self._wlock:
+            if self._writer is not None:
+                return
+            if self._closed:
+                raise StoreError("store is closed")
+            lock = self._take_lock()
+            try:
+                self._writer = self._open(lock is None and self._file is not None)
+                self.epoch = self._load()
+                if self._file is not None:
+                    st = os.stat(self._file)
+                    self._identity = (st.st_dev, st.st_ino)
+            except BaseException as exc:
+                if self._writer is not None:
+                    self._writer.close()
+                    self._writer = None
+                if lock is not None:
+                    lock.release()
+                if isinstance(exc, OSError):
+                    raise StoreError("cannot open sqlite store %s: %s" % (self.path, exc)) from exc
+                raise
+            self._lock_file = lock
         logger.info(
             "sqlite store %s opened%s: %d topics, epoch %s",
             self.path,
@@ -341,39 +408,73 @@ class SqliteStore(MessageStore):
             self.epoch,
         )
 
-    # -- opening
+    def _take_lock(self) -> Optional[PidLock]:
+        """Lock the file for this store; None when no lock file can be made here."""
+        if self._file is None:
+            return None
+        folder = os.path.dirname(self._file)
+        if not os.path.isdir(folder):
+            raise StoreError(
+                "cannot open sqlite store %s: directory %s does not exist" % (self.path, folder)
+            )
+        lock = PidLock(self._file + ".lock")
+        try:
+            lock.acquire()
+        except LockHeld as exc:
+            raise StoreInUse(
+                "sqlite store %s is in use by process %s (lock file %s)"
+                % (self.path, exc.pid or "(unknown)", lock.path),
+                exc.pid,
+            ) from None
+        except OSError as exc:
+            logger.debug("cannot make lock file %s: %s", lock.path, exc)
+            return None
+        return lock
 
     def _connect(self, target: str, uri: bool) -> sqlite3.Connection:
         return sqlite3.connect(
             target, uri=uri, timeout=5.0, isolation_level=None, check_same_thread=False
         )
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, read_only: bool) -> sqlite3.Connection:
+        """Open the writer connection (read-only when ``read_only`` or when writing fails)."""
         conn: Optional[sqlite3.Connection] = None
-        try:
-            conn = self._connect(self.path, self._is_uri)
-            self._init_schema(conn)
-            return conn
-        except sqlite3.Error as exc:
-            if conn is not None:
-                conn.close()
-            if self._shared_reads:
-                raise StoreError("cannot open sqlite store %s: %s" % (self.path, exc)) from exc
-            first = exc
-        try:
-            conn = self._connect(self._reader_uri, True)
-            conn.execute("SELECT 1 FROM topics LIMIT 1").fetchall()
+        first: object = "its directory is not writable"
+        second: object = None
+        if not read_only:
+            try:
+                conn = self._connect(self.path, self._is_uri)
+                self._init_schema(conn)
+                return conn
+            except sqlite3.Error as exc:
+                if conn is not None:
+                    conn.close()
+                if self._shared_reads:
+                    raise StoreError("cannot open sqlite store %s: %s" % (self.path, exc)) from exc
+                first = exc
+        uris = [self._reader_uri]
+        if self._file is not None and not os.path.exists(self._file + "-wal"):
+            # closed cleanly, in a directory where SQLite cannot make its -shm file
+            uris.append(pathlib.Path(self._file).as_uri() + "?immutable=1")
+        for uri in uris:
+            conn = None
+            try:
+                conn = self._connect(uri, True)
+                conn.execute("SELECT 1 FROM topics LIMIT 1").fetchall()
+            except sqlite3.Error as exc:
+                if conn is not None:
+                    conn.close()
+                second = exc
+                continue
             self.read_only = True
+            self._reader_uri = uri
             logger.warning(
                 "sqlite store %s is not writable (%s); opened it read-only", self.path, first
             )
             return conn
-        except sqlite3.Error as exc:
-            if conn is not None:
-                conn.close()
-            raise StoreError(
-                "cannot open sqlite store %s: %s (read-only: %s)" % (self.path, first, exc)
-            ) from exc
+        raise StoreError(
+            "cannot open sqlite store %s: %s (read-only: %s)" % (self.path, first, second)
+        )
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -454,6 +555,8 @@ class SqliteStore(MessageStore):
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError("store is closed")
+        if self._writer is None:
+            raise StoreError("store is not open")
 
     def latest(self, topic: str) -> Tuple[int, str]:
         meta = self._meta.get(topic)
@@ -493,6 +596,8 @@ class SqliteStore(MessageStore):
             self._check_open()
             if self.read_only:
                 raise StoreError("sqlite store %s is read-only" % self.path)
+            if self._lost:
+                raise StoreError(self._lost)
             if not items:
                 return []
             now = self._clock()
@@ -525,11 +630,19 @@ class SqliteStore(MessageStore):
                 conn.execute("COMMIT")
             except Exception as exc:
                 _rollback(conn)
-                logger.error("sqlite store %s: append of %d messages failed: %s", self.path, len(items), exc)
-                raise StoreError("cannot store messages: %s" % exc) from exc
+                self._append_error = "cannot store messages: %s" % exc
+                self._errors.error(
+                    "sqlite store %s: append of %d messages failed: %s", self.path, len(items), exc
+                )
+                raise StoreError(self._append_error) from exc
             except BaseException:
                 _rollback(conn)
                 raise
+            lost = self._check_file()
+            if lost:
+                # committed to a file no restart will open: not acknowledged
+                raise StoreError(lost)
+            self._append_error = None
             # Committed: only now does the cache move forward.
             self._meta.update(pending)
             self._dirty.update(pending)
@@ -540,7 +653,7 @@ class SqliteStore(MessageStore):
 
     def trim(self, now: Optional[float] = None) -> int:
         with self._wlock:
-            if self._closed or self.read_only:
+            if self._closed or self._writer is None or self.read_only or self._lost:
                 return 0
             size = self.history_size
             ttl = self.history_ttl
@@ -621,11 +734,53 @@ class SqliteStore(MessageStore):
             # Readers in use are closed when they are given back.
             for conn in idle:
                 conn.close()
+            if self._writer is None:
+                return
             try:
                 self._writer.close()
             except sqlite3.Error as exc:  # pragma: no cover - close rarely fails
                 logger.warning("closing sqlite store %s: %s", self.path, exc)
+            if self._lock_file is not None:
+                self._lock_file.release()
         logger.info("sqlite store %s closed", self.path)
+
+    # -- health
+
+    @property
+    def failure(self) -> Optional[str]:
+        """Why appends are refused: closed, read-only, file deleted or replaced, last error."""
+        if self._closed:
+            return "store is closed"
+        if self._writer is None:
+            return "store is not open"
+        if self.read_only:
+            return "sqlite store %s is read-only" % self.path
+        return self._check_file() or self._append_error
+
+    def _check_file(self) -> Optional[str]:
+        """Whether the path still names the file opened; once it does not, say so for good.
+
+        Any thread may call it (an os.stat, no lock).
+        """
+        if self._lost or self._identity is None or self._file is None:
+            return self._lost
+        try:
+            st = os.stat(self._file)
+        except (FileNotFoundError, NotADirectoryError):
+            what = "was deleted"
+        except OSError as exc:
+            return "cannot check sqlite store %s: %s" % (self.path, exc)
+        else:
+            if (st.st_dev, st.st_ino) == self._identity:
+                return None
+            what = "was replaced by another file"
+        if self._lost is None:
+            self._lost = (
+                "sqlite store %s %s while in use; messages are not stored until a restart"
+                % (self.path, what)
+            )
+            logger.error("%s", self._lost)
+        return self._lost
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -694,8 +849,12 @@ def open_store(
     history_ttl: Optional[float],
     *,
     full_sync: bool = False,
+    defer_open: bool = False,
 ) -> MessageStore:
-    """Open a store: ``"memory"`` is a MemoryStore, anything else an SqliteStore path/URI."""
+    """Open a store: ``"memory"`` is a MemoryStore, anything else an SqliteStore path/URI.
+
+    With ``defer_open`` nothing touches the file system until ``store.open()``.
+    """
     if spec == "memory":
         return MemoryStore(history_size, history_ttl)
-    return SqliteStore(spec, history_size, history_ttl, full_sync=full_sync)
+    return SqliteStore(spec, history_size, history_ttl, full_sync=full_sync, defer_open=defer_open)
