@@ -214,11 +214,44 @@ def test_two_pages_exchange_messages(make_server, pages):
     for page in (a, b):
         page.wait_message("demo", 3, '{"from":"server"}')
         assert page.messages("demo") == [(1, "hello from A"), (2, '{"n":2}'), (3, '{"from":"server"}')]
-        assert page.js("return window.wsbDemo.lastSeq") == {"demo": 3}
+        assert page.js("return window.wsbDemo.lastSeq")["demo"] == 3
         assert page.lines("error") == []
     os.makedirs(ARTIFACTS, exist_ok=True)
     a.focus()
     assert a.driver.save_screenshot(os.path.join(ARTIFACTS, "demo-two-pages.png"))
+
+
+@pytest.mark.timeout(60)
+def test_page_and_plain_clients_see_each_other_without_a_click(make_server, pages):
+    """The page opens on ``broadcast``, where the seed's plain clients talk."""
+    srv = make_server()
+    page = pages(srv.http_url + "/")
+    page.wait_connected()
+    page.wait(lambda d: d.find_elements(By.CSS_SELECTOR, '#subscriptions li.sub.active[data-topic="broadcast"]'),
+              message="the page did not start subscribed to broadcast")
+    plain = wsraw.connect(srv.port, subprotocol=None)  # the seed's client: no subprotocol
+    plain.send_json({"email": "ann@example.com", "content": "hello from the seed"})
+    page.wait_message("broadcast", 1, "hello from the seed")
+    assert page.js("return document.querySelector('#messages div.line.msg[data-seq=\"1\"] .from')"
+                   ".textContent") == "ann@example.com"
+    assert plain.recv_json() == {"email": "ann@example.com", "content": "hello from the seed"}
+
+    # the page's own publish, on the default topic, shows in its own list and reaches the seed
+    page.focus()
+    assert page.driver.find_element(By.ID, "pub-topic").get_attribute("value") == "broadcast"
+    page.driver.find_element(By.ID, "pub-data").send_keys("hi from the page")
+    page.driver.find_element(By.ID, "publish-btn").click()
+    page.wait_message("broadcast", 2, "hi from the page")
+    assert plain.recv_json() == "hi from the page"
+    # on a topic it does not follow, what it sent is shown once, marked as sent
+    page.publish("elsewhere", "a note")
+    page.wait_message("elsewhere", 1, "a note")
+    assert page.js("return document.querySelectorAll('#messages div.line.msg.sent').length") == 1
+    assert page.messages("broadcast") == [(1, "hello from the seed"), (2, "hi from the page")]
+    assert page.lines("error") == []
+    plain.close()
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    assert page.driver.save_screenshot(os.path.join(ARTIFACTS, "demo-seed-and-page.png"))
 
 
 @pytest.mark.timeout(60)
