@@ -176,7 +176,7 @@ def _check_auth_on(port: int) -> None:
                              {"type": "subscribe", "topic": "u", "id": 2}])) == [("ack", ""), ("error", "forbidden")]
     c.close()
     status, headers, body = wsraw.http_request(
-        port, b"GET /history?topic=t HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        port, b"GET /history?topic=t HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert status == 401 and json.loads(body)["error"] == "unauthorized"
 
 

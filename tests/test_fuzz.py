@@ -447,7 +447,7 @@ class Healthy:
 
 def _healthz(port: int) -> Tuple[int, dict]:
     status, _headers, body = wsraw.http_request(
-        port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     return status, json.loads(body)
 
 

@@ -168,7 +168,7 @@ def test_malformed_request_is_400(server):
 def test_keep_alive_serves_several_requests(server):
     import socket
     s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    req = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    req = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
     for _ in range(3):
         s.sendall(req)
         status, _, body = wsraw.read_response(s)

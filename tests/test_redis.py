@@ -345,7 +345,7 @@ def http_publish(port: int, topic: str, data: Any) -> Tuple[int, dict]:
 
 
 def healthz(port: int) -> str:
-    status, _h, body = http_request(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", T)
+    status, _h, body = http_request(port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", T)
     return json.loads(body)["status"]
 
 

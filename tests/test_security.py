@@ -79,7 +79,7 @@ def handshake(port: int, query_token: Optional[str] = None, bearer: Optional[str
     """Send an upgrade request; return (status, headers, RawWS) on 101, else (status, headers, body)."""
     target = "/ws" if query_token is None else "/ws?token=" + quote(query_token, safe="")
     lines = ["GET %s HTTP/1.1" % target, "Host: 127.0.0.1:%d" % port, "Upgrade: websocket",
-             "Connection: Upgrade", "Sec-WebSocket-Key: " + b64(os.urandom(16)) + "==",
+             "Connection: Upgrade", "Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)).decode(),
              "Sec-WebSocket-Version: 13"]
     if subprotocol:
         lines.append("Sec-WebSocket-Protocol: " + subprotocol)

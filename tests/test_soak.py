@@ -135,7 +135,7 @@ def test_soak_connect_subscribe_disconnect(record_property):
         # the idle server: the levels to come back to. The accept loop makes its selector after
         # the "listening" line, so one request first, then wait until the levels hold still.
         status, _headers, _body = wsraw.http_request(
-            srv.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            srv.port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         assert status == 200
         assert wsraw.wait_for(_steady(srv), timeout=10), "the idle server's threads/fds did not settle"
         start_threads, start_fds = srv.threads(), srv.fds()
@@ -159,7 +159,7 @@ def test_soak_connect_subscribe_disconnect(record_property):
         end_threads, end_fds = srv.threads(), srv.fds()
         end_rss = srv.rss_kib()
         status, _headers, body = wsraw.http_request(
-            srv.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            srv.port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         figures = {
             "soak_cycles": CYCLES, "soak_seconds": round(elapsed, 2),
             "soak_cycles_per_s": round(CYCLES / elapsed, 1),

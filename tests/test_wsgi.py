@@ -163,6 +163,21 @@ def test_refusals_match_the_standalone_server(mounted):
 
 
 @pytest.mark.timeout(20)
+def test_mounted_host_check_only_with_allowed_hosts(mounted):
+    """The WSGI server, not the broker, knows its address: no Host check unless hosts are given."""
+    _, port = mounted()
+    ws = wsraw.connect(port, path="/live", host="app.example")
+    ws.close()
+    _, port = mounted(allowed_hosts=("app.example",))
+    ws = wsraw.connect(port, path="/live", host="app.example:%d" % port)
+    ws.close()
+    for host in ("evil.example", "127.0.0.1:%d" % port):
+        status, _, body = wsraw.http_request(port, _upgrade_request(port).replace(
+            b"Host: 127.0.0.1:%d" % port, b"Host: " + host.encode()))
+        assert status == 403 and json.loads(body)["error"] == "forbidden_host", host
+
+
+@pytest.mark.timeout(20)
 def test_auth_and_allowed_origins(mounted):
     from wsbroadcast.auth import mint_token
 

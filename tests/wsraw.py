@@ -183,10 +183,14 @@ def read_response(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT,
 
 
 def upgrade_request(port: int, path: str = "/ws", subprotocol: Optional[str] = "wsbroadcast.v1",
-                    headers: Optional[List[Tuple[str, str]]] = None, key: Optional[str] = None) -> bytes:
-    """The bytes of a valid WebSocket upgrade request (extra ``headers`` appended)."""
+                    headers: Optional[List[Tuple[str, str]]] = None, key: Optional[str] = None,
+                    host: Optional[str] = None) -> bytes:
+    """The bytes of a valid WebSocket upgrade request (extra ``headers`` appended).
+
+    ``host`` is the Host header (default ``127.0.0.1:PORT``).
+    """
     key = key or base64.b64encode(os.urandom(16)).decode()
-    lines = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1:%d" % port, "Upgrade: websocket",
+    lines = ["GET %s HTTP/1.1" % path, "Host: " + (host or "127.0.0.1:%d" % port), "Upgrade: websocket",
              "Connection: Upgrade", "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13"]
     if subprotocol:
         lines.append("Sec-WebSocket-Protocol: " + subprotocol)
@@ -197,7 +201,8 @@ def upgrade_request(port: int, path: str = "/ws", subprotocol: Optional[str] = "
 
 def handshake(port: int, path: str = "/ws", subprotocol: Optional[str] = "wsbroadcast.v1",
               headers: Optional[List[Tuple[str, str]]] = None, timeout: float = DEFAULT_TIMEOUT,
-              rcvbuf: Optional[int] = None, cls: type = RawWS) -> Tuple[int, dict, Any]:
+              rcvbuf: Optional[int] = None, cls: type = RawWS,
+              host: Optional[str] = None) -> Tuple[int, dict, Any]:
     """Send an upgrade request: (101, headers, ``cls`` instance) when accepted, else (status, headers, body).
 
     ``rcvbuf`` sets SO_RCVBUF before connecting (a small one keeps the server from parking much there).
@@ -208,7 +213,7 @@ def handshake(port: int, path: str = "/ws", subprotocol: Optional[str] = "wsbroa
     sock.settimeout(timeout)
     try:
         sock.connect(("127.0.0.1", port))
-        sock.sendall(upgrade_request(port, path, subprotocol, headers))
+        sock.sendall(upgrade_request(port, path, subprotocol, headers, host=host))
         status, hdrs, body = read_response(sock, timeout, upgrade=True)
     except BaseException:
         sock.close()
@@ -221,9 +226,9 @@ def handshake(port: int, path: str = "/ws", subprotocol: Optional[str] = "wsbroa
 
 def connect(port: int, subprotocol: Optional[str] = "wsbroadcast.v1", path: str = "/ws",
             headers: Optional[List[Tuple[str, str]]] = None, timeout: float = DEFAULT_TIMEOUT,
-            rcvbuf: Optional[int] = None, cls: type = RawWS) -> Any:
+            rcvbuf: Optional[int] = None, cls: type = RawWS, host: Optional[str] = None) -> Any:
     """Open a raw WebSocket connection (raises AssertionError unless answered 101)."""
-    status, hdrs, conn = handshake(port, path, subprotocol, headers, timeout, rcvbuf, cls)
+    status, hdrs, conn = handshake(port, path, subprotocol, headers, timeout, rcvbuf, cls, host)
     if status != 101:
         raise AssertionError("handshake answered %d: %r" % (status, conn))
     return conn

@@ -93,6 +93,10 @@ def _serve_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="key for back-end publishers (X-API-Key header); also $WSBROADCAST_API_KEY")
     s.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="browser origin allowed besides the server's own (repeatable; '*' allows any)")
+    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME[:PORT]",
+                   help="Host header served: on a loopback address besides localhost, 127.0.0.1 and "
+                        "[::1] (which is all it serves by default, against DNS rebinding); elsewhere "
+                        "the only names served once one is given (repeatable; '*' serves any)")
     s.add_argument("--certfile", metavar="FILE", help="TLS certificate (PEM): serve wss:// and https://")
     s.add_argument("--keyfile", metavar="FILE", help="TLS private key (PEM)")
     p.set_defaults(func=_serve)
@@ -201,7 +205,8 @@ def _serve(args: argparse.Namespace) -> int:
             history_ttl=args.history_ttl, store_full_sync=args.full_sync,
             secret=secret,
             public_key=public_key, api_key=args.api_key or os.environ.get("WSBROADCAST_API_KEY") or None,
-            allowed_origins=tuple(args.allowed_origin), certfile=args.certfile, keyfile=args.keyfile,
+            allowed_origins=tuple(args.allowed_origin), allowed_hosts=tuple(args.allowed_host),
+            certfile=args.certfile, keyfile=args.keyfile,
             redis_url=args.redis, thread_stack_size=args.thread_stack_size,
         )
         install_redaction_on_handlers()

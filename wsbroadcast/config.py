@@ -50,6 +50,9 @@ class Config:
     public_key: Optional[str] = None
     api_key: Optional[str] = None
     allowed_origins: Tuple[str, ...] = ()
+    #: Host names served besides the loopback names (listening on loopback), or the only
+    #: ones served (listening elsewhere); "name" or "name:port", "*" for any (PROTOCOL.md 8)
+    allowed_hosts: Tuple[str, ...] = ()
     certfile: Optional[str] = None
     keyfile: Optional[str] = None
     # scale-out

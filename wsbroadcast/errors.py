@@ -39,6 +39,7 @@ class ErrorCode(str, enum.Enum):
     # HTTP only
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN_ORIGIN = "forbidden_origin"
+    FORBIDDEN_HOST = "forbidden_host"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     TOO_LARGE = "too_large"

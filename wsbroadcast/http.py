@@ -8,8 +8,11 @@ reader to run.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
+import re
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
@@ -35,29 +38,45 @@ _REASONS = {
     404: b"Not Found", 405: b"Method Not Allowed", 413: b"Payload Too Large",
     415: b"Unsupported Media Type", 426: b"Upgrade Required", 429: b"Too Many Requests",
     500: b"Internal Server Error", 503: b"Service Unavailable",
+    505: b"HTTP Version Not Supported",
 }
 _STATUS_OF = {
     ErrorCode.BAD_JSON: 400, ErrorCode.BAD_REQUEST: 400, ErrorCode.BAD_TOPIC: 400,
     ErrorCode.UNAUTHORIZED: 401, ErrorCode.FORBIDDEN: 403, ErrorCode.FORBIDDEN_ORIGIN: 403,
     ErrorCode.NOT_FOUND: 404, ErrorCode.METHOD_NOT_ALLOWED: 405, ErrorCode.TOO_LARGE: 413,
-    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415, ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415, ErrorCode.RATE_LIMITED: 429, ErrorCode.FORBIDDEN_HOST: 403,
     ErrorCode.UNAVAILABLE: 503, ErrorCode.UPGRADE_REQUIRED: 426,
 }
 #: known paths and the methods each accepts (the WebSocket path is added per server)
 _ROUTES = {"/": ("GET", "HEAD"), "/healthz": ("GET", "HEAD"), "/metrics": ("GET", "HEAD"),
            "/publish": ("POST",), "/history": ("GET", "HEAD")}
 _MAX_HEADER = 16384
+#: the end of a request head as h11 finds it (bare LF included, so that check_head sees it)
+_HEAD_END = re.compile(rb"\n\r?\n")
+_REQUEST_LINE = re.compile(rb"[^ ]+ [^ ]+ HTTP/([0-9]+(?:\.[0-9]+)?)\Z")
+#: headers a request may carry once: a second copy is one that a proxy in front may read instead
+_SINGLE = frozenset((b"host", b"content-length", b"content-type", b"origin", b"authorization",
+                     b"x-api-key", b"upgrade", b"sec-websocket-key", b"sec-websocket-version"))
+#: the largest seq a store holds (SQLite INTEGER); a larger ``since`` is past every message
+_MAX_SEQ = 2 ** 63 - 1
+#: after a closing error answer: how long and how much the rest of the request is read and
+#: dropped, so that the close does not reset the connection before the client reads the answer
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 256 * 1024
 
 
 class HttpError(Exception):
     """An HTTP error answer: status from the code, JSON body."""
 
-    def __init__(self, code: ErrorCode, message: str, headers: Optional[List[Tuple[str, str]]] = None):
+    def __init__(self, code: ErrorCode, message: str, headers: Optional[List[Tuple[str, str]]] = None,
+                 status: Optional[int] = None, close: bool = False):
         super().__init__(message)
         self.code = code
         self.message = message
-        self.status = _STATUS_OF.get(code, 400)
+        self.status = status or _STATUS_OF.get(code, 400)
         self.headers = headers or []
+        #: the connection cannot go on after the answer (framing in doubt, server fault)
+        self.close = close
 
 
 class Upgrade:
@@ -84,6 +103,56 @@ def _header(headers: List[Tuple[bytes, bytes]], name: bytes) -> Optional[str]:
     return None
 
 
+def check_head(head: bytes) -> Optional[HttpError]:
+    """Why a raw request head (request line to blank line) must be refused, or None.
+
+    What h11 accepts but a proxy in front may read differently (request smuggling,
+    RFC 9112) is refused with 400 and the connection closed: a bare LF line end
+    (section 2.2 allows either), obs-fold (section 5.2), Content-Length with
+    Transfer-Encoding, Transfer-Encoding other than exactly ``chunked`` or on
+    HTTP/1.0 (section 6.1), a Content-Length list or a second copy of a header in
+    ``_SINGLE``. An HTTP version other than 1.0 and 1.1 (the HTTP/2 preface
+    included) is 505. Anything else malformed is left to h11.
+    """
+    line = head.partition(b"\n")[0]
+    version = _REQUEST_LINE.match(line.rstrip(b"\r"))
+    if version is not None and version.group(1) not in (b"1.0", b"1.1"):
+        return HttpError(ErrorCode.BAD_REQUEST, "HTTP version not supported (use HTTP/1.1)",
+                         status=505, close=True)
+    if re.search(rb"(?<!\r)\n", head):
+        return _framing("line ends must be CRLF")
+    seen = set()
+    codings: Optional[List[bytes]] = None  # every coding of every Transfer-Encoding, in order
+    for field in head.split(b"\r\n")[1:]:
+        if field[:1] in (b" ", b"\t"):
+            return _framing("obsolete line folding")
+        name, colon, value = field.partition(b":")
+        name = name.lower()
+        if not colon:
+            continue
+        if name in _SINGLE:
+            if name in seen:
+                return _framing("more than one %s header" % name.decode("latin-1"))
+            seen.add(name)
+        if name == b"content-length" and b"," in value:
+            return _framing("a list in Content-Length")
+        if name == b"transfer-encoding":
+            codings = codings if codings is not None else []
+            codings.extend(c.strip().lower() for c in value.split(b","))
+    if codings is not None:
+        if b"content-length" in seen:
+            return _framing("both Content-Length and Transfer-Encoding")
+        if version is not None and version.group(1) == b"1.0":
+            return _framing("Transfer-Encoding on HTTP/1.0")
+        if codings != [b"chunked"]:
+            return _framing("chunked must be the last and only transfer coding")
+    return None
+
+
+def _framing(why: str) -> HttpError:
+    return HttpError(ErrorCode.BAD_REQUEST, "ambiguous request framing: " + why, close=True)
+
+
 def _load_static(name: str) -> bytes:
     with open(os.path.join(_STATIC, name), "rb") as f:
         return f.read()
@@ -100,7 +169,7 @@ class HttpSession:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER)
 
     # ------------------------------------------------------------------ I/O
-    def _recv(self, deadline: float) -> None:
+    def _recv(self, deadline: float) -> bytes:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Timeout()
@@ -110,6 +179,32 @@ class HttpSession:
         except socket.timeout:
             raise _Timeout() from None
         self.h11.receive_data(data)
+        return data
+
+    def _next_request(self, deadline: float) -> Any:
+        """The next request's event, once its raw head has passed ``check_head``.
+
+        Raises the ``HttpError`` of a refused head. The bytes h11 holds for the
+        request (after a previous one on the connection) and those received here
+        are kept until the head's blank line: what h11 would parse, unfolded.
+        """
+        head = bytearray(self.h11.trailing_data[0])
+        start = 0
+        while True:
+            end = _HEAD_END.search(head, start)
+            if end is not None:
+                problem = check_head(bytes(head[:end.end()]))
+                if problem is not None:
+                    raise problem
+                break
+            if len(head) > _MAX_HEADER:
+                break  # h11 refuses it
+            start = max(0, len(head) - 2)
+            data = self._recv(deadline)
+            if not data:
+                break
+            head += data
+        return self._next(deadline)
 
     def _next(self, deadline: float) -> Any:
         while True:
@@ -151,9 +246,13 @@ class HttpSession:
         while True:
             deadline = time.monotonic() + timeout
             try:
-                event = self._next(deadline)
+                event = self._next_request(deadline)
             except _Timeout:
                 logger.debug("handshake timeout from %s", self.addr[0])
+                return None
+            except HttpError as err:  # a head refused before h11 parsed it
+                logger.debug("request from %s refused: %s", self.addr[0], err.message)
+                self.refuse(err)
                 return None
             except h11.RemoteProtocolError as exc:
                 self._bad_request(exc)
@@ -165,6 +264,9 @@ class HttpSession:
             try:
                 upgrade = self._route(event, deadline)
             except HttpError as err:
+                if err.close:
+                    self.refuse(err, head=event.method == b"HEAD")
+                    return None
                 try:
                     self.error(err, head=event.method == b"HEAD")
                 except h11.LocalProtocolError:
@@ -173,6 +275,11 @@ class HttpSession:
                 return None
             except h11.RemoteProtocolError as exc:
                 self._bad_request(exc)
+                return None
+            except OSError:
+                raise  # the connection is gone: nobody to answer
+            except Exception as exc:
+                self._fault(event, exc)
                 return None
             else:
                 if upgrade is not None:
@@ -199,11 +306,60 @@ class HttpSession:
                 return
 
     def _bad_request(self, exc: Exception) -> None:
-        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            try:
-                self.error(HttpError(ErrorCode.BAD_REQUEST, "malformed HTTP request"))
-            except (h11.LocalProtocolError, OSError):
-                pass
+        logger.debug("malformed request from %s: %s", self.addr[0], exc)
+        self.refuse(HttpError(ErrorCode.BAD_REQUEST, "malformed HTTP request", close=True))
+
+    def refuse(self, err: HttpError, head: bool = False) -> None:
+        """Answer ``err`` unless an answer was begun, with ``Connection: close``, and end the stream.
+
+        The answer is written without h11 (whose state may be an error by now); then
+        the sending side is shut and what the client still sends is read and dropped,
+        for at most ``_LINGER_SECONDS`` and ``_LINGER_BYTES``, so that closing does not
+        reset the connection before the client has read the answer.
+        """
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = encode_json({"error": str(err.code), "message": err.message}).encode()
+        lines = [b"HTTP/1.1 %d %s" % (err.status, _REASONS.get(err.status, b"Error")),
+                 b"content-type: application/json", b"content-length: %d" % len(body),
+                 b"cache-control: no-store", b"connection: close"]
+        lines.extend(("%s: %s" % kv).encode("latin-1") for kv in err.headers)
+        if err.status == 401:
+            lines.append(b"www-authenticate: Bearer")
+        try:
+            self.sock.settimeout(self.config.handshake_timeout)
+            self.sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head else body))
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        raw = getattr(self.sock, "raw", self.sock)  # under TLS, drop the records undecrypted
+        deadline = time.monotonic() + _LINGER_SECONDS
+        left = _LINGER_BYTES
+        try:
+            while left > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                raw.settimeout(remaining)
+                data = raw.recv(65536)
+                if not data:
+                    return
+                left -= len(data)
+        except OSError:
+            pass
+
+    def _fault(self, req: h11.Request, exc: Exception) -> None:
+        """A request that raised: one log line (the traceback at debug level), then a 500."""
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = "%s:%d" % (os.path.basename(tb.tb_frame.f_code.co_filename), tb.tb_lineno) if tb else "?"
+        logger.error("%s %s from %s failed: %s: %s (at %s); answered 500",
+                     req.method.decode("latin-1"), urlsplit(req.target.decode("latin-1")).path,
+                     self.addr[0], type(exc).__name__, exc, where)
+        logger.debug("traceback of the failed request", exc_info=exc)
+        self.refuse(HttpError(ErrorCode.INTERNAL, "internal server error", status=500, close=True),
+                    head=req.method == b"HEAD")
 
     def _route(self, req: h11.Request, deadline: float) -> Optional[Upgrade]:
         target = req.target.decode("latin-1")
@@ -211,6 +367,8 @@ class HttpSession:
         path = url.path
         method = req.method.decode("latin-1")
         upgrade = (_header(req.headers, b"upgrade") or "").lower() == "websocket"
+        if not self.server.host_allowed(_header(req.headers, b"host")):
+            raise HttpError(ErrorCode.FORBIDDEN_HOST, "this Host is not served here (see --allowed-host)")
         if path == self.config.path:
             if not upgrade:
                 if method != "GET":
@@ -313,7 +471,7 @@ class HttpSession:
         if is_wildcard(topic):
             raise HttpError(ErrorCode.BAD_TOPIC, "history needs a concrete topic, not the pattern %r "
                                                  "(ask for one topic at a time)" % topic)
-        since = _int_param(query, "since", 0, 0, None)
+        since = min(_int_param(query, "since", 0, 0, None), _MAX_SEQ)
         limit = _int_param(query, "limit", 100, 1, 1000)
         claims = self._credentials(req, url)
         if claims is not None and not claims.can_subscribe(topic):
@@ -350,6 +508,8 @@ def negotiate_upgrade(server: "Server", headers: List[Tuple[bytes, bytes]], targ
     ``server.admit`` (``Upgrade.refuse`` says when it must be closed at once) and
     the bytes of the 101 answer are returned with the ``Upgrade``.
     """
+    if not server.host_allowed(_header(headers, b"host")):
+        raise HttpError(ErrorCode.FORBIDDEN_HOST, "this Host is not served here (see --allowed-host)")
     if server.shutting_down:
         raise HttpError(ErrorCode.UNAVAILABLE, "server is shutting down")
     origin = _header(headers, b"origin")
@@ -368,17 +528,33 @@ def negotiate_upgrade(server: "Server", headers: List[Tuple[bytes, bytes]], targ
     for value in (v for k, v in headers if k == b"sec-websocket-protocol"):
         offered.extend(p.strip() for p in value.decode("latin-1").split(","))
     kind = V1 if SUBPROTOCOL in offered else PLAIN
+    key = _header(headers, b"sec-websocket-key")
+    if key is not None and not _valid_key(key):
+        raise HttpError(ErrorCode.BAD_REQUEST, "Sec-WebSocket-Key must be 16 bytes in base64")
     ws = WSConnection(ConnectionType.SERVER)
     try:
         ws.initiate_upgrade_connection(headers, target)
         events = list(ws.events())
-    except WsRemoteProtocolError:
+    except (WsRemoteProtocolError, UnicodeError):  # wsproto decodes some headers as ASCII
         raise HttpError(ErrorCode.BAD_REQUEST, "invalid WebSocket handshake") from None
     if not events or not isinstance(events[0], Request):
         raise HttpError(ErrorCode.BAD_REQUEST, "invalid WebSocket handshake")
     refuse = server.admit(ip)
-    accept = ws.send(AcceptConnection(subprotocol=SUBPROTOCOL if kind == V1 else None))
+    try:
+        accept = ws.send(AcceptConnection(subprotocol=SUBPROTOCOL if kind == V1 else None))
+    except BaseException:
+        if refuse is None:
+            server._release(ip)
+        raise
     return Upgrade(ws, kind, claims, b"", refuse), accept
+
+
+def _valid_key(key: str) -> bool:
+    """True when a Sec-WebSocket-Key is 16 bytes in base64 (RFC 6455 section 4.1)."""
+    try:
+        return len(base64.b64decode(key.strip(), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
 
 
 def _query_token(url: Any) -> Optional[str]:

@@ -29,6 +29,7 @@ from .connection import Connection, TokenBucket
 from .envelope import PLAIN, encode_json
 from .errors import CloseCode, ConfigError, ServerClosed, StoreError, StoreInUse
 from .http import HttpSession, Upgrade, load_demo_page
+from .hosts import HostRule, is_loopback
 from .hub import Hub
 from .metrics import Metrics
 from .reader import Reader
@@ -130,6 +131,8 @@ class Server:
             self.auth = Authenticator(secret=cfg.secret, public_key=cfg.public_key, api_key=cfg.api_key)
         except ValueError as exc:
             raise ConfigError("%s; check --public-key, --secret and --api-key" % exc) from exc
+        #: the Host names served; made loopback-only in start() when the bound address is loopback
+        self.host_rule = HostRule(cfg.allowed_hosts)
         self.scheme = "https" if cfg.certfile else "http"
         self._ssl: Optional[ssl.SSLContext] = None
         if cfg.certfile:
@@ -211,6 +214,8 @@ class Server:
         cfg = self.config
         if listen:
             self._listener = listen_socket(cfg.host, cfg.port)
+            self.host_rule = self.host_rule.with_loopback_only(
+                is_loopback(self._listener.getsockname()[0]))
         if self.store is not None:
             try:
                 self.store.open()
@@ -443,6 +448,10 @@ class Server:
                 bucket = self._http_buckets[ip] = TokenBucket(
                     rate, self.config.publish_burst or max(1.0, rate))
             return bucket.take()
+
+    def host_allowed(self, host: Optional[str]) -> bool:
+        """True when a request's ``Host`` header (None: absent) may be served (PROTOCOL.md section 8)."""
+        return self.host_rule.allows(host)
 
     def origin_allowed(self, origin: str, host: Optional[str], scheme: Optional[str] = None) -> bool:
         """True when a browser's Origin is the server's own or an allowed one.

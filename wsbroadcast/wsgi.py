@@ -158,6 +158,10 @@ class Broker(Server):
     Same settings as ``Server`` (``Config`` fields as keywords). ``start()`` runs the
     writer and retention threads; ``shutdown()`` closes every mounted connection with
     1001 and joins them. ``publish()`` may be called from any thread, e.g. a view.
+
+    The ``Host`` check (PROTOCOL.md section 8) applies only with ``allowed_hosts``
+    set: the broker listens on nothing, the WSGI server does; the app's own Host
+    check (Django's ``ALLOWED_HOSTS``, Flask's ``TRUSTED_HOSTS``) covers its pages too.
     """
 
     def __init__(self, config: Optional[Config] = None, message_store: Optional[MessageStore] = None,
