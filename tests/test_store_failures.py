@@ -146,6 +146,11 @@ def test_store_deleted_or_replaced_stops_acknowledging(tmp_path, how) -> None:
             status, health = healthz(proc.port)
             assert (status, health["status"]) == (503, "degraded"), (status, health)
             assert ("deleted" if how == "directory deleted" else "replaced") in health["reason"]
+            # history is what this server stored, not what another file holds
+            status, _h, body = wsraw.http_request(
+                proc.port, b"GET /history?topic=" + TOPIC.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                b"Connection: close\r\n\r\n", T)
+            assert (status, [m["seq"] for m in json.loads(body)]) == (200, [1]), body
             # the connection stays usable
             ws.send_json({"type": "ping", "id": "p"})
             assert ws.recv_json(timeout=T)["type"] == "pong"

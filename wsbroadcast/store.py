@@ -294,10 +294,11 @@ class SqliteStore(MessageStore):
 
     This process must be the only writer of the file: topic metadata (epoch,
     last seq) is cached in memory and updated only after a successful commit.
-    After each commit the path is checked to still name the file that was
-    opened: once it was deleted or replaced, appends raise StoreError (nothing
-    more is acknowledged that a restart would not find) and :attr:`failure`
-    says why.
+    Before each commit the path is checked to still name the file that was
+    opened: once it was deleted or replaced, the batch is rolled back and this
+    and every later append raises StoreError (nothing more is acknowledged that
+    a restart would not find), reads go to the file this store wrote, and
+    :attr:`failure` says why.
     Reads use a small pool of read-only WAL connections, so they run
     concurrently with the writer and each sees a committed snapshot (a batch is
     never seen torn); if a reader connection cannot be opened, reads fall back to
@@ -328,7 +329,7 @@ class SqliteStore(MessageStore):
         self._clock = clock
         self._is_uri = self.path.startswith("file:")
         self._shared_reads = self.path == ":memory:"
-        # the file a plain path names (locked, checked after commits); None for URIs
+        # the file a plain path names (locked, checked before commits); None for URIs
         self._file: Optional[str] = None
         if self._is_uri or self._shared_reads:
             self._reader_uri = self.path
@@ -369,7 +370,7 @@ class SqliteStore(MessageStore):
 
         self._writer: Optional[sqlite3.Connection] = None
         self._lock_file: Optional[PidLock] = None
-        # (st_dev, st_ino) of the file opened, compared with the path's after commits
+        # (st_dev, st_ino) of the file opened, compared with the path's before commits
         self._identity: Optional[Tuple[int, int]] = None
         if not defer_open:
             self.open()
@@ -517,7 +518,9 @@ class SqliteStore(MessageStore):
     @contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
         """Lend a reader connection (or the writer, under _wlock, as a fallback)."""
-        if self._shared_reads or self._reader_failed:
+        # Once the file was replaced, a new reader would open the other file: read the
+        # one this store wrote, through the writer.
+        if self._shared_reads or self._reader_failed or self._lost:
             with self._wlock:
                 self._check_open()
                 yield self._writer
@@ -627,7 +630,11 @@ class SqliteStore(MessageStore):
                     )
                 if old:
                     conn.executemany("UPDATE topics SET last_seq = ? WHERE topic = ?", old)
-                conn.execute("COMMIT")
+                # Last check before the commit: a file deleted or replaced is one no
+                # restart opens, so what would be acked now would be lost.
+                lost = self._check_file()
+                if lost is None:
+                    conn.execute("COMMIT")
             except Exception as exc:
                 _rollback(conn)
                 self._append_error = "cannot store messages: %s" % exc
@@ -638,9 +645,8 @@ class SqliteStore(MessageStore):
             except BaseException:
                 _rollback(conn)
                 raise
-            lost = self._check_file()
-            if lost:
-                # committed to a file no restart will open: not acknowledged
+            if lost is not None:
+                _rollback(conn)
                 raise StoreError(lost)
             self._append_error = None
             # Committed: only now does the cache move forward.
