@@ -231,10 +231,11 @@ def test_claims_from_payload_direct():
 
 
 def test_audience_and_issuer():
-    token = mint_token(SECRET, extra={"aud": "svc", "iss": "me"})
+    token = mint_token(SECRET, sub="aud-test", subscribe=["a"], extra={"aud": "svc", "iss": "me"})
     # unset audience: aud ignored
-    Authenticator(secret=SECRET).verify(token)
-    Authenticator(secret=SECRET, audience="svc", issuer="me").verify(token)
+    for auth in (Authenticator(secret=SECRET), Authenticator(secret=SECRET, audience="svc", issuer="me")):
+        claims = auth.verify(token)
+        assert (claims.sub, claims.subscribe, claims.publish) == ("aud-test", ("a",), ())
     assert_auth_error(Authenticator(secret=SECRET, audience="other"), token, "audience")
     assert_auth_error(Authenticator(secret=SECRET, issuer="other"), token, "issuer")
     assert_auth_error(Authenticator(secret=SECRET, audience="svc"), mint_token(SECRET))
@@ -556,11 +557,28 @@ def test_can_subscribe_union_across_lengths(case):
 
 @settings(max_examples=200, deadline=None)
 @given(claims=st.lists(patterns(), min_size=1, max_size=5), data=st.data())
-def test_can_subscribe_union_of_own_patterns(claims, data):
-    # every claim pattern is covered by the claims; so is any concrete topic it matches
+def test_can_subscribe_concrete_topics_exactly_when_a_claim_matches(claims, data):
+    # a concrete topic is covered exactly when one claim matches it (an oracle without unions)
     c = Claims(subscribe=tuple(claims))
-    pattern = data.draw(st.sampled_from(claims))
-    assert c.can_subscribe(pattern)
+    own = data.draw(concrete_topic(data.draw(st.sampled_from(claims))))
+    assert any(pattern_matches(p, own) for p in claims), (claims, own)  # the generator's own check
+    assert c.can_subscribe(own) is True
+    other = data.draw(concrete_topic(data.draw(patterns())))
+    assert c.can_subscribe(other) is any(pattern_matches(p, other) for p in claims), (claims, other)
+
+
+@st.composite
+def concrete_topic(draw, pattern: str) -> str:
+    """A topic without wildcards that ``pattern`` matches ("z" is a token no pattern names)."""
+    out: List[str] = []
+    for tok in pattern.split("."):
+        if tok == "*":
+            out.append(draw(st.sampled_from(["a", "b", "c", "z"])))
+        elif tok == ">":
+            out.extend(draw(st.lists(st.sampled_from(["a", "b", "z"]), min_size=1, max_size=2)))
+        else:
+            out.append(tok)
+    return ".".join(out)
 
 
 # --------------------------------------------------------------- redaction

@@ -248,13 +248,17 @@ def test_since_and_epoch_checks():
     '{"type":"publish","topic":"a","data":{"\\ud83d":1}}',
 ])
 def test_every_command_can_be_sent_as_utf8(text):
+    # a lone surrogate cannot be encoded: the command is refused, or its answer escapes it
     cmd = parse_client_frame(text, V1)
     if isinstance(cmd, Publish):
-        message_text(cmd.topic, 1, cmd.data).encode("utf-8")
+        out = message_text(cmd.topic, 1, cmd.data)
+        assert json.loads(out.encode("utf-8"))["data"] == json.loads(cmd.data)
     elif isinstance(cmd, Ping):
-        pong_text(cmd.id).encode("utf-8")
+        out = pong_text(cmd.id)
+        assert json.loads(out.encode("utf-8")) == {"type": "pong", "id": cmd.id}
     else:
-        error_text(cmd.id, cmd.code, cmd.message).encode("utf-8")
+        out = error_text(cmd.id, cmd.code, cmd.message)
+        assert json.loads(out.encode("utf-8"))["type"] == "error"
 
 
 def test_surrogate_pairs_in_escapes_are_fine():

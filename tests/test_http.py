@@ -176,22 +176,6 @@ def test_keep_alive_serves_several_requests(server):
     s.close()
 
 
-def test_shutting_down_answers_503(make_server):
-    srv = make_server()
-    srv.shutting_down = True  # the state the server is in while it drains
-    try:
-        status, _, body = _req(srv.port, "GET", "/healthz")
-        assert status == 503
-        status, h, body = _req(srv.port, "POST", "/publish", b'{"topic":"a","data":1}',
-                               [("Content-Type", "application/json")])
-        assert status == 503
-        _json_error(status, h, body, "unavailable")
-        with pytest.raises(AssertionError, match="503"):
-            wsraw.connect(srv.port)
-    finally:
-        srv.shutting_down = False
-
-
 def test_demo_page_connects_to_the_configured_path(make_server):
     srv = make_server(path="/live/updates")
     status, _, body = _req(srv.port, "GET", "/")

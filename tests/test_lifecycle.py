@@ -9,7 +9,10 @@ import threading
 
 import pytest
 
+import httputil
+import threadutil
 import wsraw
+from conftest import SCALE
 from serverproc import ServerProcess
 from wsbroadcast import Client, Server
 
@@ -77,18 +80,22 @@ def test_sigterm_closes_clients_with_1001_and_exits_0():
 
 
 @pytest.mark.timeout(60)
-def test_handshakes_during_shutdown_get_503(make_server):
-    srv = make_server(shutdown_timeout=3.0)
-    c = wsraw.connect(srv.port)  # keeps the drain waiting: it never answers the close
-    t = threading.Thread(target=srv.shutdown, name="test-shutdown")
-    t.start()
-    try:
-        assert wsraw.wait_for(lambda: srv.shutting_down)
-        with pytest.raises((AssertionError, ConnectionError, OSError), match="503|closed|refused|reset"):
-            wsraw.connect(srv.port)
-    finally:
-        t.join(10)
-    assert c.expect_close()[0] == 1001
+def test_while_shutdown_drains_handshakes_healthz_and_publish_get_503(make_server):
+    srv = make_server(shutdown_timeout=30.0 * SCALE)
+    c = wsraw.connect(srv.port)  # keeps the drain waiting until it answers the close
+    stopper = threadutil.start(srv.shutdown, name="test-shutdown")
+    assert c.expect_close(timeout=10 * SCALE)[0] == 1001  # the drain has begun
+    assert srv.shutting_down
+    status, headers, body = wsraw.handshake(srv.port)
+    assert status == 503 and json.loads(body)["error"] == "unavailable", (status, body)
+    assert httputil.healthz(srv.port)[0] == 503
+    status, doc = httputil.publish(srv.port, "a", 1)
+    assert (status, doc["error"]) == (503, "unavailable"), doc
+    assert stopper.is_alive(), "the drain ended before the client answered"
+    c.send_frame(0x8, b"\x03\xe9")  # the close answered: the drain can end
+    stopper.finish(20 * SCALE)
+    assert c.at_eof()
+    c.close()
 
 
 @pytest.mark.timeout(60)
@@ -113,19 +120,15 @@ def test_client_shared_by_threads_never_interleaves_frames(server):
     pub = Client.connect(server.url)
     sub = Client.connect(server.url)
     sub.subscribe("mt")
-    threads = []
     per_thread = 40
 
     def run(k):
         for i in range(per_thread):
             pub.publish("mt", {"k": k, "i": i, "pad": "z" * 50000}, ack=(i % 10 == 0))
 
-    for k in range(6):
-        threads.append(threading.Thread(target=run, args=(k,), name="test-shared-%d" % k))
+    threads = [threadutil.start(run, k, name="test-shared-%d" % k) for k in range(6)]
     for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+        t.finish(60 * SCALE)
     seen = {}
     for _ in range(6 * per_thread):
         m = sub.recv(timeout=10)

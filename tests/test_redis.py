@@ -12,6 +12,7 @@ import pytest
 
 from conftest import SCALE
 from redis_server import RedisServer, require_redis_server
+import threadutil
 from wsraw import connect, http_request, wait_for
 
 require_redis_server()
@@ -174,8 +175,9 @@ def test_handback_in_order_from_another_node(rs, brokers):
     assert [p.seq for p in pubs] == list(range(1, 201))
     assert [json.loads(p.data) for p in pubs] == list(range(1, 201))
     assert {p.epoch for p in pubs} == {a.latest("o")[1]}
-    time.sleep(0.1)
-    assert len(sink.pubs) == 200
+    # nothing more (no duplicate): a marker published after, on the same path, comes next
+    a.publish([("o", '"marker"')])
+    assert [(p.seq, p.data) for p in sink.wait(201)[200:]] == [(201, '"marker"')]
 
 
 def test_acked_topic_catches_up_what_came_before_the_subscription(rs, brokers):
@@ -225,8 +227,10 @@ def test_channel_and_pattern_hand_back_once(rs, brokers):
     for i in range(50):
         a.publish([("d.x", str(i)), ("d.y", str(i)), ("d.y.z", str(i)), ("e.x", str(i))])
     sink.wait(150)
-    time.sleep(0.2)
-    assert sink.seqs("d.x") == list(range(1, 51))
+    # a marker on the channel and both patterns, published after: all else arrives before it
+    a.publish([("d.x", '"marker"')])
+    assert wait_for(lambda: sink.seqs("d.x")[-1:] == [51], timeout=T)
+    assert sink.seqs("d.x") == list(range(1, 52))
     assert sink.seqs("d.y") == list(range(1, 51))
     assert sink.seqs("d.y.z") == list(range(1, 51))
     assert sink.seqs("e.x") == []
@@ -238,9 +242,12 @@ def test_channel_and_pattern_hand_back_once(rs, brokers):
     b.interest("d.>", False)
     b.interest("d.x", False)
     assert wait_for(lambda: b.status()["subscriptions"] == 0, timeout=T)
+    b.interest("mark", True)
+    assert b.wait_subscribed("mark")
     a.publish([("d.x", "gone")])
-    time.sleep(0.2)
-    assert sink.seqs("d.x") == list(range(1, 51))
+    a.publish([("mark", '"marker"')])  # same publisher, same listener: "gone" would come first
+    assert wait_for(lambda: sink.seqs("mark") == [1], timeout=T)
+    assert sink.seqs("d.x") == list(range(1, 52))
 
 
 def test_glob_specials_in_the_prefix_are_escaped(rs, brokers):
@@ -253,10 +260,10 @@ def test_glob_specials_in_the_prefix_are_escaped(rs, brokers):
     assert b.wait_subscribed("w.*")
     noise.publish([("w.a", '"noise"')])
     a.publish([("w.a", '"real"')])
-    pubs = sink.wait(1)
-    time.sleep(0.2)
-    assert [(p.topic, p.data) for p in sink.pubs] == [("w.a", '"real"')]
-    assert pubs
+    noise.publish([("w.a", '"noise"')])
+    a.publish([("w.a", '"marker"')])  # Redis hands out in publish order: noise would come first
+    sink.wait(2)
+    assert [(p.topic, p.data) for p in sink.pubs] == [("w.a", '"real"'), ("w.a", '"marker"')]
 
 
 def test_unavailable_while_redis_is_away_then_reconnect_and_refill(own_redis, brokers):
@@ -398,14 +405,12 @@ def test_two_nodes_concurrent_publishers_in_order(rs, nodes):
         except BaseException as exc:  # pragma: no cover
             errors.append(exc)
 
-    threads = [threading.Thread(target=ws_publisher, args=(a.port, "wa")),
-               threading.Thread(target=ws_publisher, args=(b.port, "wb")),
-               threading.Thread(target=http_publisher, args=(a.port, "ha")),
-               threading.Thread(target=http_publisher, args=(b.port, "hb"))]
+    threads = [threadutil.start(ws_publisher, a.port, "wa", name="test-wa"),
+               threadutil.start(ws_publisher, b.port, "wb", name="test-wb"),
+               threadutil.start(http_publisher, a.port, "ha", name="test-ha"),
+               threadutil.start(http_publisher, b.port, "hb", name="test-hb")]
     for t in threads:
-        t.start()
-    for t in threads:
-        t.join(3 * T)
+        t.finish(3 * T)
     assert not errors, errors
     total = 4 * per
     assert sorted(acked) == list(range(1, total + 1))
