@@ -33,7 +33,7 @@ T = 10 * SCALE
 
 def healthz(port: int) -> Tuple[int, dict]:
     status, _headers, body = wsraw.http_request(
-        port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", T)
+        port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", T)
     return status, json.loads(body)
 
 
@@ -148,7 +148,7 @@ def test_store_deleted_or_replaced_stops_acknowledging(tmp_path, how) -> None:
             assert ("deleted" if how == "directory deleted" else "replaced") in health["reason"]
             # history is what this server stored, not what another file holds
             status, _h, body = wsraw.http_request(
-                proc.port, b"GET /history?topic=" + TOPIC.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                proc.port, b"GET /history?topic=" + TOPIC.encode() + b" HTTP/1.1\r\nHost: localhost\r\n"
                 b"Connection: close\r\n\r\n", T)
             assert (status, [m["seq"] for m in json.loads(body)]) == (200, [1]), body
             # the connection stays usable
