@@ -27,6 +27,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import pytest
 
 import wsraw
+from conftest import SCALE
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -485,15 +486,17 @@ def test_fuzz_live_server(make_server):
     threads = [threading.Thread(target=worker, args=(w,), name="fuzz-%d" % w, daemon=True) for w in range(WORKERS)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90 * SCALE
     # the well-behaved client keeps working meanwhile: a round trip after every 8 fuzz connections
     while any(t.is_alive() for t in threads):
         assert time.monotonic() < deadline, "fuzzing took too long"
         healthy.round_trip()
         target = progress[0] + 8
-        wsraw.wait_for(lambda: progress[0] >= target or not any(t.is_alive() for t in threads), timeout=10)
+        assert wsraw.wait_for(lambda: progress[0] >= target or not any(t.is_alive() for t in threads),
+                              timeout=30 * SCALE), "no fuzz progress at %d cases" % progress[0]
     for t in threads:
         t.join(5)
+        assert not t.is_alive(), t.name
     assert not failures, "\n".join(failures)
     assert sum(outcomes.values()) == WORKERS * CASES_PER_WORKER
     healthy.round_trip()

@@ -26,19 +26,20 @@ def test_500_connections_get_one_broadcast_and_resources_return():
     with ServerProcess("--store", "memory") as srv:
         base_threads, base_fds = srv.threads(), srv.fds()
         conns = [wsraw.connect(srv.port, subprotocol=None) for _ in range(500)]
-        assert wsraw.wait_for(lambda: srv.threads() >= base_threads + 500, timeout=20)
+        assert wsraw.wait_for(lambda: srv.threads() >= base_threads + 500, timeout=30 * SCALE)
         pub = wsraw.connect(srv.port)
         pub.send_json({"type": "publish", "topic": "broadcast", "data": {"hello": "all"}, "id": 1})
         assert pub.recv_json()["type"] == "ack"
         for c in conns:
-            assert c.recv_json(timeout=20) == {"hello": "all"}
+            assert c.recv_json(timeout=30 * SCALE) == {"hello": "all"}
         # half leave politely, half drop TCP
         for i, c in enumerate(conns):
             if i % 2:
                 c.send_frame(0x8, b"\x03\xe8")
             c.close()
         pub.close()
-        assert wsraw.wait_for(lambda: srv.threads() <= base_threads and srv.fds() <= base_fds, timeout=30), \
+        assert wsraw.wait_for(lambda: srv.threads() <= base_threads and srv.fds() <= base_fds,
+                              timeout=60 * SCALE), \
             "threads %d (was %d), fds %d (was %d)" % (srv.threads(), base_threads, srv.fds(), base_fds)
 
 

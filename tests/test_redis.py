@@ -282,7 +282,8 @@ def test_unavailable_while_redis_is_away_then_reconnect_and_refill(own_redis, br
     started = time.monotonic()
     with pytest.raises(BrokerUnavailable):
         a.publish([("k", "lost")])
-    assert time.monotonic() - started < 1.5
+    # refused at once: no retry loop (the connect and socket timeouts are 1 s and 2 s)
+    assert time.monotonic() - started < 3.0 * SCALE
     with pytest.raises(BrokerUnavailable):
         a.latest("k")
     assert wait_for(lambda: not a.healthy and not b.healthy, timeout=T)

@@ -538,7 +538,7 @@ def test_tls_websocket_and_https(make_server, cert):
 
 def test_tls_stalled_handshakes_hold_no_thread_and_block_no_one(make_server, cert):
     certfile, keyfile = cert
-    timeout = 1.5 * SCALE
+    timeout = 3.0 * SCALE  # room for the other client's work on a loaded machine
     srv = make_server(certfile=certfile, keyfile=keyfile, handshake_timeout=timeout)
     ctx = certs.client_context(certfile)
     silent = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
@@ -607,7 +607,7 @@ def _trickle(srv, raw, data, timeout):
         except OSError:
             break
         time.sleep(0.2)  # pacing the attack, not synchronisation
-    assert wsraw.wait_for(lambda: srv.thread_count() == 0, timeout=0.5), \
+    assert wsraw.wait_for(lambda: srv.thread_count() == 0, timeout=max(0.0, limit - time.monotonic()) + 0.5), \
         "thread still held %.1fs after the connection began" % (time.monotonic() - started)
 
 
@@ -639,7 +639,7 @@ def test_tls_trickled_request_is_cut_at_the_handshake_timeout(make_server, cert)
 
 
 def test_publish_flood_is_rate_limited_per_connection(make_server):
-    srv = make_server(max_publish_rate=5, publish_burst=5)
+    srv = make_server(max_publish_rate=0.001, publish_burst=5)  # no refill within any test run
     flooder = ws(srv.port)
     other = ws(srv.port)
     n = 40
@@ -650,8 +650,7 @@ def test_publish_flood_is_rate_limited_per_connection(make_server):
     limited = [r for r in replies if r["type"] == "error"]
     assert all(r["code"] == "rate_limited" for r in limited)
     assert len(acks) + len(limited) == n
-    assert 5 <= len(acks) <= 15, len(acks)
-    assert len(limited) >= n - 15
+    assert sorted(r["id"] for r in acks) == list(range(1, 6)) and len(limited) == n - 5
     # the other connection has its own budget
     for i in range(1, 6):
         assert roundtrip(other, {"type": "publish", "topic": "calm", "data": i, "id": i})["type"] == "ack"
@@ -706,11 +705,12 @@ def test_token_expiring_during_the_connection_closes_1008(make_server):
     lasting = ws(srv.port, bearer=token(subscribe=["a"], lifetime=None))
     c = ws(srv.port, query_token=short)
     assert roundtrip(c, {"type": "subscribe", "topic": "a", "id": 1})["type"] == "ack"
-    code, reason = c.expect_close(timeout=exp - time.time() + 3 * SCALE)
+    code, reason = c.expect_close(timeout=exp - time.time() + 5 * SCALE)
     closed_at = time.time()
     assert code == 1008 and reason
     assert closed_at >= exp, "closed %.3fs before expiry" % (exp - closed_at)
-    assert closed_at <= exp + 1.0 * SCALE + 0.25, "closed %.3fs after expiry" % (closed_at - exp)
+    # the writer's clock ticks every 0.5 s at most; the rest is room for a loaded machine
+    assert closed_at <= exp + 0.5 + 2.0 * SCALE, "closed %.3fs after expiry" % (closed_at - exp)
     assert c.at_eof()
     c.close()
     assert_nothing_pending(lasting)  # a token without exp is not affected
