@@ -123,6 +123,23 @@ def test_publish_latest_since_oldest(rs, brokers):
     assert other.publish([("t", "8")]) == [(8, epoch)]
 
 
+def test_since_bounded_by_bytes(rs, brokers):
+    b = brokers(rs.url, history_size=100)
+    sizes = [10, 20, 30, 40, 5, 5, 5, 1000]
+    b.publish([("t", '"%s"' % ("x" * (n - 2))) for n in sizes])
+
+    def page(since, max_bytes, limit=100):
+        return [m.seq for m in b.since("t", since, limit, max_bytes)]
+
+    assert page(0, None) == list(range(1, 9))
+    assert page(0, 100) == [1, 2, 3, 4] and page(0, 99) == [1, 2, 3]
+    assert page(0, 115) == [1, 2, 3, 4, 5, 6, 7]  # at the bound, read in batches
+    assert page(0, 114) == [1, 2, 3, 4, 5, 6]
+    assert page(7, 1) == [8]  # a message over the bound comes alone
+    assert page(0, 10 ** 6, limit=5) == [1, 2, 3, 4, 5]
+    assert page(8, 10) == []
+
+
 def test_history_size_zero_still_counts(rs, brokers):
     b = brokers(rs.url, history_size=0)
     assert [s for s, _ in b.publish([("z", "1"), ("z", "2")])] == [1, 2]

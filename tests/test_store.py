@@ -121,6 +121,30 @@ def test_since_ranges_and_limits(make_store: Factory) -> None:
     assert store.oldest("nothing") == 0
 
 
+def test_since_bounded_by_bytes(make_store: Factory) -> None:
+    """A page stops before the message that would take its data past max_bytes; never empty."""
+    store = make_store()
+    # data sizes in UTF-8 bytes: 10, 20, 30, 40; the third is non-ASCII (8 x 3-byte chars)
+    payloads = ['"%s"' % ("a" * 8), '"%s"' % ("b" * 18), '"%s"' % ("\u4e2d" * 8 + "cccc"),
+                '"%s"' % ("d" * 38)]
+    assert [len(p.encode("utf-8")) for p in payloads] == [10, 20, 30, 40]
+    store.append_batch([("t", p) for p in payloads])
+
+    def page(since: int, max_bytes, limit: int = 100) -> List[int]:
+        return seqs(store.since("t", since, limit, max_bytes))
+
+    assert page(0, None) == [1, 2, 3, 4]
+    assert page(0, 100) == [1, 2, 3, 4]  # exactly at the bound
+    assert page(0, 99) == [1, 2, 3]  # one byte short
+    assert page(0, 60) == [1, 2, 3]  # counts bytes, not characters (the third is 14 chars)
+    assert page(0, 59) == [1, 2]
+    assert page(0, 30) == [1, 2] and page(0, 29) == [1]
+    assert page(1, 1) == [2]  # one message larger than the bound still comes, alone
+    assert page(3, 1) == [4] and page(4, 1) == []
+    assert page(0, 100, limit=2) == [1, 2]  # the count limit still applies
+    assert [m.data for m in store.since("t", 0, 100, 60)] == payloads[:3]  # verbatim
+
+
 def test_epoch_is_stable(make_store: Factory) -> None:
     store = make_store()
     _, before = store.latest("fresh")

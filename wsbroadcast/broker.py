@@ -50,8 +50,12 @@ class Broker(abc.ABC):
         """(last seq, epoch) of a topic; (0, epoch) for one never published."""
 
     @abc.abstractmethod
-    def since(self, topic: str, seq: int, limit: int) -> List[StoredMessage]:
-        """Stored messages of ``topic`` with seq > ``seq``, oldest first, at most ``limit``."""
+    def since(self, topic: str, seq: int, limit: int,
+              max_bytes: Optional[int] = None) -> List[StoredMessage]:
+        """Stored messages of ``topic`` with seq > ``seq``, oldest first, at most ``limit``.
+
+        With ``max_bytes``, bounded by bytes too, as ``MessageStore.since``.
+        """
 
     @abc.abstractmethod
     def oldest(self, topic: str) -> int:
@@ -101,8 +105,9 @@ class LocalBroker(Broker):
     def latest(self, topic: str) -> Tuple[int, str]:
         return self.store.latest(topic)
 
-    def since(self, topic: str, seq: int, limit: int) -> List[StoredMessage]:
-        return self.store.since(topic, seq, limit)
+    def since(self, topic: str, seq: int, limit: int,
+              max_bytes: Optional[int] = None) -> List[StoredMessage]:
+        return self.store.since(topic, seq, limit, max_bytes)
 
     def oldest(self, topic: str) -> int:
         return self.store.oldest(topic)

@@ -67,7 +67,7 @@ from redis.retry import Retry
 
 from .broker import Broker, Handler, Publication
 from .errors import BrokerUnavailable, StoreError
-from .store import StoredMessage
+from .store import ByteBound, StoredMessage
 from .topics import is_wildcard, pattern_matches
 
 logger = logging.getLogger(__name__)
@@ -317,17 +317,39 @@ class RedisBroker(Broker):
                                      int(fields.get(b"time", 0)) / 1000.0))
         return out
 
-    def since(self, topic: str, seq: int, limit: int) -> List[StoredMessage]:
+    def since(self, topic: str, seq: int, limit: int,
+              max_bytes: Optional[int] = None) -> List[StoredMessage]:
         if limit <= 0:
             return []
+        if max_bytes is None:
+            return self._entries(topic, self._xrange(topic, seq, limit))
+        # Bounded by bytes: one message first, then batches sized from the average
+        # so far, so that what is read past the bound stays near one message.
+        bound = ByteBound(max_bytes)
+        out: List[StoredMessage] = []
+        count = 1
+        while len(out) < limit:
+            ask = min(count, limit - len(out))
+            batch = self._entries(topic, self._xrange(topic, seq, ask))
+            for m in batch:
+                if not bound.admit(m.data):
+                    return out
+                out.append(m)
+            if len(batch) < ask or bound.full:
+                break
+            seq = out[-1].seq
+            count = max(1, bound.left // max(1, (max_bytes - bound.left) // len(out)))
+        return out
+
+    def _xrange(self, topic: str, seq: int, count: int) -> Sequence[Any]:
         try:
-            raw = self._redis.xrange(self._stream(topic), "%d-0" % (max(seq, 0) + 1), "+", count=limit)
+            raw = self._redis.xrange(self._stream(topic), "%d-0" % (max(seq, 0) + 1), "+", count=count)
         except _UNAVAILABLE as exc:
             raise self._failed("history read", exc) from exc
         except RedisError as exc:
             raise StoreError("cannot read history of %r from redis: %s" % (topic, exc)) from exc
         self._cmd_ok = True
-        return self._entries(topic, raw)
+        return raw
 
     def oldest(self, topic: str) -> int:
         try:

@@ -143,9 +143,18 @@ def _field(obj: Dict[str, Any], name: str) -> Any:
     return value
 
 
+_MESSAGE_HEAD = '{"type":"message","topic":"%s","seq":%d,"data":'
+_MESSAGE = _MESSAGE_HEAD + "%s}"
+
+
 def message_text(topic: str, seq: int, data: str) -> str:
     """The v1 delivery envelope for one stored message."""
-    return '{"type":"message","topic":"%s","seq":%d,"data":%s}' % (topic, seq, data)
+    return _MESSAGE % (topic, seq, data)
+
+
+def message_head(topic: str, seq: int) -> str:
+    """The v1 delivery envelope up to its data: ``message_head(t, s) + data + "}"``."""
+    return _MESSAGE_HEAD % (topic, seq)
 
 
 def _with_id(obj: Dict[str, Any], ident: Any) -> Dict[str, Any]:

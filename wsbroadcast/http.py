@@ -14,8 +14,9 @@ import logging
 import os
 import re
 import socket
+import struct
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -25,6 +26,7 @@ from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
 from .envelope import PLAIN, SUBPROTOCOL, V1, encode_json, parse_json
 from .errors import AuthError, BrokerUnavailable, ErrorCode, StoreError, TopicError
+from .store import StoredMessage, data_bytes
 from .topics import is_wildcard, validate_pattern, validate_topic
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,6 +65,14 @@ _MAX_SEQ = 2 ** 63 - 1
 #: dropped, so that the close does not reset the connection before the client reads the answer
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 256 * 1024
+#: a GET /history body stops before the message that would take it past this (PROTOCOL.md 1)
+HISTORY_MAX_BYTES = 1024 * 1024
+#: bytes handed to the socket per send of a streamed answer
+_CHUNK = 65536
+#: a streamed answer must be taken within this many handshake timeouts in all (and each
+#: chunk within one): a client that stops reading costs one chunk and is then dropped
+_ANSWER_TIMEOUTS = 6
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class HttpError(Exception):
@@ -477,12 +487,52 @@ class HttpSession:
         if claims is not None and not claims.can_subscribe(topic):
             raise HttpError(ErrorCode.FORBIDDEN, "not allowed to read %s" % topic)
         try:
-            rows = self.server.hub.history(topic, since, limit)
+            rows = self.server.hub.history(topic, since, limit, HISTORY_MAX_BYTES)
         except StoreError as exc:
             raise HttpError(ErrorCode.UNAVAILABLE, "history unavailable: %s" % exc) from None
-        body = "[" + ",".join('{"topic":"%s","seq":%d,"data":%s}' % (m.topic, m.seq, m.data)
-                              for m in rows) + "]"
-        self.respond(200, body.encode("utf-8"), head=head)
+        rows, length = history_page(rows, HISTORY_MAX_BYTES)
+        self._stream(history_parts(rows), length, head)
+
+    def _stream(self, parts: Iterator[str], length: int, head: bool) -> None:
+        """A 200 JSON answer of ``length`` bytes whose text is ``parts``, sent chunk by chunk.
+
+        Only about one chunk is encoded at a time; a client that takes nothing for a
+        handshake timeout, or not the whole answer within a few, is dropped (OSError).
+        """
+        hdrs = [("content-type", "application/json"), ("content-length", str(length)),
+                ("cache-control", "no-store")]
+        if self.server.shutting_down:
+            hdrs.append(("connection", "close"))
+        timeout = self.config.handshake_timeout
+        deadline = time.monotonic() + _ANSWER_TIMEOUTS * timeout
+
+        def send(data: bytes) -> None:
+            try:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("answer not taken in time")
+                self.sock.settimeout(min(timeout, remaining))
+                self.sock.sendall(data)
+            except socket.timeout:
+                # what the kernel still holds would never get out: reset on close
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                raise
+
+        send(self.h11.send(h11.Response(status_code=200, headers=hdrs, reason=_REASONS[200])))
+        if not head:
+            pending: List[bytes] = []
+            size = 0
+            for part in parts:
+                for i in range(0, len(part), _CHUNK):
+                    piece = part[i:i + _CHUNK].encode("utf-8")
+                    pending.append(piece)
+                    size += len(piece)
+                    if size >= _CHUNK:
+                        send(self.h11.send(h11.Data(data=b"".join(pending))))
+                        pending, size = [], 0
+            if pending:
+                send(self.h11.send(h11.Data(data=b"".join(pending))))
+        send(self.h11.send(h11.EndOfMessage()))
 
     # ------------------------------------------------------------------ upgrade
     def _upgrade(self, req: h11.Request, url: Any, deadline: float) -> Optional[Upgrade]:
@@ -555,6 +605,31 @@ def _valid_key(key: str) -> bool:
         return len(base64.b64decode(key.strip(), validate=True)) == 16
     except (binascii.Error, ValueError):
         return False
+
+
+def _history_item_head(m: StoredMessage) -> str:
+    return '{"topic":"%s","seq":%d,"data":' % (m.topic, m.seq)
+
+
+def history_page(rows: List[StoredMessage], max_bytes: int) -> Tuple[List[StoredMessage], int]:
+    """The leading ``rows`` whose JSON list fits in ``max_bytes`` (at least one), and its length."""
+    length = 2  # the brackets
+    for n, m in enumerate(rows):
+        size = data_bytes(_history_item_head(m)) + data_bytes(m.data) + 1 + (1 if n else 0)
+        if n and length + size > max_bytes:
+            return rows[:n], length
+        length += size
+    return rows, length
+
+
+def history_parts(rows: List[StoredMessage]) -> Iterator[str]:
+    """The text of the JSON list of ``rows`` (as ``history_page`` measured it), in parts."""
+    yield "["
+    for n, m in enumerate(rows):
+        yield ("," if n else "") + _history_item_head(m)
+        yield m.data
+        yield "}"
+    yield "]"
 
 
 def _query_token(url: Any) -> Optional[str]:

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .connection import Connection
 from .envelope import (
     SEED_TOPIC, Invalid, Ping, Publish, Subscribe, Unsubscribe, ack_text, error_text,
-    has_id, message_text, pong_text,
+    has_id, message_head, message_text, pong_text,
 )
 from .broker import Broker, Publication
 from .errors import BrokerUnavailable, CloseCode, ErrorCode, StoreError
@@ -25,11 +25,11 @@ from .logutil import RateLimitedLog
 from .store import StoredMessage
 from .topics import SubjectTree, is_wildcard, validate_topic
 from .writer import CLOSE, DELIVER, REPLAY, SEND, SLOW, Writer
-from .wsframe import text_frame
+from .wsframe import text_frame, text_frame_of
 
 logger = logging.getLogger(__name__)
 
-#: messages read from the store per replay page
+#: most messages read from the store per replay page (a page is bounded by bytes too)
 REPLAY_PAGE = 200
 
 
@@ -343,34 +343,30 @@ class Hub:
         """Send stored messages (since, upto] paced by the outbox, then switch to live."""
         topic = cmd.topic
         pos = cmd.since or 0
-        # the outbox never holds more than a quarter of its limit of replayed bytes, so
-        # live messages arriving meanwhile always find room
+        # A page is read only once the replayed bytes still unsent or on their way have
+        # fallen to a quarter of the outbox limit, and holds about that many bytes (at
+        # least one message): a replay costs about one page whatever the history's size,
+        # and live messages arriving meanwhile always find room.
         budget = max(1, conn.max_outbox // 4)
         try:
             while pos < upto and not (conn.close_sent or conn.dead):
-                page = self.broker.since(topic, pos, min(REPLAY_PAGE, upto - pos))
+                while (conn.out_bytes + conn.replay_queued - conn.replay_applied > budget
+                       and not (conn.close_sent or conn.dead)):
+                    conn.drained.clear()
+                    if conn.out_bytes + conn.replay_queued - conn.replay_applied > budget:
+                        conn.drained.wait(0.2)
+                if conn.replays.get(topic) is None or conn.close_sent or conn.dead:
+                    raise _ReplayEnded()  # unsubscribed or closed meanwhile
+                page = self.broker.since(topic, pos, min(REPLAY_PAGE, upto - pos), budget)
                 page = [m for m in page if m.seq <= upto]
                 if not page:
                     break
-                frames = [self._replay_frame(conn, m) for m in page]
                 pos = page[-1].seq
-                i = 0
-                while i < len(frames):
-                    # unsent bytes plus replayed bytes still on their way to the outbox
-                    while (conn.out_bytes + conn.replay_queued - conn.replay_applied > budget
-                           and not (conn.close_sent or conn.dead)):
-                        conn.drained.clear()
-                        if conn.out_bytes + conn.replay_queued - conn.replay_applied > budget:
-                            conn.drained.wait(0.2)
-                    if conn.replays.get(topic) is None or conn.close_sent or conn.dead:
-                        raise _ReplayEnded()  # unsubscribed or closed meanwhile
-                    size, j = len(frames[i]), i + 1
-                    while j < len(frames) and size + len(frames[j]) <= budget:
-                        size += len(frames[j])
-                        j += 1
-                    conn.replay_queued += size
-                    self.writer.put(((REPLAY, conn, frames[i:j]),))
-                    i = j
+                frames = [self._replay_frame(conn, m) for m in page]
+                del page
+                conn.replay_queued += sum(len(f) for f in frames)
+                self.writer.put(((REPLAY, conn, frames),))
+                del frames
         except _ReplayEnded:
             pass
         except (StoreError, BrokerUnavailable) as exc:
@@ -387,11 +383,15 @@ class Hub:
 
     @staticmethod
     def _replay_frame(conn: Connection, m: StoredMessage) -> bytes:
+        # built from parts: a large message is copied twice (encoded, framed), not four times
+        data = m.data.encode("utf-8")
         if conn.is_plain:
-            return _frame(m.data)
-        return _frame(message_text(m.topic, m.seq, m.data))
+            return text_frame_of(data)
+        return text_frame_of(message_head(m.topic, m.seq).encode("utf-8"), data, b"}")
 
     # ------------------------------------------------------------------ history
-    def history(self, topic: str, since: int, limit: int) -> List[StoredMessage]:
-        """Stored messages of a concrete topic after ``since`` (raises StoreError)."""
-        return self.broker.since(topic, since, limit)
+    def history(self, topic: str, since: int, limit: int,
+                max_bytes: Optional[int] = None) -> List[StoredMessage]:
+        """Stored messages of a concrete topic after ``since``, bounded by bytes too when
+        ``max_bytes`` is given (raises StoreError)."""
+        return self.broker.since(topic, since, limit, max_bytes)

@@ -54,6 +54,8 @@ __all__ = [
     "SqliteStore",
     "RetentionTrimmer",
     "open_store",
+    "data_bytes",
+    "ByteBound",
 ]
 
 Clock = Callable[[], float]
@@ -66,6 +68,35 @@ class StoredMessage(NamedTuple):
     seq: int
     data: str
     time: float
+
+
+def data_bytes(text: str) -> int:
+    """Length of ``text`` in UTF-8 bytes (without a copy when it is ASCII)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+class ByteBound:
+    """Admits messages while their summed data stays within ``max_bytes``; the first always."""
+
+    __slots__ = ("left", "taken")
+
+    def __init__(self, max_bytes: Optional[int]) -> None:
+        self.left = max_bytes
+        self.taken = 0
+
+    @property
+    def full(self) -> bool:
+        """True when no further message can be admitted (its data is at least one byte)."""
+        return self.left is not None and self.left <= 0
+
+    def admit(self, data: str) -> bool:
+        if self.left is not None:
+            size = data_bytes(data)
+            if size > self.left and self.taken:
+                return False
+            self.left -= size
+        self.taken += 1
+        return True
 
 
 def _new_epoch() -> str:
@@ -126,8 +157,14 @@ class MessageStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def since(self, topic: str, seq: int, limit: int) -> List[StoredMessage]:
-        """Return at most ``limit`` stored messages of ``topic`` with seq > ``seq``, oldest first."""
+    def since(self, topic: str, seq: int, limit: int,
+              max_bytes: Optional[int] = None) -> List[StoredMessage]:
+        """Return at most ``limit`` stored messages of ``topic`` with seq > ``seq``, oldest first.
+
+        With ``max_bytes`` the list also stops before the message that would take the
+        summed UTF-8 size of the ``data`` past it, but holds at least one message when
+        one exists: a page whose memory is bounded whatever the messages' sizes.
+        """
 
     @abc.abstractmethod
     def oldest(self, topic: str) -> int:
@@ -204,7 +241,8 @@ class MemoryStore(MessageStore):
                 ring.append(StoredMessage(topic, seq, data, now))
         return out
 
-    def since(self, topic: str, seq: int, limit: int) -> List[StoredMessage]:
+    def since(self, topic: str, seq: int, limit: int,
+              max_bytes: Optional[int] = None) -> List[StoredMessage]:
         if limit <= 0:
             return []
         with self._lock:
@@ -216,7 +254,11 @@ class MemoryStore(MessageStore):
             start = max(0, seq + 1 - ring[0].seq)
             if start >= len(ring):
                 return []
-            return list(itertools.islice(ring, start, start + limit))
+            page = itertools.islice(ring, start, start + limit)
+            if max_bytes is None:
+                return list(page)
+            bound = ByteBound(max_bytes)
+            return list(itertools.takewhile(lambda m: bound.admit(m.data), page))
 
     def oldest(self, topic: str) -> int:
         with self._lock:
@@ -271,6 +313,7 @@ _SCHEMA = (
 )
 _SCHEMA_VERSION = "1"
 _MAX_IDLE_READERS = 8
+_READER_CACHE_KIB = 256
 
 
 class SqliteStore(MessageStore):
@@ -530,7 +573,7 @@ class SqliteStore(MessageStore):
             conn = self._idle.pop() if self._idle else None
         if conn is None:
             try:
-                conn = self._connect(self._reader_uri, True)
+                conn = self._open_reader()
             except sqlite3.Error as exc:
                 logger.warning(
                     "cannot open a reader connection to %s (%s); reading through the writer",
@@ -555,6 +598,17 @@ class SqliteStore(MessageStore):
             if conn is not None:
                 conn.close()
 
+    def _open_reader(self) -> sqlite3.Connection:
+        conn = self._connect(self._reader_uri, True)
+        try:
+            # a small page cache: a reader's cache is dropped whenever the file changed
+            # since its last read anyway, and big messages would park ~2 MiB in each
+            conn.execute("PRAGMA cache_size=%d" % -_READER_CACHE_KIB)
+        except sqlite3.Error:
+            conn.close()
+            raise
+        return conn
+
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError("store is closed")
@@ -567,19 +621,32 @@ class SqliteStore(MessageStore):
             return 0, self.epoch
         return meta[1], meta[0]
 
-    def since(self, topic: str, seq: int, limit: int) -> List[StoredMessage]:
+    def since(self, topic: str, seq: int, limit: int,
+              max_bytes: Optional[int] = None) -> List[StoredMessage]:
         if limit <= 0:
             return []
+        bound = ByteBound(max_bytes)
+        out: List[StoredMessage] = []
         try:
             with self._reader() as conn:
-                rows = conn.execute(
+                cur = conn.execute(
                     "SELECT topic, seq, data, time FROM messages"
                     " WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
                     (topic, seq, limit),
-                ).fetchall()
+                )
+                try:
+                    # row by row: past the bound at most one row more is read, none
+                    # once the bound is reached
+                    while not bound.full:
+                        row = cur.fetchone()
+                        if row is None or not bound.admit(row[2]):
+                            break
+                        out.append(StoredMessage(*row))
+                finally:
+                    cur.close()  # ends the read before the connection goes back to the pool
         except sqlite3.Error as exc:
             raise StoreError("cannot read history of %r: %s" % (topic, exc)) from exc
-        return [StoredMessage(*row) for row in rows]
+        return out
 
     def oldest(self, topic: str) -> int:
         try:

@@ -39,6 +39,18 @@ def text_frame(payload: bytes) -> bytes:
     return _pack_64(0x81, 127, n) + payload
 
 
+def text_frame_of(*parts: bytes) -> bytes:
+    """A text frame whose payload is ``parts`` joined (one copy of them in all)."""
+    n = sum(len(p) for p in parts)
+    if n < 126:
+        head = bytes((0x81, n))
+    elif n < 65536:
+        head = _pack_16(0x81, 126, n)
+    else:
+        head = _pack_64(0x81, 127, n)
+    return b"".join((head,) + parts)
+
+
 def binary_frame(payload: bytes) -> bytes:
     """A binary frame."""
     return frame(OP_BINARY, payload)
