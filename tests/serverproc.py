@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 _LISTEN = re.compile(r"listening on wss?://[^:]+:(\d+)/")
 _SERVE = [sys.executable, "-m", "wsbroadcast", "serve", "--host", "127.0.0.1"]
@@ -45,14 +45,16 @@ class ServerProcess:
     """A broker process on 127.0.0.1 and a free port; its log lines are kept in ``lines``."""
 
     def __init__(self, *args: str, cwd: Optional[str] = None, env: Optional[dict] = None,
-                 timeout: float = 20.0, prefix: Sequence[str] = ()) -> None:
+                 timeout: float = 20.0, prefix: Sequence[str] = (),
+                 preexec_fn: Optional[Callable[[], None]] = None) -> None:
         cmd = list(prefix) + _SERVE + ["--port", "0"]
         cmd.extend(args)
         self.lines: List[str] = []
         self.port = 0
         self._ready = threading.Event()
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=preexec_fn)
         self._thread = threading.Thread(target=self._read, name="test-server-log", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):

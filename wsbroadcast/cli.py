@@ -61,8 +61,12 @@ def _serve_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     g.add_argument("--max-connections", type=int, default=d.max_connections, metavar="N",
                    help=_d("open WebSocket connections; past it new ones are closed with 1013",
                            d.max_connections))
+    g.add_argument("--max-pending", type=int, default=d.max_pending, metavar="N",
+                   help=_d("connections not upgraded (handshakes, HTTP); past it the one idle longest is "
+                           "dropped, or the newcomer gets 503; both limits are lowered to fit ulimit -n",
+                           d.max_pending))
     g.add_argument("--max-connections-per-ip", type=int, default=d.max_connections_per_ip, metavar="N",
-                   help=_d("open WebSocket connections per client address (0: no limit)",
+                   help=_d("open WebSocket connections per client address (1013), and pending ones (503); 0: no limit",
                            d.max_connections_per_ip))
     g.add_argument("--thread-stack-size", type=int, default=_STACK_SIZE, metavar="BYTES",
                    help=_d("stack size of each connection thread (small lets ~20,000 fit; 0: Python's)",
@@ -223,6 +227,7 @@ def _serve(args: argparse.Namespace) -> int:
             ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
             handshake_timeout=args.handshake_timeout, close_timeout=args.close_timeout,
             max_connections=args.max_connections, max_connections_per_ip=args.max_connections_per_ip,
+            max_pending=args.max_pending,
             max_subscriptions=args.max_subscriptions, max_publish_rate=args.max_publish_rate,
             publish_burst=args.publish_burst, store=args.store, history_size=args.history_size,
             history_ttl=args.history_ttl, store_full_sync=args.full_sync,

@@ -34,6 +34,10 @@ class Config:
     #: how long a closing connection may take to flush its close frame and see the peer go
     close_timeout: float = 3.0
     max_connections: int = 10000
+    #: connections not upgraded to WebSocket (handshakes, HTTP requests, keep-alive), counted
+    #: from accept; when full, the one idle longest is dropped, or the newcomer is answered 503.
+    #: Both limits are lowered at start to what the open-file limit (ulimit -n) holds.
+    max_pending: int = 256
     max_subscriptions: int = 1000
     max_connections_per_ip: int = 0  # 0: no limit
     max_publish_rate: float = 0.0  # messages per second per connection; 0: no limit
@@ -154,6 +158,7 @@ RANGES: Dict[str, Range] = {
     "handshake_timeout": Range(0.01, 3600, "seconds", integer=False),
     "close_timeout": Range(0.01, 3600, "seconds", integer=False),
     "max_connections": Range(1, 10_000_000, "connections"),
+    "max_pending": Range(1, 10_000_000, "connections"),
     "max_subscriptions": Range(1, 10_000_000, "subscriptions"),
     "max_connections_per_ip": Range(0, 10_000_000, "connections; 0: no limit"),
     "max_publish_rate": Range(0, 1_000_000_000, "per second; 0: no limit", integer=False),

@@ -16,7 +16,7 @@ import re
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -177,6 +177,9 @@ class HttpSession:
         self.sock = sock
         self.addr = addr
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER)
+        #: told True when the connection begins to wait for a request (after the first), False
+        #: when one has come: an idle connection may be evicted when the server is full
+        self.on_wait: Optional[Callable[[bool], None]] = None
 
     # ------------------------------------------------------------------ I/O
     def _recv(self, deadline: float) -> bytes:
@@ -253,8 +256,13 @@ class HttpSession:
     def run(self) -> Optional[Upgrade]:
         """Answer requests; return an ``Upgrade`` or None when the connection is done."""
         timeout = self.config.handshake_timeout
+        on_wait = self.on_wait
+        first = True
         while True:
             deadline = time.monotonic() + timeout
+            if on_wait is not None and not first:
+                on_wait(True)
+            first = False
             try:
                 event = self._next_request(deadline)
             except _Timeout:
@@ -271,6 +279,8 @@ class HttpSession:
                 return None
             if not isinstance(event, h11.Request):
                 return None
+            if on_wait is not None:
+                on_wait(False)
             try:
                 upgrade = self._route(event, deadline)
             except HttpError as err:

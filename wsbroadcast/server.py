@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
+from .admission import PendingTable, Slot, TurnAway, open_fds, plan_limits
 from .auth import Authenticator, install_redaction
 from .broker import Broker, LocalBroker
 from .config import Config
@@ -32,12 +33,22 @@ from .http import HttpSession, Upgrade, load_demo_page
 from .hosts import HostRule, is_loopback
 from .hub import Hub
 from .metrics import Metrics
+from .ratelog import RateLimitedLog
 from .reader import Reader
 from .store import MessageStore, RetentionTrimmer, open_store
 from .tls import TLSStream
 from .writer import CLOSE_ALL, Writer
 
 logger = logging.getLogger(__name__)
+
+#: resource errors of accept(): the listener pauses, growing from the first to the last
+_ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MAX = 1.0
+# conditions a client can cause at will: logged at most once per interval, with a count
+_accept_failed = RateLimitedLog(logger, logging.ERROR, "accept failed: %s; pausing accepts for %.2f s")
+_turned_away = RateLimitedLog(logger, logging.WARNING, "turning away a connection from %s: %s")
+_no_thread = RateLimitedLog(logger, logging.ERROR, "cannot start a connection thread: %s")
 
 
 def _redact_library_logs() -> None:
@@ -173,6 +184,13 @@ class Server:
         # _count_lock guards: _open (admitted WebSocket connections), _per_ip, upgraded, _http_buckets
         self._count_lock = threading.Lock()
         self._open = 0
+        #: WebSocket connections at most, and connections not upgraded at most: the settings,
+        #: lowered at start to what the open-file limit holds
+        self.max_connections = cfg.max_connections
+        self.max_pending = cfg.max_pending
+        #: connections accepted and not upgraded (created at start, when listening)
+        self.pending: Optional[PendingTable] = None
+        self._turn_away: Optional[TurnAway] = None
         self._per_ip: Dict[str, int] = {}
         self._http_buckets: Dict[str, TokenBucket] = {}
         # _threads_lock guards: _threads (connection thread -> its socket); notified when one ends
@@ -216,6 +234,20 @@ class Server:
             self._listener = listen_socket(cfg.host, cfg.port)
             self.host_rule = self.host_rule.with_loopback_only(
                 is_loopback(self._listener.getsockname()[0]))
+        try:
+            limits = plan_limits(cfg.max_connections, cfg.max_pending if listen else 0, open_fds())
+        except ConfigError:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            raise
+        if limits.raised_from:
+            logger.info("open-file limit raised from %d to %d for the connection limits",
+                        limits.raised_from, limits.nofile)
+        if limits.note:
+            logger.warning("%s", limits.note)
+        self.max_connections = limits.max_connections
+        self.max_pending = limits.max_pending
         if self.store is not None:
             try:
                 self.store.open()
@@ -236,6 +268,8 @@ class Server:
             self._trimmer = RetentionTrimmer(self.store)
             self._trimmer.start()
         if listen:
+            self.pending = PendingTable(self.max_pending, cfg.max_connections_per_ip)
+            self._turn_away = TurnAway(answer=self._ssl is None)
             sel = selectors.DefaultSelector()
             sel.register(self._listener, selectors.EVENT_READ)
             sel.register(self._wake_r, selectors.EVENT_READ)
@@ -303,46 +337,79 @@ class Server:
 
     # ------------------------------------------------------------------ accept
     def _accept_loop(self, sel: selectors.BaseSelector) -> None:
-        assert self._listener is not None
-        pause = 0.0
+        listener = self._listener
+        turn_away = self._turn_away
+        assert listener is not None and turn_away is not None and self.pending is not None
+        backoff = 0.0  # the listener's pause after a resource error (0: none yet)
+        resume_at = 0.0  # when a paused listener is watched again (0: not paused)
         try:
             while True:
-                events = sel.select(pause or None)
-                pause = 0.0
+                timeout = turn_away.poll()
+                if resume_at:
+                    wait = max(0.0, resume_at - time.monotonic())
+                    timeout = wait if timeout is None else min(timeout, wait)
+                events = sel.select(timeout)
                 if any(key.fileobj is self._wake_r for key, _ in events):
                     return
+                if resume_at:
+                    if time.monotonic() < resume_at:
+                        continue
+                    resume_at = 0.0
+                    sel.register(listener, selectors.EVENT_READ)
+                elif not events:
+                    continue
                 for _ in range(64):
                     try:
-                        sock, addr = self._listener.accept()
+                        sock, addr = listener.accept()
                     except (BlockingIOError, InterruptedError):
                         break
                     except OSError as exc:
-                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                            logger.error("accept failed: %s; pausing accepts", exc)
-                            pause = 0.1
-                            break
-                        raise
-                    self._spawn(sock, addr)
-                    self.accepted += 1  # after _spawn: its thread is in _threads by then
+                        if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                            continue  # that client is gone (or a firewall said no): next one
+                        if exc.errno not in _ACCEPT_RESOURCE_ERRORS:
+                            raise
+                        # no descriptor (or memory) for now: turn the waiting clients away rather
+                        # than leave them in the backlog, and pause the listener for real
+                        if exc.errno in (errno.EMFILE, errno.ENFILE) and not self.pending.evict_idle():
+                            turn_away.refuse_without_fd(listener)
+                        backoff = min(_BACKOFF_MAX, backoff * 2 if backoff else _BACKOFF_FIRST)
+                        _accept_failed.log(exc.strerror or exc, backoff)
+                        sel.unregister(listener)
+                        resume_at = time.monotonic() + backoff
+                        break
+                    backoff = 0.0
+                    self.accepted += 1
+                    self._admit_tcp(sock, addr)
         finally:
             sel.close()
+            turn_away.close()
 
-    def _spawn(self, sock: socket.socket, addr: Tuple[str, int]) -> None:
+    def _admit_tcp(self, sock: socket.socket, addr: Tuple[str, int]) -> None:
+        """A connection just accepted: its own thread, or a 503 when there is no room."""
+        assert self.pending is not None and self._turn_away is not None
+        slot, why = self.pending.take(sock, addr[0])
+        if slot is None:
+            _turned_away.log(addr[0], why)
+            self._turn_away.refuse(sock)
+            return
         sock.setblocking(True)
-        thread = threading.Thread(target=self._handle, args=(sock, addr),
+        thread = threading.Thread(target=self._handle, args=(sock, addr, slot),
                                   name="wsbroadcast-conn-%s:%s" % (addr[0], addr[1]), daemon=True)
         with self._threads_lock:
             self._threads[thread] = sock
         try:
             thread.start()
         except RuntimeError as exc:  # cannot start a new thread
-            logger.error("cannot start a connection thread: %s", exc)
+            _no_thread.log(exc)
             with self._threads_lock:
                 self._threads.pop(thread, None)
-            sock.close()
+            self.pending.release(slot)
+            self._turn_away.refuse(sock)
 
-    def _handle(self, sock: socket.socket, addr: Tuple[str, int]) -> None:
+    def _handle(self, sock: socket.socket, addr: Tuple[str, int], slot: Slot) -> None:
         cfg = self.config
+        pending = self.pending
+        assert pending is not None
         try:
             self.tune_socket(sock)
             stream: Any = sock
@@ -354,15 +421,20 @@ class Server:
                 except (OSError, ssl.SSLError) as exc:
                     logger.debug("TLS handshake with %s failed: %s", addr[0], exc)
                     return
-            upgrade = HttpSession(self, stream, addr).run()
+            session = HttpSession(self, stream, addr)
+            session.on_wait = lambda waiting: pending.idle(slot, waiting)
+            upgrade = session.run()
             if upgrade is None:
                 return
+            if upgrade.refuse is None:
+                pending.release(slot)  # counted as a WebSocket connection from here
             self.run_connection(sock, addr, upgrade, tls)
         except OSError as exc:
             logger.debug("connection from %s ended: %s", addr[0], exc)
         except Exception:
             logger.exception("connection thread for %s failed", addr[0])
         finally:
+            pending.release(slot)  # before the socket is closed: an eviction may shut it down till then
             try:
                 sock.close()
             except OSError:
@@ -414,7 +486,7 @@ class Server:
         """Count a new WebSocket connection, or say why it must be closed (1013)."""
         cfg = self.config
         with self._count_lock:
-            if self._open >= cfg.max_connections:
+            if self._open >= self.max_connections:
                 return (CloseCode.TRY_AGAIN_LATER, "server over its connection limit")
             per_ip = self._per_ip.get(ip, 0)
             if cfg.max_connections_per_ip and per_ip >= cfg.max_connections_per_ip:
