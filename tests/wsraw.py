@@ -127,7 +127,7 @@ def encode_frame(opcode: int, payload: bytes, fin: bool = True, mask: bool = Tru
     n = len(payload)
     if mask:
         key = key if key is not None else os.urandom(4)
-        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if n < 4096 else _mask(payload, key)
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if n < 64 else _mask(payload, key)
         head += key
     return head + payload
 

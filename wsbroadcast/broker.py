@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
-from .store import MessageStore, StoredMessage
+from .store import InUse, MemoryStore, MessageStore, StoredMessage
 
 
 class Publication(NamedTuple):
@@ -69,6 +69,15 @@ class Broker(abc.ABC):
         Called with the hub's lock held: must not block.
         """
 
+    def trim(self, limit: int, in_use: InUse) -> Tuple[int, bool]:
+        """One bounded step of retention: ``(messages removed, more to do)``.
+
+        Called with the hub's lock held, so ``in_use(topic)`` (is a subscriber relying
+        on its numbering?) cannot change meanwhile: a topic may be forgotten only when
+        it says no. About ``limit`` messages or topics are handled per call.
+        """
+        return 0, False
+
     def wait_subscribed(self, pattern: str, timeout: float) -> bool:
         """Block until this node's interest in ``pattern`` is in effect (never holding the hub lock)."""
         return True
@@ -120,9 +129,20 @@ class LocalBroker(Broker):
     def reason(self) -> Optional[str]:
         return self.store.failure
 
+    def interest(self, pattern: str, on: bool, acked: Optional[int] = None) -> None:
+        if not on:
+            self.store.release(pattern)
+
+    def trim(self, limit: int, in_use: InUse) -> Tuple[int, bool]:
+        return self.store.trim_step(limit=limit, in_use=in_use)
+
     def status(self) -> dict:
-        return {"kind": "local", "store": type(self.store).__name__, "healthy": self.healthy,
-                "read_only": bool(getattr(self.store, "read_only", False))}
+        out = {"kind": "local", "store": type(self.store).__name__, "healthy": self.healthy,
+               "read_only": bool(getattr(self.store, "read_only", False))}
+        if isinstance(self.store, MemoryStore):
+            out.update(topics=len(self.store), bytes=self.store.bytes_used,
+                       max_bytes=self.store.max_bytes)
+        return out
 
     def close(self) -> None:
         self.store.close()

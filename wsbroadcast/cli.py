@@ -13,7 +13,7 @@ import threading
 from typing import List, Optional
 
 from . import __version__
-from .config import Config, human_bytes
+from .config import Config, human_bytes, parse_size
 
 logger = logging.getLogger("wsbroadcast")
 
@@ -86,6 +86,10 @@ def _serve_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                    help=_d("messages kept per topic", d.history_size))
     h.add_argument("--history-ttl", type=float, default=None, metavar="SECONDS",
                    help=_d("how long a message is kept", "no limit"))
+    h.add_argument("--memory-store-bytes", type=_size, default=d.memory_store_bytes, metavar="SIZE",
+                   help=_d("what the memory store may hold in all, messages and topics (e.g. 64MiB, "
+                           "1G); past it the oldest messages go first, and topics left without "
+                           "messages or subscribers are forgotten", human_bytes(d.memory_store_bytes)))
     h.add_argument("--full-sync", action="store_true",
                    help="sync the store to disk on every commit (survives power loss, slower)")
     r = p.add_argument_group("scale-out")
@@ -107,6 +111,13 @@ def _serve_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     s.add_argument("--keyfile", metavar="FILE", help="TLS private key (PEM)")
     p.set_defaults(func=_serve)
     return p
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _token_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -231,6 +242,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_subscriptions=args.max_subscriptions, max_publish_rate=args.max_publish_rate,
             publish_burst=args.publish_burst, store=args.store, history_size=args.history_size,
             history_ttl=args.history_ttl, store_full_sync=args.full_sync,
+            memory_store_bytes=args.memory_store_bytes,
             secret=secret,
             public_key=public_key, api_key=args.api_key or os.environ.get("WSBROADCAST_API_KEY") or None,
             allowed_origins=tuple(args.allowed_origin), allowed_hosts=tuple(args.allowed_host),

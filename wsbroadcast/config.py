@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Dict, NamedTuple, Optional, Tuple
 
 from .errors import ConfigError
@@ -49,6 +50,8 @@ class Config:
     history_size: int = 1000
     history_ttl: Optional[float] = None
     store_full_sync: bool = False
+    #: what the memory store may hold in all (messages and topics); the oldest go first
+    memory_store_bytes: int = 256 * MIB
     # security
     secret: Optional[str] = None
     public_key: Optional[str] = None
@@ -86,6 +89,18 @@ class Config:
                               % (self.path,))
         if not isinstance(self.store, str) or not self.store:
             raise ConfigError("--store is empty: give a SQLite file path, or 'memory'")
+
+
+_SIZE = re.compile(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*\Z", re.IGNORECASE)
+_UNITS = {"": 1, "k": KIB, "m": MIB, "g": GIB}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``65536``, ``64K``, ``256MiB`` or ``1G`` (binary units)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError("not a size: %r (write e.g. 65536, 64K, 256MiB or 1G)" % (text,))
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
 def human_bytes(n: float) -> str:
@@ -166,6 +181,7 @@ RANGES: Dict[str, Range] = {
     "queue_size": Range(1, 100_000_000, "items", flag="queue_size"),
     "history_size": Range(0, 1_000_000_000, "messages per topic"),
     "history_ttl": Range(0, None, "seconds", integer=False, optional=True),
+    "memory_store_bytes": Range(64 * KIB, None, "bytes"),
     "thread_stack_size": Range(32 * KIB, 1 * GIB, "bytes; 0: the default", zero=True),
     "shutdown_timeout": Range(0, 3600, "seconds", integer=False, flag="shutdown_timeout"),
 }

@@ -389,6 +389,17 @@ class Hub:
             return text_frame_of(data)
         return text_frame_of(message_head(m.topic, m.seq).encode("utf-8"), data, b"}")
 
+    # ------------------------------------------------------------------ retention
+    def trim_step(self, limit: int) -> Tuple[bool, float]:
+        """One bounded retention step under the lock: (more to do, seconds the lock was held).
+
+        Topics matched by no subscription (concrete or wildcard) may be forgotten.
+        """
+        with self.lock:
+            start = time.perf_counter()
+            _removed, more = self.broker.trim(limit, self._tree.has_match)
+            return more, time.perf_counter() - start
+
     # ------------------------------------------------------------------ history
     def history(self, topic: str, since: int, limit: int,
                 max_bytes: Optional[int] = None) -> List[StoredMessage]:

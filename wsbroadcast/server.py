@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 from .admission import PendingTable, Slot, TurnAway, open_fds, plan_limits
 from .auth import Authenticator, install_redaction
 from .broker import Broker, LocalBroker
-from .config import Config
+from .config import Config, human_bytes
 from .connection import Connection, TokenBucket
 from .envelope import PLAIN, encode_json
 from .errors import CloseCode, ConfigError, ServerClosed, StoreError, StoreInUse
@@ -149,6 +149,10 @@ class Server:
         if cfg.certfile:
             self._ssl = _tls_context(cfg.certfile, cfg.keyfile)
         self.store: Optional[MessageStore] = None
+        if (cfg.store == "memory" and message_store is None and not cfg.redis_url
+                and cfg.memory_store_bytes < cfg.max_message_size):
+            raise ConfigError("--memory-store-bytes %s is below --max-message-size %s: give at least that"
+                              % (human_bytes(cfg.memory_store_bytes), human_bytes(cfg.max_message_size)))
         if cfg.redis_url:
             try:
                 from .broker_redis import RedisBroker  # the optional extra wsbroadcast[redis]
@@ -164,7 +168,7 @@ class Server:
             # opened (created, locked) by start(), once the port is bound
             self.store = message_store if message_store is not None else open_store(
                 cfg.store, cfg.history_size, cfg.history_ttl, full_sync=cfg.store_full_sync,
-                defer_open=True)
+                defer_open=True, memory_bytes=cfg.memory_store_bytes)
             self.broker = LocalBroker(self.store)
         self.writer = Writer(cfg.queue_size, cfg.close_timeout, cfg.ping_interval, cfg.ping_timeout)
         self.hub = Hub(self.broker, self.writer, cfg.max_subscriptions)
@@ -265,7 +269,7 @@ class Server:
                 logger.warning("cannot set thread stack size to %d", cfg.thread_stack_size)
         self.writer.start()
         if self.store is not None:
-            self._trimmer = RetentionTrimmer(self.store)
+            self._trimmer = RetentionTrimmer(self.store, step=self.hub.trim_step)
             self._trimmer.start()
         if listen:
             self.pending = PendingTable(self.max_pending, cfg.max_connections_per_ip)
@@ -563,6 +567,9 @@ class Server:
             "writer": {"state": self.writer.state, "alive": self.writer.alive,
                        "queue_depth": self.writer.depth()},
             "broker": self.broker.status(),
+            "trim": ({"steps": self._trimmer.steps,
+                      "longest_hold_ms": round(self._trimmer.longest_hold * 1000.0, 3)}
+                     if self._trimmer is not None else None),
         })
         return doc
 

@@ -18,19 +18,19 @@ all-or-nothing.
 from __future__ import annotations
 
 import abc
-import collections
+import heapq
 import itertools
 import logging
 import os
 import pathlib
 import secrets
 import sqlite3
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from typing import (
     Callable,
-    Deque,
     Dict,
     Iterator,
     List,
@@ -44,6 +44,7 @@ from typing import (
 from .errors import StoreError, StoreInUse
 from .logutil import RateLimitedLog
 from .pidlock import LockHeld, PidLock
+from .topics import is_wildcard
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +175,22 @@ class MessageStore(abc.ABC):
     def trim(self, now: Optional[float] = None) -> int:
         """Apply retention (``history_size`` per topic, ``history_ttl``); return rows removed."""
 
+    def trim_step(
+        self, now: Optional[float] = None, limit: int = 1000, in_use: Optional[Callable[[str], bool]] = None
+    ) -> Tuple[int, bool]:
+        """One bounded piece of :meth:`trim`: ``(rows removed, more to do)``.
+
+        At most about ``limit`` messages or topics are handled, so a caller holding a
+        lock can release it between steps. ``in_use(topic)`` says whether a subscriber
+        still relies on a topic's numbering: a store that forgets topics without
+        stored messages (see PROTOCOL.md section 6) forgets only those it says no
+        for, and none when it is None.
+        """
+        return self.trim(now), False
+
+    def release(self, pattern: str) -> None:
+        """The last subscriber of ``pattern`` is gone (topics it kept may be forgotten)."""
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release resources; idempotent. Later appends and reads raise StoreError."""
@@ -187,13 +204,79 @@ class MessageStore(abc.ABC):
 
 # --------------------------------------------------------------------------- memory
 
+#: default byte budget of a MemoryStore (all topics together)
+DEFAULT_MEMORY_BYTES = 256 * 1024 * 1024
+#: what a stored message costs besides its text: the tuple, its float and int, a list
+#: slot, allocator rounding (measured with tracemalloc on CPython 3.9-3.13, rounded up)
+MESSAGE_COST = 160
+#: what a known topic costs besides its name: its record, list, dict entry and heap entry
+TOPIC_COST = 320
+#: most topics or messages one trim step handles when no limit is given
+TRIM_STEP = 256
+
+
+def message_cost(data: str) -> int:
+    """Bytes a stored message of JSON text ``data`` counts against a MemoryStore's budget."""
+    return MESSAGE_COST + sys.getsizeof(data)
+
+
+def topic_cost(topic: str) -> int:
+    """Bytes a known topic counts against a MemoryStore's budget."""
+    return TOPIC_COST + sys.getsizeof(topic)
+
+
+class _Topic:
+    """One topic of a MemoryStore: its numbering and its stored messages, oldest first."""
+
+    __slots__ = ("name", "epoch", "last", "msgs", "head", "queued", "idle")
+
+    def __init__(self, name: str, epoch: str) -> None:
+        self.name = name
+        self.epoch = epoch
+        self.last = 0
+        #: msgs[head:] are the stored messages (consecutive seqs); msgs[:head] are None
+        self.msgs: List[Optional[StoredMessage]] = []
+        self.head = 0
+        self.queued = False  # has an entry in the store's heap
+        self.idle = _ACTIVE  # _IDLE or _KEPT while no message is stored
+
+    def count(self) -> int:
+        return len(self.msgs) - self.head
+
+    def drop_oldest(self) -> StoredMessage:
+        msg = self.msgs[self.head]
+        assert msg is not None
+        self.msgs[self.head] = None
+        self.head += 1
+        if self.head == len(self.msgs):
+            self.msgs = []
+            self.head = 0
+        elif self.head >= 32 and 2 * self.head >= len(self.msgs):
+            del self.msgs[: self.head]
+            self.head = 0
+        return msg
+
+
+_ACTIVE, _IDLE, _KEPT = 0, 1, 2
+
+#: ``in_use(topic)``: True while a subscriber may still rely on the topic's seq and epoch
+InUse = Callable[[str], bool]
+
 
 class MemoryStore(MessageStore):
-    """History in memory: a ``deque(maxlen=history_size)`` per topic.
+    """History in memory, bounded per topic by count (and age) and in all by bytes.
 
-    Count retention is immediate (the deque drops the oldest on append), so
-    :meth:`trim` only removes messages by age, or by count after ``history_size``
-    was lowered; its return value counts only what that call removed.
+    ``max_bytes`` bounds what messages and topics cost together (see
+    :func:`message_cost`, :func:`topic_cost`): an append that goes over it evicts
+    the oldest messages of all topics first, never one of its own. A topic left
+    without messages is forgotten by :meth:`trim_step` when its ``in_use`` says no
+    subscriber needs it; published again it starts at seq 1 under a new epoch
+    (each forgetting step starts a new *generation*: topics created after it get
+    ``<instance epoch>-<generation>``). :meth:`trim` never forgets a topic.
+
+    Count retention is immediate (the oldest message goes on append); age
+    retention is applied by :meth:`trim` / :meth:`trim_step`, oldest first across
+    topics (a heap of each topic's oldest message), so a step costs what it removes.
     """
 
     def __init__(
@@ -201,24 +284,113 @@ class MemoryStore(MessageStore):
         history_size: int = 1000,
         history_ttl: Optional[float] = None,
         *,
+        max_bytes: int = DEFAULT_MEMORY_BYTES,
         clock: Clock = time.time,
     ) -> None:
         _check_retention(history_size, history_ttl)
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+            raise ValueError("max_bytes must be an int > 0, got %r" % (max_bytes,))
         self.history_size = history_size
         self.history_ttl = history_ttl
+        self.max_bytes = max_bytes
         self.read_only = False
         self.epoch = _new_epoch()
         self._clock = clock
-        # _lock guards _rings, _last and _closed. Each ring holds consecutive seqs,
-        # oldest on the left; a topic without stored messages has no ring.
+        # _lock guards every field below. Lock order: the hub's lock, then _lock.
         self._lock = threading.Lock()
-        self._rings: Dict[str, Deque[StoredMessage]] = {}
-        self._last: Dict[str, int] = {}
+        self._topics: Dict[str, _Topic] = {}
+        # (time of the oldest message, tie-break, its seq, topic): at most one entry per
+        # topic, whose key may be stale (too old); it is refreshed when it comes up.
+        self._heap: List[Tuple[float, int, int, _Topic]] = []
+        self._order = itertools.count()
+        # topics without messages, oldest first: not yet checked / in use when checked
+        self._idle: Dict[str, _Topic] = {}
+        self._kept: Dict[str, _Topic] = {}
+        self._recheck = False  # move _kept back to _idle (a wildcard subscription went)
+        self._bytes = 0
+        self._generation = 0
+        self._epoch = self.epoch  # the epoch of topics created from now on
+        self._trimmed_size = history_size
+        self.evicted = 0  # messages evicted over the byte budget
+        self.forgotten = 0  # topics forgotten
         self._closed = False
 
+    # -- state (under _lock)
+
+    @property
+    def bytes_used(self) -> int:
+        """What the stored messages and known topics count against ``max_bytes``."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._topics)
+
+    def _topic_locked(self, name: str) -> _Topic:
+        t = self._topics.get(name)
+        if t is None:
+            t = self._topics[name] = _Topic(name, self._epoch)
+            self._bytes += topic_cost(name)
+            t.idle = _IDLE
+            self._idle[name] = t
+        return t
+
+    def _set_active(self, t: _Topic) -> None:
+        if t.idle == _IDLE:
+            del self._idle[t.name]
+        elif t.idle == _KEPT:
+            del self._kept[t.name]
+        t.idle = _ACTIVE
+
+    def _set_idle(self, t: _Topic) -> None:
+        if t.idle == _ACTIVE:
+            t.idle = _IDLE
+            self._idle[t.name] = t
+
+    def _pop_oldest_locked(self, done: Callable[[_Topic, StoredMessage], bool],
+                           limit: int) -> Tuple[int, bool]:
+        """Remove the oldest message of all topics until ``done(its topic, it)``.
+
+        Returns ``(removed, stopped at limit)``; ``limit`` counts heap entries looked at.
+        """
+        heap = self._heap
+        removed = 0
+        for _ in range(limit):
+            if not heap:
+                return removed, False
+            _tm, _n, seq, t = heap[0]
+            if not t.count():
+                heapq.heappop(heap)
+                t.queued = False
+                continue
+            msg = t.msgs[t.head]
+            assert msg is not None
+            if msg.seq != seq:  # the key is stale: the oldest went by count since
+                heapq.heapreplace(heap, (msg.time, next(self._order), msg.seq, t))
+                continue
+            if done(t, msg):
+                return removed, False
+            t.drop_oldest()
+            self._bytes -= message_cost(msg.data)
+            removed += 1
+            if t.count():
+                nxt = t.msgs[t.head]
+                assert nxt is not None
+                heapq.heapreplace(heap, (nxt.time, next(self._order), nxt.seq, t))
+            else:
+                heapq.heappop(heap)
+                t.queued = False
+                self._set_idle(t)
+        return removed, bool(heap)
+
+    # -- interface
+
     def latest(self, topic: str) -> Tuple[int, str]:
+        """``(last seq, epoch)``; an unknown topic is recorded so that its epoch holds."""
         with self._lock:
-            return self._last.get(topic, 0), self.epoch
+            if self._closed:
+                raise StoreError("store is closed")
+            t = self._topic_locked(topic)
+            return t.last, t.epoch
 
     def append_batch(self, items: Sequence[Tuple[str, str]]) -> List[Tuple[int, str]]:
         _check_items(items)
@@ -228,17 +400,33 @@ class MemoryStore(MessageStore):
         with self._lock:
             if self._closed:
                 raise StoreError("store is closed")
+            first: Dict[_Topic, int] = {}  # seq of the first message of this call per topic
             for topic, data in items:
-                seq = self._last.get(topic, 0) + 1
-                self._last[topic] = seq
-                out.append((seq, self.epoch))
+                t = self._topic_locked(topic)
+                seq = t.last = t.last + 1
+                out.append((seq, t.epoch))
                 if size <= 0:
                     continue
-                ring = self._rings.get(topic)
-                if ring is None or ring.maxlen != size:
-                    ring = collections.deque(ring or (), maxlen=size)
-                    self._rings[topic] = ring
-                ring.append(StoredMessage(topic, seq, data, now))
+                if t.idle:
+                    self._set_active(t)
+                first.setdefault(t, seq)
+                t.msgs.append(StoredMessage(t.name, seq, data, now))
+                self._bytes += message_cost(data)
+                if not t.queued:
+                    heapq.heappush(self._heap, (now, next(self._order), seq, t))
+                    t.queued = True
+                while t.count() > size:
+                    self._bytes -= message_cost(t.drop_oldest().data)
+            if self._bytes > self.max_bytes:
+                limit = self.max_bytes
+
+                def done(t: _Topic, msg: StoredMessage) -> bool:
+                    if self._bytes <= limit:
+                        return True
+                    mine = first.get(t)
+                    return mine is not None and msg.seq >= mine  # never evict this call's own
+
+                self.evicted += self._pop_oldest_locked(done, sys.maxsize)[0]
         return out
 
     def since(self, topic: str, seq: int, limit: int,
@@ -248,47 +436,116 @@ class MemoryStore(MessageStore):
         with self._lock:
             if self._closed:
                 raise StoreError("store is closed")
-            ring = self._rings.get(topic)
-            if not ring:
+            t = self._topics.get(topic)
+            if t is None or not t.count():
                 return []
-            start = max(0, seq + 1 - ring[0].seq)
-            if start >= len(ring):
-                return []
-            page = itertools.islice(ring, start, start + limit)
+            oldest = t.msgs[t.head]
+            assert oldest is not None
+            start = t.head + max(0, seq + 1 - oldest.seq)
+            page = t.msgs[start:start + limit]
             if max_bytes is None:
-                return list(page)
+                return page  # type: ignore[return-value]
             bound = ByteBound(max_bytes)
-            return list(itertools.takewhile(lambda m: bound.admit(m.data), page))
+            return list(itertools.takewhile(lambda m: bound.admit(m.data), page))  # type: ignore
 
     def oldest(self, topic: str) -> int:
         with self._lock:
             if self._closed:
                 raise StoreError("store is closed")
-            ring = self._rings.get(topic)
-            return ring[0].seq if ring else 0
+            t = self._topics.get(topic)
+            if t is None or not t.count():
+                return 0
+            return t.msgs[t.head].seq  # type: ignore[union-attr]
 
     def trim(self, now: Optional[float] = None) -> int:
+        removed = 0
+        while True:
+            n, more = self.trim_step(now)
+            removed += n
+            if not more:
+                return removed
+
+    def trim_step(
+        self, now: Optional[float] = None, limit: int = TRIM_STEP, in_use: Optional[InUse] = None
+    ) -> Tuple[int, bool]:
+        """Apply retention to at most ``limit`` messages and topics: ``(removed, more to do)``.
+
+        Topics without messages are forgotten only when ``in_use`` is given and says no.
+        """
         size = self.history_size
         ttl = self.history_ttl
         removed = 0
         with self._lock:
             if self._closed:
-                return 0
-            if now is None and ttl is not None:
-                now = self._clock()
-            cutoff = None if ttl is None or now is None else now - ttl
-            for topic in list(self._rings):
-                ring = self._rings[topic]
-                while len(ring) > size:
-                    ring.popleft()
-                    removed += 1
-                if cutoff is not None:
-                    while ring and ring[0].time < cutoff:
-                        ring.popleft()
+                return 0, False
+            if self._trimmed_size != size:  # lowered at run time: a rare full pass
+                for t in list(self._topics.values()):
+                    while t.count() > size:
+                        self._bytes -= message_cost(t.drop_oldest().data)
                         removed += 1
-                if not ring:
-                    del self._rings[topic]
-        return removed
+                    if not t.count():
+                        self._set_idle(t)
+                self._heap = [e for e in self._heap if e[3].count()]
+                heapq.heapify(self._heap)
+                for t in self._topics.values():
+                    t.queued = False
+                for _tm, _n, _seq, t in self._heap:
+                    t.queued = True
+                self._trimmed_size = size
+            if ttl is not None:
+                if now is None:
+                    now = self._clock()
+                cutoff = now - ttl
+                n, more = self._pop_oldest_locked(lambda t, m: m.time >= cutoff, limit)
+                removed += n
+                if more:
+                    return removed, True
+            if self._bytes > self.max_bytes:
+                cap = self.max_bytes
+                n, more = self._pop_oldest_locked(lambda t, m: self._bytes <= cap, limit - removed)
+                self.evicted += n
+                removed += n
+                if more:
+                    return removed, True
+            if in_use is None:
+                return removed, False
+            work = removed
+            if self._recheck:
+                while self._kept and work < limit:
+                    name, t = self._kept.popitem()
+                    t.idle = _IDLE
+                    self._idle[name] = t
+                    work += 1
+                self._recheck = bool(self._kept)
+            forgot = 0
+            idle = self._idle
+            while idle and work < limit:
+                name = next(iter(idle))
+                t = idle.pop(name)
+                work += 1
+                if in_use(name):
+                    t.idle = _KEPT
+                    self._kept[name] = t
+                    continue
+                del self._topics[name]
+                self._bytes -= topic_cost(name)
+                forgot += 1
+            if forgot:
+                self.forgotten += forgot
+                self._generation += 1
+                self._epoch = "%s-%d" % (self.epoch, self._generation)
+            return removed, bool(idle) or self._recheck
+
+    def release(self, pattern: str) -> None:
+        """The last subscriber of ``pattern`` went: topics it kept may be forgotten again."""
+        with self._lock:
+            if is_wildcard(pattern):
+                self._recheck = bool(self._kept)
+                return
+            t = self._kept.pop(pattern, None)
+            if t is not None:
+                t.idle = _IDLE
+                self._idle[pattern] = t
 
     @property
     def failure(self) -> Optional[str]:
@@ -297,7 +554,11 @@ class MemoryStore(MessageStore):
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            self._rings.clear()
+            self._topics.clear()
+            self._heap = []
+            self._idle.clear()
+            self._kept.clear()
+            self._bytes = 0
 
 
 # --------------------------------------------------------------------------- sqlite
@@ -314,6 +575,8 @@ _SCHEMA = (
 _SCHEMA_VERSION = "1"
 _MAX_IDLE_READERS = 8
 _READER_CACHE_KIB = 256
+#: topics whose epoch and last seq a SqliteStore keeps in memory
+_META_CACHE = 65536
 
 
 class SqliteStore(MessageStore):
@@ -387,20 +650,20 @@ class SqliteStore(MessageStore):
         self._errors = RateLimitedLog(logger)
 
         # _wlock guards the writer connection _writer and everything only the writer
-        # changes: _meta, _dirty, _trimmed_size, _oldest_time, and what open() sets once
+        # changes: _meta, _dirty, _scan, and what open() sets once
         # (_writer, epoch, read_only, _reader_uri, _identity, _lock_file); _closed is set holding
         # both _wlock and _pool_lock, so either one suffices to read it. Lock order:
         # the hub's lock, then _wlock, then _pool_lock; never the other way round.
         self._wlock = threading.Lock()
-        # topic -> (epoch, last_seq); a committed mirror of the topics table. Read
-        # without the lock by latest() (same thread as append_batch, dict.get is atomic).
+        # topic -> (epoch, last_seq): a committed mirror of part of the topics table, at
+        # most _META_CACHE topics (the oldest cached go first); the table has the rest.
         self._meta: Dict[str, Tuple[str, int]] = {}
-        # topics appended since the last count trim.
-        self._dirty: Set[str] = set()
-        # history_size of the last full count trim (None: every topic needs a check).
-        self._trimmed_size: Optional[int] = None
-        # topic -> time of its oldest stored row (None until a TTL trim needs it).
-        self._oldest_time: Optional[Dict[str, float]] = None
+        # topic -> last seq, for topics appended past history_size since their count trim.
+        self._dirty: Dict[str, int] = {}
+        # a pass over the topics table for count trimming (on open and when history_size
+        # changed): the last topic scanned ("" to start), or None when no pass is due.
+        self._scan: Optional[str] = ""
+        self._scan_size = history_size
         self._closed = False
 
         # _pool_lock guards _idle, the reader connections not in use. A reader
@@ -445,10 +708,9 @@ class SqliteStore(MessageStore):
                 raise
             self._lock_file = lock
         logger.info(
-            "sqlite store %s opened%s: %d topics, epoch %s",
+            "sqlite store %s opened%s: epoch %s",
             self.path,
             " read-only" if self.read_only else "",
-            len(self._meta),
             self.epoch,
         )
 
@@ -546,8 +808,6 @@ class SqliteStore(MessageStore):
             row = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
             if row is None:
                 raise StoreError("sqlite store %s has no epoch (not a wsbroadcast store?)" % self.path)
-            for topic, epoch, last_seq in conn.execute("SELECT topic, epoch, last_seq FROM topics"):
-                self._meta[topic] = (epoch, last_seq)
         except sqlite3.Error as exc:
             conn.close()
             raise StoreError("cannot read sqlite store %s: %s" % (self.path, exc)) from exc
@@ -618,8 +878,35 @@ class SqliteStore(MessageStore):
     def latest(self, topic: str) -> Tuple[int, str]:
         meta = self._meta.get(topic)
         if meta is None:
-            return 0, self.epoch
+            with self._wlock:
+                self._check_open()
+                try:
+                    meta = self._lookup(topic)
+                except sqlite3.Error as exc:
+                    raise StoreError("cannot read topic %r: %s" % (topic, exc)) from exc
+            if meta is None:
+                return 0, self.epoch
         return meta[1], meta[0]
+
+    def _lookup(self, topic: str) -> Optional[Tuple[str, int]]:
+        """(epoch, last seq) of a topic from the cache or the table (under _wlock)."""
+        meta = self._meta.get(topic)
+        if meta is None:
+            row = self._writer.execute(
+                "SELECT epoch, last_seq FROM topics WHERE topic = ?", (topic,)
+            ).fetchone()
+            if row is not None:
+                meta = (str(row[0]), int(row[1]))
+                self._remember({topic: meta})
+        return meta
+
+    def _remember(self, metas: Dict[str, Tuple[str, int]]) -> None:
+        cache = self._meta
+        cache.update(metas)
+        over = len(cache) - _META_CACHE
+        if over > 0:
+            for topic in list(itertools.islice(cache, over + _META_CACHE // 8)):
+                del cache[topic]
 
     def since(self, topic: str, seq: int, limit: int,
               max_bytes: Optional[int] = None) -> List[StoredMessage]:
@@ -673,18 +960,29 @@ class SqliteStore(MessageStore):
             now = self._clock()
             keep_rows = self.history_size > 0
             pending: Dict[str, Tuple[str, int]] = {}
+            known: Set[str] = set()
             rows: List[Tuple[str, int, str, float]] = []
             out: List[Tuple[int, str]] = []
-            for topic, data in items:
-                epoch, last = pending.get(topic) or self._meta.get(topic) or (self.epoch, 0)
-                seq = last + 1
-                pending[topic] = (epoch, seq)
-                out.append((seq, epoch))
-                if keep_rows:
-                    rows.append((topic, seq, data, now))
-            new = [(t, e, s) for t, (e, s) in pending.items() if t not in self._meta]
-            old = [(s, t) for t, (e, s) in pending.items() if t in self._meta]
             conn = self._writer
+            try:
+                for topic, data in items:
+                    meta = pending.get(topic)
+                    if meta is None:
+                        meta = self._lookup(topic)
+                        if meta is None:
+                            meta = (self.epoch, 0)
+                        else:
+                            known.add(topic)
+                    epoch, last = meta
+                    seq = last + 1
+                    pending[topic] = (epoch, seq)
+                    out.append((seq, epoch))
+                    if keep_rows:
+                        rows.append((topic, seq, data, now))
+            except sqlite3.Error as exc:
+                raise StoreError("cannot read topics: %s" % exc) from exc
+            new = [(t, e, s) for t, (e, s) in pending.items() if t not in known]
+            old = [(s, t) for t, (e, s) in pending.items() if t in known]
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 if rows:
@@ -717,85 +1015,91 @@ class SqliteStore(MessageStore):
                 raise StoreError(lost)
             self._append_error = None
             # Committed: only now does the cache move forward.
-            self._meta.update(pending)
-            self._dirty.update(pending)
-            if keep_rows and self._oldest_time is not None:
-                for topic in pending:
-                    self._oldest_time.setdefault(topic, now)
+            self._remember(pending)
+            size = self.history_size
+            if keep_rows:
+                for topic, (_e, seq) in pending.items():
+                    if seq > size:
+                        self._dirty[topic] = seq
             return out
 
     def trim(self, now: Optional[float] = None) -> int:
+        removed = 0
+        while True:
+            n, more = self.trim_step(now)
+            removed += n
+            if not more:
+                return removed
+
+    def trim_step(
+        self, now: Optional[float] = None, limit: int = TRIM_STEP, in_use: Optional[InUse] = None
+    ) -> Tuple[int, bool]:
+        """Apply retention to about ``limit`` rows or topics: ``(rows removed, more to do)``.
+
+        Age: the oldest rows by insertion (rowid) order while they are expired, so what
+        stays of a topic is contiguous. Count: topics appended past ``history_size``
+        since their last trim, and every topic after opening or a change of size.
+        Topics are never forgotten here: their row in the topics table keeps the
+        numbering, also when every message expired (``in_use`` is not needed).
+        """
         with self._wlock:
             if self._closed or self._writer is None or self.read_only or self._lost:
-                return 0
+                return 0, False
             size = self.history_size
             ttl = self.history_ttl
             conn = self._writer
-            if self._trimmed_size != size:
-                count_topics: Set[str] = set(self._meta)
-            else:
-                count_topics = self._dirty
-            count_work = []
-            for topic in count_topics:
-                upto = self._meta[topic][1] - size
-                if upto > 0:
-                    count_work.append((topic, upto))
-            age_work: List[str] = []
-            cutoff = 0.0
+            removed = 0
+            more = False
             try:
+                if self._scan_size != size:
+                    self._scan, self._scan_size = "", size
                 if ttl is not None:
-                    if now is None:
-                        now = self._clock()
-                    cutoff = now - ttl
-                    if self._oldest_time is None:
-                        self._oldest_time = self._load_oldest_times(conn)
-                    age_work = [t for t, tm in self._oldest_time.items() if tm < cutoff]
-                removed = 0
-                new_oldest: Dict[str, Optional[float]] = {}
-                if count_work or age_work:
+                    cutoff = (self._clock() if now is None else now) - ttl
+                    upto = None
+                    rows = conn.execute(
+                        "SELECT rowid, time FROM messages ORDER BY rowid LIMIT ?", (limit,)
+                    ).fetchall()
+                    for rowid, tm in rows:
+                        if tm >= cutoff:
+                            break
+                        upto = rowid
+                    else:
+                        more = len(rows) == limit
+                    if upto is not None:
+                        conn.execute("BEGIN IMMEDIATE")
+                        removed += conn.execute(
+                            "DELETE FROM messages WHERE rowid <= ?", (upto,)
+                        ).rowcount
+                        conn.execute("COMMIT")
+                    if more:
+                        return removed, True
+                work: List[Tuple[str, int]] = []
+                if self._scan is not None:
+                    rows = conn.execute(
+                        "SELECT topic, last_seq FROM topics WHERE topic > ? ORDER BY topic LIMIT ?",
+                        (self._scan, limit),
+                    ).fetchall()
+                    work.extend((t, last) for t, last in rows if last > size)
+                    self._scan = rows[-1][0] if len(rows) == limit else None
+                    more = self._scan is not None
+                dirty = self._dirty
+                while dirty and len(work) < limit:
+                    topic = next(iter(dirty))
+                    work.append((topic, dirty.pop(topic)))
+                more = more or bool(dirty)
+                if work:
                     conn.execute("BEGIN IMMEDIATE")
-                    for topic, upto in count_work:
+                    for topic, last in work:
                         removed += conn.execute(
-                            "DELETE FROM messages WHERE topic = ? AND seq <= ?", (topic, upto)
+                            "DELETE FROM messages WHERE topic = ? AND seq <= ?", (topic, last - size)
                         ).rowcount
-                    for topic in age_work:
-                        # Delete a prefix (up to the newest expired row) so what stays is
-                        # contiguous even if the clock went backwards.
-                        removed += conn.execute(
-                            "DELETE FROM messages WHERE topic = ? AND seq <= "
-                            "(SELECT MAX(seq) FROM messages WHERE topic = ? AND time < ?)",
-                            (topic, topic, cutoff),
-                        ).rowcount
-                        row = conn.execute(
-                            "SELECT time FROM messages WHERE topic = ? ORDER BY seq LIMIT 1",
-                            (topic,),
-                        ).fetchone()
-                        new_oldest[topic] = row[0] if row else None
                     conn.execute("COMMIT")
             except Exception as exc:
                 _rollback(conn)
                 raise StoreError("cannot trim sqlite store %s: %s" % (self.path, exc)) from exc
-            self._dirty = set()
-            self._trimmed_size = size
-            if self._oldest_time is not None:
-                for topic, tm in new_oldest.items():
-                    if tm is None:
-                        self._oldest_time.pop(topic, None)
-                    else:
-                        self._oldest_time[topic] = tm
             if removed:
                 logger.debug("sqlite store %s: trimmed %d messages", self.path, removed)
-            return removed
-
-    def _load_oldest_times(self, conn: sqlite3.Connection) -> Dict[str, float]:
-        result: Dict[str, float] = {}
-        for topic in self._meta:
-            row = conn.execute(
-                "SELECT time FROM messages WHERE topic = ? ORDER BY seq LIMIT 1", (topic,)
-            ).fetchone()
-            if row is not None:
-                result[topic] = row[0]
-        return result
+            return removed, more
 
     def close(self) -> None:
         with self._wlock:
@@ -868,23 +1172,45 @@ def _rollback(conn: sqlite3.Connection) -> None:
 # --------------------------------------------------------------------------- trimmer
 
 
-class RetentionTrimmer:
-    """A daemon thread calling ``store.trim()`` every ``interval`` seconds.
+#: ``step(limit) -> (more to do, seconds a lock was held)``: one bounded piece of a trim
+TrimStep = Callable[[int], Tuple[bool, float]]
 
-    Exceptions are logged (at most one traceback per minute while they repeat)
-    and the thread keeps going.
+
+class RetentionTrimmer:
+    """A daemon thread applying retention every ``interval`` seconds, in small steps.
+
+    Each round calls ``step(limit)`` until it reports nothing more to do, pausing
+    between steps so that the lock it takes (the hub's) is free for others most
+    of the time; ``limit`` adapts so that a step holds the lock about ``HOLD``
+    seconds. Without ``step`` a round is ``store.trim()``. Exceptions are logged
+    (at most one traceback per minute while they repeat) and the thread keeps going.
     """
 
     LOG_EVERY = 60.0
+    #: seconds a step aims to hold its lock
+    HOLD = 0.002
+    MIN_LIMIT = 16
+    MAX_LIMIT = 20000
 
-    def __init__(self, store: MessageStore, interval: float = 1.0) -> None:
+    def __init__(self, store: MessageStore, interval: float = 1.0,
+                 step: Optional[TrimStep] = None) -> None:
         if interval <= 0:
             raise ValueError("interval must be > 0")
         self.store = store
         self.interval = interval
+        self.step = step or self._store_step
+        self.limit = TRIM_STEP
+        #: the longest a step held its lock, in seconds (for measurements)
+        self.longest_hold = 0.0
+        self.steps = 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._last_log = float("-inf")
+
+    def _store_step(self, limit: int) -> Tuple[bool, float]:
+        start = time.perf_counter()
+        self.store.trim()  # its own steps take and release the store's lock
+        return False, time.perf_counter() - start
 
     def start(self) -> None:
         """Start the thread (once; later calls do nothing)."""
@@ -900,10 +1226,25 @@ class RetentionTrimmer:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
+    def run_once(self) -> None:
+        """One round: steps until nothing more is to do (or stop)."""
+        while True:
+            more, held = self.step(self.limit)
+            self.steps += 1
+            if held > self.longest_hold:
+                self.longest_hold = held
+            if held > self.HOLD:
+                self.limit = max(self.MIN_LIMIT, self.limit // 2)
+            elif held < self.HOLD / 4 and more:
+                self.limit = min(self.MAX_LIMIT, self.limit * 2)
+            # pause about as long as the step took: the lock is free at least half the time
+            if not more or self._stop.wait(max(0.0005, held)):
+                return
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.store.trim()
+                self.run_once()
             except Exception:
                 mono = time.monotonic()
                 if mono - self._last_log >= self.LOG_EVERY:
@@ -923,11 +1264,12 @@ def open_store(
     *,
     full_sync: bool = False,
     defer_open: bool = False,
+    memory_bytes: int = DEFAULT_MEMORY_BYTES,
 ) -> MessageStore:
-    """Open a store: ``"memory"`` is a MemoryStore, anything else an SqliteStore path/URI.
+    """Open a store: ``"memory"`` is a MemoryStore (of ``memory_bytes``), anything else an SqliteStore.
 
     With ``defer_open`` nothing touches the file system until ``store.open()``.
     """
     if spec == "memory":
-        return MemoryStore(history_size, history_ttl)
+        return MemoryStore(history_size, history_ttl, max_bytes=memory_bytes)
     return SqliteStore(spec, history_size, history_ttl, full_sync=full_sync, defer_open=defer_open)

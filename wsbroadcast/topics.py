@@ -177,6 +177,23 @@ class SubjectTree(Generic[T]):
         self._cache[topic] = frozen
         return frozen
 
+    def has_match(self, topic: str) -> bool:
+        """True when some subscriber's pattern matches the concrete ``topic`` (not cached)."""
+        hit = self._cache.get(topic)
+        if hit is not None:
+            return bool(hit)
+        return self._any(self._root, topic.split("."), 0)
+
+    def _any(self, node: _Node[T], tokens: List[str], i: int) -> bool:
+        if i == len(tokens):
+            return bool(node.subs)
+        if node.rest:
+            return True
+        child = node.children.get(tokens[i])
+        if child is not None and self._any(child, tokens, i + 1):
+            return True
+        return node.star is not None and self._any(node.star, tokens, i + 1)
+
     def _collect(self, node: _Node[T], tokens: List[str], i: int, out: Set[T]) -> None:
         if i == len(tokens):
             out.update(node.subs)
