@@ -16,6 +16,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
+import httputil
 import wsraw
 from conftest import SCALE
 from serverproc import ServerProcess
@@ -210,6 +211,8 @@ def test_pending_connections_at_and_past_the_limit(make_server):
         assert wsraw.wait_for(lambda: len(srv.pending) == 2)
         status, _h, _b = wsraw.http_request(srv.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert status == 200  # the third place again
+        assert wsraw.wait_for(lambda: len(srv.pending) == 2)
+        assert httputil.metric(srv.port, "wsbroadcast_connections_turned_away_total") == 1
         # upgraded connections leave the pending count: WebSockets are limited by max_connections
         ws = []
         for _ in range(3):
@@ -234,3 +237,4 @@ def test_pending_connections_per_address(make_server):
     assert wsraw.wait_for(lambda: len(srv.pending) == 0)
     status, _h, _b = wsraw.http_request(srv.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert status == 200
+

@@ -30,6 +30,17 @@ class _ServerCollector:
                                   "TCP connections accepted", value=srv.accepted)
         yield CounterMetricFamily("wsbroadcast_websockets_accepted",
                                   "WebSocket upgrades accepted", value=srv.upgraded)
+        pending = srv.pending
+        turn_away = srv._turn_away
+        yield GaugeMetricFamily("wsbroadcast_connections_pending",
+                                "connections accepted and not upgraded (handshakes, HTTP)",
+                                value=len(pending) if pending is not None else 0)
+        yield CounterMetricFamily("wsbroadcast_connections_turned_away",
+                                  "connections answered 503 for want of room (or of a descriptor)",
+                                  value=turn_away.refused if turn_away is not None else 0)
+        yield CounterMetricFamily("wsbroadcast_connections_evicted",
+                                  "idle pending connections dropped to make room",
+                                  value=pending.evicted if pending is not None else 0)
         yield CounterMetricFamily("wsbroadcast_messages_received",
                                   "messages published (WebSocket, HTTP and in-process)",
                                   value=srv.hub.received)

@@ -32,8 +32,8 @@ from .errors import CloseCode, ConfigError, ServerClosed, StoreError, StoreInUse
 from .http import HttpSession, Upgrade, load_demo_page
 from .hosts import HostRule, is_loopback
 from .hub import Hub
+from .logutil import RateLimitedLog
 from .metrics import Metrics
-from .ratelog import RateLimitedLog
 from .reader import Reader
 from .store import MessageStore, RetentionTrimmer, open_store
 from .tls import TLSStream
@@ -46,9 +46,9 @@ _ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOM
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
 # conditions a client can cause at will: logged at most once per interval, with a count
-_accept_failed = RateLimitedLog(logger, logging.ERROR, "accept failed: %s; pausing accepts for %.2f s")
-_turned_away = RateLimitedLog(logger, logging.WARNING, "turning away a connection from %s: %s")
-_no_thread = RateLimitedLog(logger, logging.ERROR, "cannot start a connection thread: %s")
+_accept_failed = RateLimitedLog(logger)
+_turned_away = RateLimitedLog(logger)
+_no_thread = RateLimitedLog(logger)
 
 
 def _redact_library_logs() -> None:
@@ -377,7 +377,8 @@ class Server:
                         if exc.errno in (errno.EMFILE, errno.ENFILE) and not self.pending.evict_idle():
                             turn_away.refuse_without_fd(listener)
                         backoff = min(_BACKOFF_MAX, backoff * 2 if backoff else _BACKOFF_FIRST)
-                        _accept_failed.log(exc.strerror or exc, backoff)
+                        _accept_failed.error("accept failed: %s; pausing accepts for %.2f s",
+                                             exc.strerror or exc, backoff)
                         sel.unregister(listener)
                         resume_at = time.monotonic() + backoff
                         break
@@ -393,7 +394,7 @@ class Server:
         assert self.pending is not None and self._turn_away is not None
         slot, why = self.pending.take(sock, addr[0])
         if slot is None:
-            _turned_away.log(addr[0], why)
+            _turned_away.warning("turning away a connection from %s: %s", addr[0], why)
             self._turn_away.refuse(sock)
             return
         sock.setblocking(True)
@@ -404,7 +405,7 @@ class Server:
         try:
             thread.start()
         except RuntimeError as exc:  # cannot start a new thread
-            _no_thread.log(exc)
+            _no_thread.error("cannot start a connection thread: %s", exc)
             with self._threads_lock:
                 self._threads.pop(thread, None)
             self.pending.release(slot)

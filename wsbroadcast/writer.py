@@ -26,9 +26,15 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Set
 from .connection import Connection
 from .envelope import message_text
 from .errors import CloseCode
+from .logutil import RateLimitedLog
 from .wsframe import close_frame, ping_frame, text_frame
 
 logger = logging.getLogger(__name__)
+
+# per connection, and any client can cause them: at most one record per interval, with a count
+_slow_log = RateLimitedLog(logger)
+_reset_log = RateLimitedLog(logger)
+_no_pong_log = RateLimitedLog(logger)
 
 # Operations: tuples whose first item is one of these.
 DELIVER = 1  # (DELIVER, topic, seq, data_json, recipients, publish_time)
@@ -381,7 +387,7 @@ class Writer:
     # ------------------------------------------------------------------ closing
     def _slow(self, conn: Connection) -> None:
         self.stats.slow_consumers += 1
-        logger.warning("closing slow consumer %s (%d bytes unsent)", conn.label, conn.out_bytes)
+        _slow_log.warning("closing slow consumer %s (%d bytes unsent)", conn.label, conn.out_bytes)
         self._close(conn, CloseCode.POLICY_VIOLATION, "slow consumer", drop_pending=True)
 
     def _close(self, conn: Connection, code: int, reason: str, drop_pending: bool = False) -> None:
@@ -444,7 +450,7 @@ class Writer:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             except OSError:
                 pass
-            logger.info("resetting %s: close frame not delivered in time", conn.label)
+            _reset_log.log(logging.INFO, "resetting %s: close frame not delivered in time", conn.label)
         self._kill(conn)
 
     def _detach(self, conn: Connection) -> None:
@@ -481,7 +487,7 @@ class Writer:
                 if conn.last_seen >= conn.ping_sent_at:
                     conn.ping_sent_at = 0.0
                 elif now - conn.ping_sent_at >= timeout:
-                    logger.info("closing %s: no pong within %.1fs", conn.label, timeout)
+                    _no_pong_log.log(logging.INFO, "closing %s: no pong within %.1fs", conn.label, timeout)
                     self._close(conn, CloseCode.INTERNAL_ERROR, "keepalive timeout")
                     continue
             if not conn.ping_sent_at and now - conn.last_seen >= interval:
