@@ -35,6 +35,7 @@ import wsraw  # noqa: E402
 from conftest import SCALE  # noqa: E402
 from wsbroadcast import Server  # noqa: E402
 from wsbroadcast.auth import mint_token  # noqa: E402
+from wsbroadcast.store import SqliteStore  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.path.join(ROOT, "artifacts")
@@ -301,11 +302,11 @@ def test_page_reconnects_after_restart_and_shows_what_it_missed(tmp_path, pages,
 
         srv.shutdown()
         page.wait(lambda d: page.state() in ("reconnecting", "connecting"), message="the page missed the close")
-        # a new server on the same port and the same history file; a message is stored before
-        # it listens, so the page can only get it from the history when it resubscribes
-        srv2 = Server("127.0.0.1", port, **settings)
-        srv2.publish("demo", "while away")
-        srv2.start()
+        # a message is stored in the history file while no server listens, so the page can
+        # only get it from the history when it resubscribes to the new server
+        with SqliteStore(db) as store:
+            store.append_batch([("demo", json.dumps("while away"))])
+        srv2 = Server("127.0.0.1", port, **settings).start()
         _http_publish(port, "demo", "after restart")  # by replay or live, whichever comes first
         page.wait_connected()
         page.wait_message("demo", 2, "while away")
