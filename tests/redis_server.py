@@ -17,14 +17,14 @@ import subprocess
 import time
 from typing import List, Optional
 
-import pytest
-
 REDIS_SERVER = os.environ.get("WSBROADCAST_REDIS_SERVER") or shutil.which("redis-server")
 
 
 def require_redis_server() -> str:
     """The path of redis-server, or skip the calling test (or module, at import) with the reason."""
     if not REDIS_SERVER:
+        import pytest  # here, so that scripts (bench_redis.py) use this module without pytest
+
         pytest.skip("redis-server is not installed (apt-get install redis-server)", allow_module_level=True)
     return REDIS_SERVER
 

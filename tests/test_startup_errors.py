@@ -8,6 +8,7 @@ with ConfigError.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -194,3 +195,33 @@ def test_server_start_on_a_busy_port_is_a_config_error(busy_port):
             srv.start()
     finally:
         srv.shutdown()
+
+
+# --------------------------------------------------------------------------- help text
+
+
+def _help(capsys, *argv: str) -> str:
+    from wsbroadcast.cli import main
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_serve_help_says_each_default_once_in_human_units(capsys):
+    text = _help(capsys, "serve")
+    flat = " ".join(text.split())  # argparse wraps lines
+    assert "(default: None)" not in flat and flat.count("(default:") >= 15
+    for chunk in re.split(r"\n  -", text):
+        assert chunk.count("(default:") <= 1, chunk
+    assert "--max-outbox BYTES unsent bytes" in flat and "(1008) (default: 1 MiB)" in flat
+    assert "(default: 256 KiB)" in flat and "(default: wsbroadcast.db)" in flat
+    assert "./wsbroadcast.db" in flat  # the description says where history goes
+    scale_out = text.split("scale-out:")[1]
+    assert scale_out.lstrip().startswith("--redis URL") and "security:" in scale_out
+
+
+def test_token_help_gives_defaults(capsys):
+    flat = " ".join(_help(capsys, "token").split())
+    assert "(default: 3600)" in flat and "(default: HS256 with a secret, else from the key's type)" in flat
+    assert "Authorization: Bearer" in flat
