@@ -99,6 +99,8 @@ def _post(head_lines, body=b"0\r\n\r\n", version=b"1.1"):
     _post([b"Transfer-Encoding:"]),
     _post([b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked"]),
     _post([b"Transfer-Encoding: chunked"], version=b"1.0"),  # RFC 9112 6.1: faulty framing
+    _post([b"Transfer-Encoding: chunked"], b"5\nhello\r\n0\r\n\r\n"),  # bare LF in the body's framing
+    _post([b"Transfer-Encoding: chunked"], b"5zz\r\nhello\r\n0\r\n\r\n"),
     _post([b"Content-Length: 5", b"Content-Length: 5"], b"0\r\n\r\n"),  # duplicate, even if equal
     _post([b"Content-Length: 5, 5"], b"0\r\n\r\n"),
     _post([b"Content-Length: 5", b"X-Note: folded", b" Transfer-Encoding: chunked"]),  # obs-fold
@@ -112,7 +114,7 @@ def _post(head_lines, body=b"0\r\n\r\n", version=b"1.1"):
     b"GET /history?topic=t HTTP/1.1\r\nHost: localhost\r\nX-API-Key: a\r\nX-API-Key: b\r\n\r\n" + HIDDEN,
     upgrade_request(extra=b"Sec-WebSocket-Key: " + KEY + b"\r\n") + HIDDEN,
 ], ids=["te-cl", "chunked-gzip", "gzip-chunked", "identity", "empty-te", "te-twice", "te-on-1.0",
-        "cl-twice", "cl-list", "obs-fold-space", "obs-fold-tab", "bare-lf", "one-bare-lf", "host-twice",
+        "chunk-bare-lf", "chunk-bad-size", "cl-twice", "cl-list", "obs-fold-space", "obs-fold-tab", "bare-lf", "one-bare-lf", "host-twice",
         "origin-twice", "api-key-twice", "ws-key-twice"])
 def test_ambiguous_framing_is_400_and_closes(server, raw):
     status, headers, body = answer_then_eof(server.port, raw)

@@ -159,6 +159,15 @@ def check_head(head: bytes) -> Optional[HttpError]:
     return None
 
 
+def _error_parts(err: HttpError) -> Tuple[bytes, List[Tuple[str, str]]]:
+    """The JSON body and extra headers of an error answer."""
+    body = encode_json({"error": str(err.code), "message": err.message}).encode()
+    hdrs = list(err.headers)
+    if err.status == 401:
+        hdrs.append(("www-authenticate", "Bearer"))
+    return body, hdrs
+
+
 def _framing(why: str) -> HttpError:
     return HttpError(ErrorCode.BAD_REQUEST, "ambiguous request framing: " + why, close=True)
 
@@ -197,9 +206,9 @@ class HttpSession:
     def _next_request(self, deadline: float) -> Any:
         """The next request's event, once its raw head has passed ``check_head``.
 
-        Raises the ``HttpError`` of a refused head. The bytes h11 holds for the
-        request (after a previous one on the connection) and those received here
-        are kept until the head's blank line: what h11 would parse, unfolded.
+        Raises the ``HttpError`` of a refused head. The head is checked as sent,
+        before h11 unfolds and normalises it: the bytes h11 already holds (what
+        followed the previous request) and those received here, to the blank line.
         """
         head = bytearray(self.h11.trailing_data[0])
         start = 0
@@ -246,10 +255,7 @@ class HttpSession:
 
     def error(self, err: HttpError, head: bool = False) -> None:
         """Send the JSON error answer of ``err``."""
-        body = encode_json({"error": str(err.code), "message": err.message}).encode()
-        hdrs = list(err.headers)
-        if err.status == 401:
-            hdrs.append(("www-authenticate", "Bearer"))
+        body, hdrs = _error_parts(err)
         self.respond(err.status, body, headers=hdrs, head=head)
 
     # ------------------------------------------------------------------ loop
@@ -339,13 +345,11 @@ class HttpSession:
         """
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        body = encode_json({"error": str(err.code), "message": err.message}).encode()
+        body, hdrs = _error_parts(err)
         lines = [b"HTTP/1.1 %d %s" % (err.status, _REASONS.get(err.status, b"Error")),
                  b"content-type: application/json", b"content-length: %d" % len(body),
                  b"cache-control: no-store", b"connection: close"]
-        lines.extend(("%s: %s" % kv).encode("latin-1") for kv in err.headers)
-        if err.status == 401:
-            lines.append(b"www-authenticate: Bearer")
+        lines.extend(("%s: %s" % kv).encode("latin-1") for kv in hdrs)
         try:
             self.sock.settimeout(self.config.handshake_timeout)
             self.sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head else body))
