@@ -18,6 +18,8 @@ Scenarios (``--only`` picks some; default: all):
 - ``fragments``: one text frame without FIN, then ``--fragments`` empty continuation
   frames on one connection. Target: the RSS comes back within 2 MiB of its level
   before the attack once the connection is closed.
+- ``chunked``: ``--chunked-clients`` HTTP publishes whose bodies (just under 1 MiB)
+  come in 2-byte chunks and never end. Target: growth < 64 MiB.
 
 A scenario is a function registered with ``@scenario(name)``; it gets the parsed
 arguments and returns ``Row``s. Options of its own are added by the function
@@ -317,6 +319,42 @@ def fragments_scenario(args: argparse.Namespace) -> List[Row]:
                                                           "" if gone else ", thread still there: FAIL")
             rows.append(Row("fragments", "%s, during the message" % args.store, before, during, None, note))
             rows.append(Row("fragments", "%s, after the close" % args.store, before, after, 2.0, ""))
+    return rows
+
+
+# ---------------------------------------------------------------- scenario: chunked
+
+
+def _chunked_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("chunked")
+    g.add_argument("--chunked-clients", type=int, default=10,
+                   help="HTTP publishers sending a body in 2-byte chunks, never finished (default 10)")
+
+
+@scenario("chunked", options=_chunked_options)
+def chunked_scenario(args: argparse.Namespace) -> List[Row]:
+    """HTTP publish bodies just under the size limit in 2-byte chunks, never finished."""
+    rows: List[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as workdir:
+        with start_server(args, workdir) as proc:
+            before = steady_rss(proc)
+            head = (b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n" % proc.port)
+            body = b"2\r\nxx\r\n" * ((MIB - 64) // 2)
+            log("chunked: %.1f MiB before; %d clients x %d bytes of chunks"
+                % (before, args.chunked_clients, len(body)))
+            held: List[socket.socket] = []
+            try:
+                for _ in range(args.chunked_clients):
+                    sock = socket.create_connection(("127.0.0.1", proc.port), timeout=60)
+                    sock.sendall(head + body)  # no last chunk: the server keeps what it read
+                    held.append(sock)
+                after = peak_rss(proc, args.settle)
+            finally:
+                for sock in held:
+                    sock.close()
+            rows.append(Row("chunked", "%d clients, 2-byte chunks" % args.chunked_clients,
+                            before, after, 64.0, ""))
     return rows
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import selectors
 import socket
 import time
 from typing import Dict, List, Tuple
@@ -60,31 +59,11 @@ def test_a_message_of_too_many_empty_fragments_is_closed_1009():
 
 def _closed_by_server(socks: List[socket.socket], want: int, timeout: float) -> Dict[socket.socket, bytes]:
     """Wait until the server has closed ``want`` of ``socks``; {socket: what it sent before}."""
-    answers: Dict[socket.socket, bytes] = {}
-    got: Dict[socket.socket, bytes] = {s: b"" for s in socks}
-    sel = selectors.DefaultSelector()
-    for s in socks:
-        s.setblocking(False)
-        sel.register(s, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
+    watcher = wsraw.CloseWatcher(socks)
     try:
-        while len(answers) < want and time.monotonic() < deadline:
-            for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
-                s = key.fileobj
-                try:
-                    data = s.recv(65536)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError:
-                    data = b""
-                if data:
-                    got[s] += data
-                else:
-                    answers[s] = got[s]
-                    sel.unregister(s)
+        return watcher.wait(want, timeout)
     finally:
-        sel.close()
-    return answers
+        watcher.close()
 
 
 def _healthz_until_ok(port: int, timeout: float) -> Tuple[int, float]:

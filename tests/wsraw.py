@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import selectors
 import socket
 import struct
 import time
@@ -274,3 +275,42 @@ def wait_for(predicate, timeout: float = DEFAULT_TIMEOUT, interval: float = 0.01
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+class CloseWatcher:
+    """Watches many client sockets for the server's close; ``closed`` maps each closed one to
+    what it received before (a reset counts as a close)."""
+
+    def __init__(self, socks: List[socket.socket]) -> None:
+        self._got = {s: b"" for s in socks}
+        self.closed: dict = {}
+        self._sel = selectors.DefaultSelector()
+        for s in socks:
+            s.setblocking(False)
+            self._sel.register(s, selectors.EVENT_READ)
+
+    def poll(self, timeout: float) -> None:
+        """Read what is there (waiting up to ``timeout``) and note the sockets closed."""
+        for key, _ in self._sel.select(timeout):
+            s = key.fileobj
+            try:
+                data = s.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if data:
+                self._got[s] += data
+            else:
+                self.closed[s] = self._got.pop(s)
+                self._sel.unregister(s)
+
+    def wait(self, count: int, timeout: float) -> dict:
+        """Poll until ``count`` sockets are closed or ``timeout`` passes; ``closed``."""
+        deadline = time.monotonic() + timeout
+        while len(self.closed) < count and time.monotonic() < deadline:
+            self.poll(max(0.0, deadline - time.monotonic()))
+        return self.closed
+
+    def close(self) -> None:
+        self._sel.close()
