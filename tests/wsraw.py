@@ -71,6 +71,15 @@ class RawWS:
             n = struct.unpack("!Q", self._need(8, deadline))[0]
         return b0 & 0x0F, self._need(n, deadline)
 
+    def recv_text(self, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+        """The payload of the next text frame (pings skipped)."""
+        while True:
+            op, payload = self.recv_frame(timeout)
+            if op == 0x9:
+                continue
+            assert op == 0x1, "expected a text frame, got opcode %d %r" % (op, payload[:80])
+            return payload
+
     def recv_json(self, timeout: float = DEFAULT_TIMEOUT, skip_pings: bool = True) -> Any:
         """The next text frame, decoded."""
         while True:
@@ -105,6 +114,29 @@ class RawWS:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _not_json(token: str) -> Any:
+    raise ValueError("not JSON: %s" % token)
+
+
+def _finite(token: str) -> float:
+    value = float(token)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number not finite as a double: %s" % token[:40])
+    return value
+
+
+def strict_loads(payload: Any) -> Any:
+    """Decode JSON as a strict parser (a browser's JSON.parse) accepts it: no NaN or Infinity,
+    and (stricter than JSON.parse, as the contract is) no number beyond a double; raises ValueError."""
+    return json.loads(payload, parse_constant=_not_json, parse_float=_finite, parse_int=_finite_int)
+
+
+def _finite_int(token: str) -> int:
+    if len(token) > 308:
+        _finite(token)
+    return int(token)
 
 
 def encode_frame(opcode: int, payload: bytes, fin: bool = True, mask: bool = True,

@@ -38,9 +38,11 @@ from typing import (
 )
 
 import jwt
+from jwt.utils import base64url_decode
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from .envelope import parse_json
 from .errors import AuthError, ConfigError, TopicError
 from .topics import pattern_matches, validate_pattern, validate_topic
 
@@ -373,6 +375,9 @@ class Authenticator:
         if len(token) > MAX_TOKEN_LENGTH:
             raise AuthError("malformed token: too long")
         try:
+            # PyJWT decodes the header before any check, recursively: read it strictly
+            # first (depth, numbers) so that no token can exhaust a thread's stack
+            parse_json(base64url_decode(token.split(".", 1)[0]).decode("utf-8"))
             header = jwt.get_unverified_header(token)
         except Exception:
             raise AuthError("malformed token") from None

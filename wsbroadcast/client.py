@@ -14,7 +14,6 @@ message once and in order; ``on_reconnect`` and ``on_gap`` tell it what happened
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import queue
 import random
@@ -29,7 +28,7 @@ import simple_websocket
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from .envelope import SUBPROTOCOL
+from .envelope import MAX_DEPTH, SUBPROTOCOL, encode_json, parse_json
 from .errors import ClientError, ConnectionClosed, ErrorCode, HandshakeRefused, ProtocolError
 from .topics import is_wildcard, validate_pattern, validate_topic
 
@@ -123,7 +122,7 @@ class _SafeWebSocket(simple_websocket.Client):
             pass  # the status alone still says what happened
         code, message = None, ""
         try:
-            doc = json.loads(body.decode("utf-8"))
+            doc = parse_json(body.decode("utf-8"))
             if isinstance(doc, dict):
                 code = doc.get("error") if isinstance(doc.get("error"), str) else None
                 message = doc.get("message") if isinstance(doc.get("message"), str) else ""
@@ -256,12 +255,12 @@ class Client:
         timeout = self.timeout if timeout is None else timeout
         waiter: Optional[List[Any]] = None
         if wait:
-            ident = next(self._ids)
-            frame["id"] = ident
+            frame["id"] = next(self._ids)
+        text = encode_json(frame)  # ValueError for NaN/Infinity, which the server refuses
+        if wait:
             waiter = [threading.Event(), None, on_reply]
             with self._lock:
-                self._waiters[ident] = waiter
-        text = json.dumps(frame, separators=(",", ":"))
+                self._waiters[frame["id"]] = waiter
         deadline = time.monotonic() + timeout
         while True:
             if self._closed.is_set():
@@ -428,7 +427,7 @@ class Client:
                     return
                 continue
             try:
-                obj = json.loads(text)
+                obj = parse_json(text, MAX_DEPTH + 1)  # a message's envelope adds a level
             except ValueError:
                 logger.warning("undecodable frame from server")
                 continue
@@ -495,7 +494,7 @@ class Client:
             self._waiters[ident] = [None, None, callback]
         try:
             assert self._ws is not None
-            self._ws.send(json.dumps(frame, separators=(",", ":")))
+            self._ws.send(encode_json(frame))
         except (simple_websocket.ConnectionClosed, OSError):
             with self._lock:
                 self._waiters.pop(ident, None)

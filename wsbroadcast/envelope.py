@@ -6,6 +6,7 @@ Sans-I/O: text in, command objects out; values in, bytes out (PROTOCOL.md sectio
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Dict, NamedTuple, Optional, Union
 
 from .errors import ErrorCode, ProtocolError, TopicError
@@ -16,8 +17,12 @@ V1 = "v1"
 SUBPROTOCOL = "wsbroadcast.v1"
 SEED_TOPIC = "broadcast"
 
+#: deepest nesting of arrays and objects accepted in JSON from a client (PROTOCOL.md section 3)
+MAX_DEPTH = 64
+
 _MISSING = object()
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# allow_nan=False: NaN and Infinity are not JSON; nothing the server sends may hold them
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 class Subscribe(NamedTuple):
@@ -58,11 +63,14 @@ def has_id(value: Any) -> bool:
     return value is not _MISSING
 
 
-_dumps_ascii = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+_dumps_ascii = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
 
 
 def encode_json(value: Any) -> str:
-    """Compact JSON text of ``value`` that is always valid UTF-8 (raises ValueError/TypeError).
+    """Compact strict JSON text of ``value``, always valid UTF-8.
+
+    Raises ValueError for a float that is not finite (or a cycle), TypeError for a value
+    JSON has no form for.
 
     Strings holding lone surrogates (from JSON escapes like ``\\ud800``) are written
     with escapes, since they have no UTF-8 form.
@@ -76,16 +84,83 @@ def encode_json(value: Any) -> str:
     return text
 
 
+# A JSON string, or an unterminated one running to the end (its text is invalid anyway):
+# it always matches from a quote, so stripping strings is linear in the text.
+_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_BRACKET_RUNS = re.compile(r"[\[{]+|[\]}]+")
+
+
+def depth_within(text: str, limit: int = MAX_DEPTH) -> bool:
+    """False when ``text`` nests arrays and objects more than ``limit`` deep; no recursion.
+
+    Brackets inside strings do not count. For invalid JSON the answer is never lower
+    than the depth a decoder reaches before it finds the fault, so a decoder can be
+    trusted with any text this accepts.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return True  # the common case: a count at C speed
+    if '"' in text:
+        text = _STRINGS.sub("", text)
+        if text.count("[") + text.count("{") <= limit:
+            return True
+    depth = 0
+    for run in _BRACKET_RUNS.findall(text):
+        if run[0] in "[{":
+            depth += len(run)
+            if depth > limit:
+                return False
+        else:
+            depth -= len(run)
+    return True
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError("invalid JSON constant " + name)
 
 
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_INF = float("inf")
 
 
-def parse_json(text: str) -> Any:
-    """Strict JSON (no NaN/Infinity); raises ValueError."""
-    return _decoder.decode(text)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value == _INF or value == -_INF:
+        raise ValueError("number is not finite as a double")
+    return value
+
+
+def _finite_int(text: str) -> int:
+    value = int(text)
+    if len(text) > 308:
+        try:
+            float(value)
+        except OverflowError:
+            raise ValueError("number is not finite as a double") from None
+    return value
+
+
+_decode = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float).decode
+# integers are checked only in text that holds a run of 309 digits (the shortest that can
+# overflow a double): a hook on every integer would slow the common frames down
+_decode_checked = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float,
+                                   parse_int=_finite_int).decode
+_DIGITS_ONLY = bytes(c if 48 <= c <= 57 else 32 for c in range(256))  # other bytes: a space
+
+
+def _long_digit_run(text: str) -> bool:
+    if len(text) <= 308:
+        return False
+    runs = text.encode("utf-8", "surrogatepass").translate(_DIGITS_ONLY).split()
+    return max(map(len, runs), default=0) > 308
+
+
+def parse_json(text: str, max_depth: int = MAX_DEPTH) -> Any:
+    """Strict JSON: no NaN/Infinity, every number finite as a double, nested at most
+    ``max_depth`` deep (PROTOCOL.md section 3); raises ValueError."""
+    if not depth_within(text, max_depth):
+        raise ValueError("JSON nested deeper than %d levels" % max_depth)
+    if _long_digit_run(text):
+        return _decode_checked(text)
+    return _decode(text)
 
 
 def parse_client_frame(text: str, kind: str) -> Command:
