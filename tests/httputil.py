@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Optional, Tuple
+from typing import Any, Iterable, List, Optional, Tuple
 
 import wsraw
 
@@ -57,10 +57,27 @@ def publish_ok(port: int, topic: str, data: Any, headers: Iterable[Tuple[str, st
     return doc
 
 
+def history(port: int, topic: str, since: Optional[int] = None, limit: Optional[int] = None) -> List[dict]:
+    """GET /history of ``topic`` (must answer 200): the stored messages."""
+    path = "/history?topic=" + topic
+    if since is not None:
+        path += "&since=%d" % since
+    if limit is not None:
+        path += "&limit=%d" % limit
+    status, body = http_json(port, "GET", path)
+    assert status == 200, (status, body)
+    return body
+
+
 def healthz(port: int) -> Tuple[int, dict]:
     """GET /healthz; (status, decoded body)."""
     status, doc = http_json(port, "GET", "/healthz")
     return status, doc
+
+
+def health_status(port: int) -> str:
+    """The "status" of GET /healthz (ok, degraded, shutting_down)."""
+    return healthz(port)[1]["status"]
 
 
 def metric_line(port: int, name: str) -> Optional[str]:

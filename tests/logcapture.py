@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator, List
+from typing import Iterator, List, Sequence
 
 
 class Records(logging.Handler):
@@ -30,17 +30,19 @@ class Records(logging.Handler):
 
 
 @contextlib.contextmanager
-def capture(*names: str, level: int = logging.DEBUG) -> Iterator[Records]:
-    """Attach a ``Records`` handler to the named loggers (root when none) at ``level``; restore after."""
-    loggers = [logging.getLogger(n) for n in names] or [logging.getLogger()]
-    handler = Records()
+def capture(name: str = "", also: Sequence[str] = (), level: int = logging.DEBUG) -> Iterator[Records]:
+    """A ``Records`` handler on logger ``name`` (root by default), that logger and those named in
+    ``also`` set to ``level``; all restored afterwards."""
+    target = logging.getLogger(name or None)
+    loggers = [target] + [logging.getLogger(n) for n in also]
     saved = [lg.level for lg in loggers]
+    handler = Records()
+    target.addHandler(handler)
     for lg in loggers:
-        lg.addHandler(handler)
         lg.setLevel(level)
     try:
         yield handler
     finally:
+        target.removeHandler(handler)
         for lg, lvl in zip(loggers, saved):
-            lg.removeHandler(handler)
             lg.setLevel(lvl)

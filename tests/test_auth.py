@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import itertools
 import json
 import logging
@@ -13,10 +10,12 @@ from typing import List, Sequence
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from logcapture import Records
+from tokens import b64, ec_pair, raw_token, rsa_pair
 
 from wsbroadcast.auth import (
     REDACTED,
@@ -27,7 +26,6 @@ from wsbroadcast.auth import (
     install_redaction_on_handlers,
     load_secret,
     mint_token,
-    patterns_cover,
     redact,
 )
 from wsbroadcast.errors import AuthError, TopicError
@@ -36,47 +34,17 @@ from wsbroadcast.topics import pattern_matches
 SECRET = "s3cret-s3cret-s3cret-s3cret-s3cret-0123"  # >= 32 bytes: no PyJWT key warning
 
 
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def raw_token(header: dict, payload: dict, key: bytes = b"", sign: bool = True) -> str:
-    head = b64(json.dumps(header).encode()) + "." + b64(json.dumps(payload).encode())
-    if not sign:
-        return head + "."
-    sig = hmac.new(key, head.encode("ascii"), hashlib.sha256).digest()
-    return head + "." + b64(sig)
-
-
 # --------------------------------------------------------------------------- keys
 
 
 @pytest.fixture(scope="module")
 def rsa_keys():
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return private, public
+    return rsa_pair()
 
 
 @pytest.fixture(scope="module")
 def ec_keys():
-    key = ec.generate_private_key(ec.SECP256R1())
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return private, public
+    return ec_pair()
 
 
 def assert_auth_error(auth: Authenticator, token: str, fragment: str = "") -> AuthError:
@@ -629,17 +597,6 @@ def test_jwt_parts_not_left_behind():
     assert out == "x [REDACTED] y"
 
 
-class ListHandler(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: List[logging.LogRecord] = []
-        self.lines: List[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-        self.lines.append(self.format(record))
-
-
 def _fresh_logger(name: str) -> logging.Logger:
     logger = logging.getLogger(name)
     logger.handlers[:] = []
@@ -651,7 +608,7 @@ def _fresh_logger(name: str) -> logging.Logger:
 
 def test_redacting_filter_on_logger():
     logger = _fresh_logger("test_auth.redact1")
-    handler = ListHandler()
+    handler = Records()
     logger.addHandler(handler)
     logger.addFilter(RedactingFilter())
     logger.info("upgrade %s from %s", "/ws?token=" + JWT, "1.2.3.4")
@@ -667,7 +624,7 @@ def test_redacting_filter_on_logger():
 
 def test_redacting_filter_exception_text():
     logger = _fresh_logger("test_auth.redact2")
-    handler = ListHandler()
+    handler = Records()
     logger.addHandler(handler)
     install_redaction(logger)
     try:
@@ -680,7 +637,7 @@ def test_redacting_filter_exception_text():
 
 def test_install_redaction_covers_child_loggers_via_handlers():
     parent = _fresh_logger("test_auth.redact3")
-    handler = ListHandler()
+    handler = Records()
     parent.addHandler(handler)
     install_redaction(parent)
     install_redaction(parent)  # idempotent
@@ -697,7 +654,7 @@ def test_install_redaction_covers_child_loggers_via_handlers():
 
 def test_install_redaction_on_root_handlers():
     root = logging.getLogger()
-    handler = ListHandler()
+    handler = Records()
     root.addHandler(handler)
     old_level = root.level
     try:

@@ -6,7 +6,6 @@ Skipped only when /usr/bin/chromium or /usr/bin/chromedriver is missing
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -32,6 +31,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 import wsraw  # noqa: E402
+from httputil import publish_ok  # noqa: E402
 from conftest import SCALE  # noqa: E402
 from wsbroadcast import Server  # noqa: E402
 from wsbroadcast.auth import mint_token  # noqa: E402
@@ -187,15 +187,6 @@ def assert_no_console_errors(driver: Any, allowed: Any = None) -> None:
     assert not severe, "errors in the browser console: %s" % severe
 
 
-def _http_publish(port: int, topic: str, data: Any) -> dict:
-    body = json.dumps({"topic": topic, "data": data}).encode()
-    status, _, answer = wsraw.http_request(port, (
-        "POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        "Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)).encode() + body)
-    assert status == 200, answer
-    return json.loads(answer)
-
-
 @pytest.mark.timeout(60)
 def test_two_pages_exchange_messages(make_server, pages):
     srv = make_server()
@@ -307,7 +298,7 @@ def test_page_reconnects_after_restart_and_shows_what_it_missed(tmp_path, pages,
         with SqliteStore(db) as store:
             store.append_batch([("demo", json.dumps("while away"))])
         srv2 = Server("127.0.0.1", port, **settings).start()
-        _http_publish(port, "demo", "after restart")  # by replay or live, whichever comes first
+        publish_ok(port, "demo", "after restart")  # by replay or live, whichever comes first
         page.wait_connected()
         page.wait_message("demo", 2, "while away")
         page.wait_message("demo", 3, "after restart")

@@ -8,8 +8,6 @@ at a gate (an instance attribute wrapping ``Client._dial``) until the test opens
 
 from __future__ import annotations
 
-import http.client
-import json
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -18,6 +16,8 @@ import pytest
 
 from conftest import SCALE
 from serverproc import ServerProcess
+from httputil import history
+from httputil import publish as http_publish
 from wsraw import wait_for
 
 from wsbroadcast import Server
@@ -26,26 +26,8 @@ from wsbroadcast.client import Client, Message
 TOPIC = "resume.t"
 
 
-def http_publish(port: int, topic: str, data: Any) -> Tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10 * SCALE)
-    try:
-        conn.request("POST", "/publish", body=json.dumps({"topic": topic, "data": data}),
-                     headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
-
-
 def history_seqs(port: int, topic: str) -> List[int]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10 * SCALE)
-    try:
-        conn.request("GET", "/history?topic=%s&limit=1000" % topic)
-        resp = conn.getresponse()
-        assert resp.status == 200
-        return [m["seq"] for m in json.loads(resp.read())]
-    finally:
-        conn.close()
+    return [m["seq"] for m in history(port, topic, limit=1000)]
 
 
 class Harness:

@@ -20,7 +20,7 @@ import pytest
 from conftest import SCALE
 import wsraw
 from serverproc import ServerProcess
-from httputil import http_json
+from httputil import history, http_json
 from httputil import publish as http_publish
 from wsraw import RawWS, connect, expect_pong_next, subscribe, wait_for
 
@@ -34,18 +34,6 @@ TOPIC = "hist.t"
 
 def store_spec(kind: str, tmp_path) -> str:
     return "memory" if kind == "memory" else str(tmp_path / "history.db")
-
-
-def history(port: int, topic: str, since: Optional[int] = None,
-            limit: Optional[int] = None) -> List[Dict[str, Any]]:
-    path = "/history?topic=" + topic
-    if since is not None:
-        path += "&since=%d" % since
-    if limit is not None:
-        path += "&limit=%d" % limit
-    status, body = http_json(port, "GET", path)
-    assert status == 200, (status, body)
-    return body
 
 
 def read_until(ws: RawWS, topic: str, last_seq: int, timeout: float = 30.0,

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Tuple
 
 import pytest
 
 from conftest import SCALE
 from redis_server import RedisServer, require_redis_server
+import httputil
 import threadutil
-from wsraw import connect, http_request, wait_for
+import wsraw
+from httputil import health_status
+from wsraw import connect, wait_for
 
 require_redis_server()
 
@@ -348,30 +350,12 @@ def nodes(make_server):
     return make
 
 
-def subscribe(port: int, topic: str, since: Optional[int] = None, epoch: Optional[str] = None):
+def subscribe(port: int, topic: str, **extra: Any):
+    """A new connection subscribed to ``topic``: (RawWS, its ack)."""
     ws = connect(port)
-    frame: Dict[str, Any] = {"type": "subscribe", "topic": topic, "id": "s"}
-    if since is not None:
-        frame["since"] = since
-    if epoch is not None:
-        frame["epoch"] = epoch
-    ws.send_json(frame)
-    ack = ws.recv_json(T)
+    ack = wsraw.subscribe(ws, topic, "s", T, **extra)
     assert ack["type"] == "ack", ack
     return ws, ack
-
-
-def http_publish(port: int, topic: str, data: Any) -> Tuple[int, dict]:
-    body = json.dumps({"topic": topic, "data": data}).encode()
-    req = (b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-           b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
-    status, _headers, payload = http_request(port, req, T)
-    return status, json.loads(payload)
-
-
-def healthz(port: int) -> str:
-    status, _h, body = http_request(port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", T)
-    return json.loads(body)["status"]
 
 
 def collect(ws, n: int, timeout: float = T) -> List[dict]:
@@ -384,12 +368,16 @@ def collect(ws, n: int, timeout: float = T) -> List[dict]:
     return out
 
 
-def assert_quiet(ws, wait: float = 0.2) -> None:
-    try:
-        extra = ws.recv_json(wait)
-    except (TimeoutError, socket.timeout):  # distinct classes before Python 3.10
-        return
-    raise AssertionError("unexpected frame %r" % (extra,))
+def assert_marker_next(publish: Callable[[str, Any], Tuple[int, Any]], topic: str, *subs: Any) -> None:
+    """Nothing more is on its way: a marker published after, on the same path, comes next to each."""
+    seq, _epoch = publish(topic, "marker")
+    for ws in subs:
+        msg = ws.recv_json(T)
+        assert msg == {"type": "message", "topic": topic, "seq": seq, "data": "marker"}, msg
+
+
+def http_publisher_of(port: int) -> Callable[[str, Any], Tuple[int, Any]]:
+    return lambda topic, data: (httputil.publish_ok(port, topic, data)["seq"], None)
 
 
 def test_two_nodes_concurrent_publishers_in_order(rs, nodes):
@@ -416,7 +404,7 @@ def test_two_nodes_concurrent_publishers_in_order(rs, nodes):
     def http_publisher(port: int, name: str) -> None:
         try:
             for i in range(per):
-                status, body = http_publish(port, "news", [name, i])
+                status, body = httputil.publish(port, "news", [name, i])
                 assert status == 200, body
                 with lock:
                     acked.append(body["seq"])
@@ -438,7 +426,8 @@ def test_two_nodes_concurrent_publishers_in_order(rs, nodes):
         assert all(m["topic"] == "news" for m in msgs)
         for name in ("wa", "wb", "ha", "hb"):  # each publisher's own order survives
             assert [m["data"][1] for m in msgs if m["data"][0] == name] == list(range(per))
-        assert_quiet(ws)
+    assert_marker_next(http_publisher_of(a.port), "news", *subs)
+    for ws in subs:
         ws.close()
 
 
@@ -457,7 +446,7 @@ def test_reconnect_to_another_node_recovers_from_the_shared_stream(rs, nodes):
     a.publish("r", 9)
     msgs = collect(ws2, 6)
     assert [(m["seq"], m["data"]) for m in msgs] == [(s, s) for s in range(4, 10)]
-    assert_quiet(ws2)
+    assert_marker_next(a.publish, "r", ws2)
     ws2.close()
 
 
@@ -474,11 +463,10 @@ def test_wildcards_across_nodes(rs, nodes):
     a.publish("sport.tennis", "t2")
     msgs = collect(ws, 2)
     assert [(m["topic"], m["seq"], m["data"]) for m in msgs] == [("sport.tennis", 1, "t1"), ("sport.tennis", 2, "t2")]
-    assert_quiet(ws)
     msgs = collect(ws_all, 3)
     assert sorted((m["topic"], m["seq"], m["data"]) for m in msgs) == [
         ("sport.golf.uk", 1, "g1"), ("sport.tennis", 1, "t1"), ("sport.tennis", 2, "t2")]
-    assert_quiet(ws_all)
+    assert_marker_next(a.publish, "sport.tennis", ws, ws_all)
     ws.close()
     ws_all.close()
 
@@ -500,14 +488,14 @@ def test_redis_outage_nodes_survive_and_no_acked_message_is_lost(own_redis, node
         assert reply["type"] == "ack"
         acked.append(reply["seq"])
     assert [m["seq"] for m in collect(sub, 5)] == [1, 2, 3, 4, 5]
-    assert healthz(a.port) == "ok" and healthz(b.port) == "ok"
+    assert health_status(a.port) == "ok" and health_status(b.port) == "ok"
 
     own_redis.stop()
     reply = ws_publish(pub, 100)
     assert reply["type"] == "error" and reply["id"] == 100, reply
-    status, body = http_publish(b.port, "o", 101)
+    status, body = httputil.publish(b.port, "o", 101)
     assert status == 503 and body["error"] == "unavailable", body
-    assert wait_for(lambda: healthz(a.port) == "degraded" and healthz(b.port) == "degraded", timeout=T)
+    assert wait_for(lambda: health_status(a.port) == "degraded" and health_status(b.port) == "degraded", timeout=T)
     # connections stay up
     for ws in (sub, pub):
         ws.send_json({"type": "ping", "id": "p"})
@@ -525,15 +513,15 @@ def test_redis_outage_nodes_survive_and_no_acked_message_is_lost(own_redis, node
         else:
             assert time.monotonic() < deadline, reply
             time.sleep(0.05)
-    status, body = http_publish(b.port, "o", 10)
+    status, body = httputil.publish(b.port, "o", 10)
     assert status == 200
     acked.append(body["seq"])
     assert acked == list(range(1, 12))
     msgs = collect(sub, 6)
     assert [(m["seq"], m["data"]) for m in msgs] == [(s, s - 1) for s in range(6, 12)]
-    assert_quiet(sub)
-    assert wait_for(lambda: healthz(a.port) == "ok" and healthz(b.port) == "ok", timeout=T)
+    assert wait_for(lambda: health_status(a.port) == "ok" and health_status(b.port) == "ok", timeout=T)
     stored = b.broker.since("o", 0, 100)
     assert [m.seq for m in stored] == acked
+    assert_marker_next(http_publisher_of(b.port), "o", sub)
     sub.close()
     pub.close()

@@ -4,11 +4,7 @@ each against a real server on 127.0.0.1."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
-import logging
 import os
 import socket
 import ssl
@@ -21,20 +17,21 @@ from urllib.parse import quote
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import certs
+import logcapture
+import tokens
 import wsraw
+from httputil import publish_raw as publish_http
+from httputil import request
+from tokens import OTHER_SECRET, SECRET, b64, expired_token, hs256_with_key, token, unsigned_token
 from serverproc import ServerProcess
 from wsbroadcast import Client
-from wsbroadcast.auth import mint_token
 
 pytestmark = pytest.mark.timeout(30)
 
 SCALE = float(os.environ.get("WSBROADCAST_TEST_TIMEOUT_SCALE", "1"))
-SECRET = "security-test-secret-0123456789-abcdef"  # >= 32 bytes
-OTHER_SECRET = "another-secret-entirely-0123456789-xyz"
 API_KEY = "api-key-for-tests-0123456789"
 V1 = "wsbroadcast.v1"
 
@@ -42,63 +39,17 @@ V1 = "wsbroadcast.v1"
 # --------------------------------------------------------------------------- helpers
 
 
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def token(key=SECRET, algorithm="HS256", sub="ann", subscribe=(), publish=(), lifetime=60.0):
-    return mint_token(key, algorithm=algorithm, sub=sub, subscribe=subscribe, publish=publish,
-                      lifetime=lifetime)
-
-
-def expired_token(key=SECRET, algorithm="HS256") -> str:
-    now = int(time.time())
-    return jwt.encode({"sub": "ann", "iat": now - 120, "exp": now - 60, "subscribe": [">"],
-                       "publish": [">"]}, key, algorithm=algorithm)
-
-
-def unsigned_token(alg: str = "none") -> str:
-    head = b64(json.dumps({"alg": alg, "typ": "JWT"}).encode())
-    body = b64(json.dumps({"sub": "ann", "exp": int(time.time()) + 60, "subscribe": [">"],
-                           "publish": [">"]}).encode())
-    return head + "." + body + "."
-
-
-def hs256_with_key(key: bytes) -> str:
-    """An HS256 token signed with raw ``key`` bytes (PyJWT refuses PEM keys as secrets)."""
-    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = b64(json.dumps({"sub": "ann", "exp": int(time.time()) + 60, "subscribe": [">"],
-                           "publish": [">"]}).encode())
-    sig = hmac.new(key, (head + "." + body).encode("ascii"), hashlib.sha256).digest()
-    return head + "." + body + "." + b64(sig)
-
-
 def handshake(port: int, query_token: Optional[str] = None, bearer: Optional[str] = None,
               subprotocol: Optional[str] = V1, origin: Optional[str] = None,
               headers: Sequence[Tuple[str, str]] = ()):
     """Send an upgrade request; return (status, headers, RawWS) on 101, else (status, headers, body)."""
-    target = "/ws" if query_token is None else "/ws?token=" + quote(query_token, safe="")
-    lines = ["GET %s HTTP/1.1" % target, "Host: 127.0.0.1:%d" % port, "Upgrade: websocket",
-             "Connection: Upgrade", "Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)).decode(),
-             "Sec-WebSocket-Version: 13"]
-    if subprotocol:
-        lines.append("Sec-WebSocket-Protocol: " + subprotocol)
+    path = "/ws" if query_token is None else "/ws?token=" + quote(query_token, safe="")
+    extra = list(headers)
     if bearer is not None:
-        lines.append("Authorization: Bearer " + bearer)
+        extra.append(("Authorization", "Bearer " + bearer))
     if origin is not None:
-        lines.append("Origin: " + origin)
-    lines.extend("%s: %s" % kv for kv in headers)
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    try:
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        status, hdrs, body = wsraw.read_response(sock)
-    except BaseException:
-        sock.close()
-        raise
-    if status == 101:
-        return status, hdrs, wsraw.RawWS(sock, hdrs.get("sec-websocket-protocol"), body)
-    sock.close()
-    return status, hdrs, body
+        extra.append(("Origin", origin))
+    return wsraw.handshake(port, path, subprotocol, extra)
 
 
 def ws(port: int, **kwargs) -> wsraw.RawWS:
@@ -122,20 +73,6 @@ def assert_error_answer(answer, status: int, code: str, secret_texts: Sequence[s
     return doc
 
 
-def request(port: int, method: str, path: str, body: bytes = b"", headers=()):
-    lines = ["%s %s HTTP/1.1" % (method, path), "Host: 127.0.0.1:%d" % port, "Connection: close"]
-    if body or method == "POST":
-        lines.append("Content-Length: %d" % len(body))
-    lines.extend("%s: %s" % kv for kv in headers)
-    return wsraw.http_request(port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-
-
-def publish_http(port: int, topic: str, data, headers=()):
-    body = json.dumps({"topic": topic, "data": data}).encode()
-    return request(port, "POST", "/publish", body,
-                   [("Content-Type", "application/json")] + list(headers))
-
-
 def bearer(tok: str) -> List[Tuple[str, str]]:
     return [("Authorization", "Bearer " + tok)]
 
@@ -148,10 +85,7 @@ def roundtrip(c: wsraw.RawWS, frame: dict) -> dict:
     return reply
 
 
-def assert_nothing_pending(c: wsraw.RawWS, ident: int = 999) -> None:
-    """A ping round trip: the pong must be the very next frame (nothing delivered before it)."""
-    c.send_json({"type": "ping", "id": ident})
-    assert c.recv_json() == {"type": "pong", "id": ident}
+assert_nothing_pending = wsraw.expect_pong_next
 
 
 def close_all(*conns: wsraw.RawWS) -> None:
@@ -162,27 +96,19 @@ def close_all(*conns: wsraw.RawWS) -> None:
             pass
 
 
-def pem_pair(private_key) -> Tuple[bytes, bytes]:
-    private = private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption())
-    public = private_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
-    return private, public
-
-
 @pytest.fixture(scope="module")
 def rsa_pair():
-    return pem_pair(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    return tokens.rsa_pair()
 
 
 @pytest.fixture(scope="module")
 def other_rsa_pair():
-    return pem_pair(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    return tokens.rsa_pair(1)
 
 
 @pytest.fixture(scope="module")
 def ec_pair():
-    return pem_pair(ec.generate_private_key(ec.SECP256R1()))
+    return tokens.ec_pair()
 
 
 # ------------------------------------------------------------------ tokens at the handshake
@@ -515,10 +441,8 @@ def test_tls_websocket_and_https(make_server, cert):
         sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", srv.port), timeout=5),
                                server_hostname="127.0.0.1")
         try:
-            sock.sendall(("GET /ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
-                          "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                          "Sec-WebSocket-Version: 13\r\nOrigin: %s\r\nAuthorization: Bearer %s\r\n\r\n"
-                          % (srv.port, origin, tok)).encode())
+            sock.sendall(wsraw.upgrade_request(srv.port, subprotocol=None,
+                                               headers=[("Origin", origin), ("Authorization", "Bearer " + tok)]))
             assert wsraw.read_response(sock)[0] == status, origin
         finally:
             sock.close()
@@ -753,9 +677,7 @@ def _leaky_traffic(port: int, tokens: Sequence[str], wait_logged) -> None:
         half.close()
     # a reset in the middle of the upgrade
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    s.sendall(("GET /ws?token=%s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-               "Sec-WebSocket-Version: 13\r\n\r\n" % valid).encode())
+    s.sendall(wsraw.upgrade_request(port, "/ws?token=" + valid, subprotocol=None))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()
 
@@ -768,44 +690,17 @@ def _secrets_of(tokens: Sequence[str]) -> List[str]:
     return out
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.texts: List[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage()
-        if record.exc_info:
-            text += "\n" + logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            text += "\n" + record.exc_text
-        if record.stack_info:
-            text += "\n" + record.stack_info
-        self.texts.append("%s %s" % (record.name, text))
-
-
 def test_tokens_never_logged_in_process(make_server):
-    root = logging.getLogger()
-    package = logging.getLogger("wsbroadcast")
-    handler = _Records()
-    old_levels = root.level, package.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    package.setLevel(logging.DEBUG)
-    try:
+    with logcapture.capture(also=["wsbroadcast"]) as handler:
         srv = make_server(secret=SECRET, api_key=API_KEY, handshake_timeout=0.5 * SCALE)
-        tokens = [token(subscribe=[">"], publish=[">"]), token(key=OTHER_SECRET, subscribe=[">"]),
-                  expired_token(), unsigned_token()]
-        _leaky_traffic(srv.port, tokens,
+        toks = [token(subscribe=[">"], publish=[">"]), token(key=OTHER_SECRET, subscribe=[">"]),
+                expired_token(), unsigned_token()]
+        _leaky_traffic(srv.port, toks,
                        lambda text: wsraw.wait_for(lambda: any(text in t for t in handler.texts), 5 * SCALE))
         srv.shutdown()
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_levels[0])
-        package.setLevel(old_levels[1])
     assert any("listening on" in t for t in handler.texts)
     for text in handler.texts:
-        for secret in _secrets_of(tokens):
+        for secret in _secrets_of(toks):
             assert secret not in text, "a secret in the log: %r" % text
 
 
