@@ -6,6 +6,7 @@ Skipped only when /usr/bin/chromium or /usr/bin/chromedriver is missing
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
