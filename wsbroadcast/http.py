@@ -129,7 +129,7 @@ def check_head(head: bytes) -> Optional[HttpError]:
     if version is not None and version.group(1) not in (b"1.0", b"1.1"):
         return HttpError(ErrorCode.BAD_REQUEST, "HTTP version not supported (use HTTP/1.1)",
                          status=505, close=True)
-    if re.search(rb"(?<!\r)\n", head):
+    if head.count(b"\n") != head.count(b"\r\n"):
         return _framing("line ends must be CRLF")
     seen = set()
     codings: Optional[List[bytes]] = None  # every coding of every Transfer-Encoding, in order
