@@ -160,6 +160,22 @@ def _read_answers(sock, n, timeout=5.0):
     return answers
 
 
+def test_a_refused_client_that_keeps_sending_is_cut_off(server):
+    """After a closing answer the rest of the request is read and dropped, but only so much."""
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    try:
+        s.sendall(SMUGGLE_CL_TE)
+        status, headers, _ = wsraw.read_response(s)
+        assert status == 400 and headers["connection"] == "close"
+        junk = b"x" * 65536
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):  # reset past 256 KiB or 2 s
+            for _ in range(1024):  # 64 MiB: far more than the kernel buffers on both sides
+                s.sendall(junk)
+    finally:
+        s.close()
+    assert wsraw.wait_for(lambda: server.thread_count() == 0, timeout=10), server.thread_count()
+
+
 @pytest.mark.parametrize("raw, status", [
     (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n", 200),
     (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX: y\n\r\n", 400),
