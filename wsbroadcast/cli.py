@@ -233,6 +233,8 @@ def _serve(args: argparse.Namespace) -> int:
                 raise ConfigError("cannot read the public key %s: %s; give a PEM file with --public-key"
                                   % (args.public_key, exc.strerror or exc)) from exc
         secret = load_secret(args.secret, args.secret_file)
+        if args.api_key == "":
+            raise ConfigError("--api-key is empty: give a key, or leave the option out")
         config = Config(
             host=args.host, port=args.port, path=args.path,
             max_message_size=args.max_message_size, max_message_frames=args.max_message_frames,
