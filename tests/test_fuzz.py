@@ -27,6 +27,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import pytest
 
 import wsraw
+from httputil import healthz
 from conftest import SCALE
 
 pytestmark = pytest.mark.timeout(90)
@@ -446,12 +447,6 @@ class Healthy:
                 raise AssertionError("healthy client got %r" % (msg,))
 
 
-def _healthz(port: int) -> Tuple[int, dict]:
-    status, _headers, body = wsraw.http_request(
-        port, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-    return status, json.loads(body)
-
-
 # ---------------------------------------------------------------- the tests
 
 def test_fuzz_live_server(make_server):
@@ -506,7 +501,7 @@ def test_fuzz_live_server(make_server):
     kinds = {k.split(" -> ")[1].split(":")[0] for k in outcomes}
     assert {"usable", "close", "eof"} <= kinds, outcomes
 
-    status, health = _healthz(srv.port)
+    status, health = healthz(srv.port)
     assert status == 200 and health["status"] == "ok" and health["writer"]["alive"], health
     assert srv.writer.alive
     healthy.c.send_frame(0x8, struct.pack("!H", 1000))
@@ -522,8 +517,7 @@ def test_fuzz_handshake_garbage_and_abrupt_ends(make_server):
     srv = make_server(close_timeout=CLOSE_TIMEOUT, max_message_size=MAX_MESSAGE, handshake_timeout=2.0)
     rng = random.Random(SEED)
     healthy = Healthy(srv.port)
-    request = (b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    request = wsraw.upgrade_request(srv.port, subprotocol=None, key="dGhlIHNhbXBsZSBub25jZQ==")
     for i in range(120):
         mode = rng.randrange(4)
         if mode == 0:
@@ -570,7 +564,7 @@ def test_fuzz_handshake_garbage_and_abrupt_ends(make_server):
     healthy.c.close()
     assert wsraw.wait_for(lambda: srv.thread_count() == 0, timeout=CLOSE_TIMEOUT + 10), \
         "connection threads left: %d" % srv.thread_count()
-    status, health = _healthz(srv.port)
+    status, health = healthz(srv.port)
     assert status == 200 and health["status"] == "ok" and srv.writer.alive, health
 
 

@@ -9,7 +9,6 @@ Run with ``pytest -s`` to see the figures; they are also attached to the report 
 
 from __future__ import annotations
 
-import base64
 import os
 import random
 import socket
@@ -34,15 +33,6 @@ CLOSE_TIMEOUT = 1.0
 KINDS = ("close_frame", "drop_tcp", "reset", "mid_handshake", "mid_handshake_reset", "publish_close")
 
 
-def _request(port: int, subprotocol) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = ["GET /ws HTTP/1.1", "Host: 127.0.0.1:%d" % port, "Upgrade: websocket", "Connection: Upgrade",
-             "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13"]
-    if subprotocol:
-        lines.append("Sec-WebSocket-Protocol: " + subprotocol)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
 def _reset(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
@@ -53,7 +43,7 @@ def one_cycle(port: int, rng: random.Random, name: str, counts: Dict[str, int]) 
     counts[kind] = counts.get(kind, 0) + 1
     if kind.startswith("mid_handshake"):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        req = _request(port, rng.choice(["wsbroadcast.v1", None]))
+        req = wsraw.upgrade_request(port, subprotocol=rng.choice(["wsbroadcast.v1", None]))
         sock.sendall(req[:rng.randint(1, len(req) - 1)])
         if kind == "mid_handshake_reset":
             _reset(sock)

@@ -122,9 +122,7 @@ def test_form_post_reaches_subscribers_v1_and_plain(mounted):
 def test_frames_sent_right_after_the_handshake_are_not_lost(mounted):
     """Bytes Werkzeug buffered past the request head reach the reader."""
     broker, port = mounted()
-    head = ("GET /live HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            "Sec-WebSocket-Protocol: %s\r\n\r\n" % (port, V1)).encode()
+    head = wsraw.upgrade_request(port, "/live", V1)
 
     class Collect:
         data = b""
@@ -195,11 +193,7 @@ def test_auth_and_allowed_origins(mounted):
 
 
 def _upgrade_request(port, extra=()):
-    lines = ["GET /live HTTP/1.1", "Host: 127.0.0.1:%d" % port, "Upgrade: websocket", "Connection: Upgrade",
-             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13",
-             "Sec-WebSocket-Protocol: " + V1]
-    lines += ["%s: %s" % kv for kv in extra]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return wsraw.upgrade_request(port, "/live", V1, list(extra), key="dGhlIHNhbXBsZSBub25jZQ==")
 
 
 @pytest.mark.timeout(60)
@@ -317,7 +311,9 @@ def test_gunicorn_gthread_worker(tmp_path):
            "--threads", "8", "--bind", "127.0.0.1:0", "--chdir", str(tmp_path), "gapp:app"]
     if any("--no-control-socket" in (s.cli or ()) for s in KNOWN_SETTINGS):
         cmd.insert(3, "--no-control-socket")  # gunicorn >= 25 would make ~/.gunicorn/ otherwise
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    # the worker imports wsbroadcast from this tree, installed or not
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path), env=env)
     try:
         port = None
         deadline = time.monotonic() + 20 * SCALE
