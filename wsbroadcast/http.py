@@ -4,6 +4,10 @@ Every connection starts here, in its own thread. Plain HTTP requests are answere
 (keep-alive supported); a WebSocket upgrade on the configured path that passes
 the origin, auth and limit checks is handed back as an ``Upgrade`` for the
 reader to run.
+
+Every request gets an answer: a head whose framing a proxy could read otherwise
+(``check_head``) gets 400, another HTTP version 505, a fault 500, each with the
+connection closed; a ``Host`` the server does not serve gets 403 ``forbidden_host``.
 """
 
 from __future__ import annotations
