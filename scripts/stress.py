@@ -32,6 +32,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(ROOT, "wsbroadcast")):
     sys.path.insert(0, ROOT)  # a checkout runs its own client
 
+try:
+    import wsbroadcast.client  # noqa: E402,F401  (with every dependency of the client)
+except ImportError as exc:  # a Python without wsbroadcast's dependencies (the system's python3)
+    print("stress.py: %s has no module %r, which wsbroadcast needs; run it with the virtual "
+          "environment's Python, e.g. .venv/bin/python scripts/stress.py" % (sys.executable, exc.name or str(exc)),
+          file=sys.stderr)
+    sys.exit(2)
 from wsbroadcast.errors import ClientError, ConnectionClosed, ProtocolError, TopicError  # noqa: E402
 from wsbroadcast.topics import pattern_matches, validate_pattern, validate_topic  # noqa: E402
 
@@ -64,14 +71,14 @@ connect/publish error occurred; 2 usage error; 3 the hard time limit was hit.
 EPILOG = """\
 examples:
   # 20 subscribers, 2 publishers at 1000 msg/s each for 5 s, against a local server
-  scripts/stress.py --subscribers 20 --publishers 2 --rate 1000 --duration 5
+  .venv/bin/python scripts/stress.py --subscribers 20 --publishers 2 --rate 1000 --duration 5
 
   # as fast as possible over three topics, wildcard subscribers, JSON report and a chart
-  scripts/stress.py --topics news.eu,news.us,news.asia --subscribe-pattern 'news.*' \\
+  .venv/bin/python scripts/stress.py --topics news.eu,news.us,news.asia --subscribe-pattern 'news.*' \\
       --rate 0 --ack-every 50 --json --plot stress.png > report.json
 
   # a TLS server with a token (the token may also come from $WSBROADCAST_TOKEN)
-  scripts/stress.py --url wss://localhost:8443/ws --cafile ca.pem --token "$TOKEN"
+  .venv/bin/python scripts/stress.py --url wss://localhost:8443/ws --cafile ca.pem --token "$TOKEN"
 
 Note: the client is Python; at high rates the stress process itself may be the
 bottleneck (see client_cpu_percent in the report). scripts/bench measures the

@@ -234,3 +234,14 @@ def test_token_help_gives_defaults(capsys):
     flat = " ".join(_help(capsys, "token").split())
     assert "(default: 3600)" in flat and "(default: HS256 with a secret, else from the key's type)" in flat
     assert "Authorization: Bearer" in flat
+
+
+def test_stress_script_under_a_python_without_the_dependencies_says_which_to_use(tmp_path):
+    # sys.modules["jwt"] = None: PyJWT is not installed (the system's python3, outside the venv)
+    code = ("import sys, runpy; sys.modules['jwt'] = None; sys.argv = ['stress.py', '--duration', '1'];"
+            "runpy.run_path(%r, run_name='__main__')" % os.path.join(ROOT, "scripts", "stress.py"))
+    done = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=_env(), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [done.stderr.strip()] and "Traceback" not in done.stderr
+    assert "has no module 'jwt'" in done.stderr and ".venv/bin/python scripts/stress.py" in done.stderr
