@@ -514,3 +514,82 @@ def test_frame_splitter_refuses_non_minimal_lengths_like_wsproto(width):
     stream = head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
     assert _reference(stream, [stream])[-1] == ("close", 1002)
     assert _through_splitter(stream, [stream]) == _reference(stream, [stream])
+
+
+# ---------------------------------------------------------------- JSON depth and finite numbers
+
+def _reference_depth(text: str) -> int:
+    """The deepest bracket nesting outside strings, char by char: the most a JSON decoder
+    can recurse before it finishes or finds a fault (an unterminated string ends the text)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(st.text(alphabet='[]{}"\\ a,:1', max_size=200),
+                 st.integers(0, 80).map(lambda n: "[" * n + '"]' + "{" * n)),
+       st.sampled_from([0, 1, 2, 5, 64]))
+def test_depth_within_matches_a_char_by_char_scan(text, limit):
+    assert envelope.depth_within(text, limit) == (_reference_depth(text) <= limit)
+
+
+@pytest.mark.parametrize("depth", [envelope.MAX_DEPTH, envelope.MAX_DEPTH + 1, 5000])
+@pytest.mark.parametrize("opener", ["[", '{"k":'])
+def test_depth_limit_at_and_past_its_edge(depth, opener):
+    closer = "]" if opener == "[" else "}"
+    text = opener * depth + "0" + closer * depth
+    ok = depth <= envelope.MAX_DEPTH
+    assert envelope.depth_within(text) is ok
+    result = parse_client_frame(text, V1)
+    assert isinstance(result, Invalid) and (result.code == ErrorCode.BAD_JSON) is not ok
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1E309", "NaN", "Infinity", "-Infinity",
+                                    "1" + "0" * 309, str(2 ** 1024 - 2 ** 970)])
+def test_numbers_not_finite_as_doubles_are_bad_json(number):
+    for text in ('{"type":"publish","topic":"t","data":%s}' % number, '{"type":"ping","id":[%s]}' % number,
+                 '{"x":%s}' % number):
+        for kind in (V1, PLAIN):
+            assert parse_client_frame(text, kind) == Invalid(ErrorCode.BAD_JSON, "frame is not valid JSON",
+                                                             envelope._MISSING)
+    value = json.loads(number)
+    if isinstance(value, float):  # nothing such is ever written either
+        with pytest.raises(ValueError):
+            encode_json(value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(st.one_of(st.floats(), st.text(alphabet="NaInfity", max_size=9), st.integers()),
+                    lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=3), c, max_size=3)),
+                    max_leaves=10))
+def test_strict_text_turns_what_older_versions_stored_into_strict_json(value):
+    def finite(v):
+        if isinstance(v, float):
+            return v if v == v and v not in (float("inf"), float("-inf")) else None
+        if isinstance(v, list):
+            return [finite(x) for x in v]
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return v
+
+    stored = json.dumps(value)  # Python's default writes NaN and Infinity
+    out = envelope.strict_text(stored)
+    assert envelope.parse_json(out) == finite(value)
+    if finite(value) == value and value == value:
+        assert out == stored  # nothing to change: the text is kept as it is

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sqlite3
 
 import pytest
 
@@ -174,4 +175,59 @@ def test_non_finite_numbers_are_bad_json_and_nothing_invalid_is_sent(tmp_path):
         alive(proc, v1, plain, watcher)
         for c in (v1, plain, watcher):
             c.close()
+        assert proc.terminate() == 0
+
+
+def test_non_finite_numbers_stored_by_an_older_version_are_sent_as_null(tmp_path):
+    """Versions before 1.1 stored ``1e400`` as ``Infinity``: history and replay of such a
+    store send null there (as JSON.stringify does), never the invalid word."""
+    store = str(tmp_path / "h.db")
+    with ServerProcess("--store", store, env=_env()) as proc:
+        v1 = wsraw.connect(proc.port)
+        for i, data in enumerate(('"x"', '"NaN and Infinity in a string"', "[1]", "{\"v\":2}")):
+            assert answer(v1, publish_frame(data, i, "old"))["seq"] == i + 1
+        v1.close()
+        assert proc.terminate() == 0
+    with sqlite3.connect(store) as db:  # what an older version wrote for 1e400, -1e400 and NaN
+        db.execute("UPDATE messages SET data = 'Infinity' WHERE seq = 1")
+        db.execute("UPDATE messages SET data = '[-Infinity, NaN, 1.5]' WHERE seq = 3")
+        db.execute("UPDATE messages SET data = '{\"v\": [Infinity, \"Infinity\"]}' WHERE seq = 4")
+    db.close()
+    expected = [None, "NaN and Infinity in a string", [None, None, 1.5], {"v": [None, "Infinity"]}]
+    with ServerProcess("--store", store, env=_env()) as proc:
+        status, rows = get(proc.port, "/history?topic=old")
+        assert status == 200 and [r["data"] for r in rows] == expected
+        v1 = wsraw.connect(proc.port)
+        assert answer(v1, '{"type":"subscribe","topic":"old","since":0,"id":1}')["type"] == "ack"
+        assert [wsraw.strict_loads(v1.recv_text())["data"] for _ in expected] == expected
+        v1.close()
+        assert proc.terminate() == 0
+
+
+def test_non_finite_numbers_from_an_older_node_through_redis_are_sent_as_null(tmp_path):
+    """A node of an older version sharing the Redis broker may publish ``Infinity``: the
+    live delivery and the history read back from the stream carry null there."""
+    import redis
+
+    from redis_server import RedisServer
+
+    with RedisServer(str(tmp_path / "redis")) as rs, \
+            ServerProcess("--redis", rs.url, env=_env()) as proc:
+        v1 = wsraw.connect(proc.port)
+        assert answer(v1, '{"type":"subscribe","topic":"old","id":1}')["type"] == "ack"
+        assert answer(v1, publish_frame("1", 2, "old"))["type"] == "ack"
+        assert wsraw.strict_loads(v1.recv_text())["data"] == 1
+        # what an older node does for a publish of [1e400, NaN] (the keys of broker_redis.py)
+        r = redis.Redis.from_url(rs.url)
+        epoch = r.hget("wsb:topic:old", "epoch").decode()
+        seq = r.hincrby("wsb:topic:old", "seq", 1)
+        data = "[Infinity,NaN]"
+        r.xadd("wsb:stream:old", {"data": data, "time": 0}, id="%d-0" % seq)
+        r.publish("wsb:ch:old", "%d|%s|%s" % (seq, epoch, data))
+        r.close()
+        got = wsraw.strict_loads(v1.recv_text())
+        assert (got["seq"], got["data"]) == (seq, [None, None])
+        status, rows = get(proc.port, "/history?topic=old")
+        assert status == 200 and [r["data"] for r in rows] == [1, [None, None]]
+        v1.close()
         assert proc.terminate() == 0

@@ -66,6 +66,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from .broker import Broker, Handler, Publication
+from .envelope import strict_text
 from .errors import BrokerUnavailable, StoreError
 from .store import ByteBound, StoredMessage
 from .topics import is_wildcard, pattern_matches
@@ -313,7 +314,7 @@ class RedisBroker(Broker):
         out = []
         for entry_id, fields in raw:
             seq = int(entry_id.split(b"-", 1)[0])
-            out.append(StoredMessage(topic, seq, fields[b"data"].decode("utf-8"),
+            out.append(StoredMessage(topic, seq, strict_text(fields[b"data"].decode("utf-8")),
                                      int(fields.get(b"time", 0)) / 1000.0))
         return out
 
@@ -689,7 +690,7 @@ class RedisBroker(Broker):
             seq_b, epoch_b, data_b = payload.split(b"|", 2)
             seq = int(seq_b)
             epoch = epoch_b.decode("ascii")
-            data = data_b.decode("utf-8")
+            data = strict_text(data_b.decode("utf-8"))  # another node may run an older version
         except (ValueError, UnicodeDecodeError):
             logger.warning("ignoring a malformed message on %r", channel[:100])
             return

@@ -163,6 +163,41 @@ def parse_json(text: str, max_depth: int = MAX_DEPTH) -> Any:
     return _decode(text)
 
 
+_decode_lenient = json.JSONDecoder().decode  # takes NaN, Infinity and 1e400 (as inf)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if type(value) is float:
+        return value if value - value == 0.0 else None  # inf - inf and nan - nan are nan
+    if type(value) is list:
+        return [_finite_or_null(v) for v in value]
+    if type(value) is dict:
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    return value
+
+
+def strict_text(text: str) -> str:
+    """Stored or relayed JSON text (perhaps written by an older version) as strict JSON.
+
+    NaN and Infinity, which older versions let through, become null, as a browser's
+    ``JSON.stringify`` writes them; text that is not JSON at all becomes null. Text
+    without those words is returned as is (two substring searches).
+    """
+    if "NaN" not in text and "Infinity" not in text:
+        return text
+    try:
+        parse_json(text)
+        return text  # the words were inside strings
+    except ValueError:
+        pass
+    if not depth_within(text):
+        return "null"
+    try:
+        return encode_json(_finite_or_null(_decode_lenient(text)))
+    except (ValueError, RecursionError):
+        return "null"
+
+
 def parse_client_frame(text: str, kind: str) -> Command:
     """Parse one client text frame of a ``plain`` or ``v1`` connection into a command."""
     try:

@@ -41,6 +41,7 @@ from typing import (
     Tuple,
 )
 
+from .envelope import strict_text
 from .errors import StoreError, StoreInUse
 from .logutil import RateLimitedLog
 from .pidlock import LockHeld, PidLock
@@ -928,7 +929,8 @@ class SqliteStore(MessageStore):
                         row = cur.fetchone()
                         if row is None or not bound.admit(row[2]):
                             break
-                        out.append(StoredMessage(*row))
+                        # an older version may have stored NaN/Infinity
+                        out.append(StoredMessage(row[0], row[1], strict_text(row[2]), row[3]))
                 finally:
                     cur.close()  # ends the read before the connection goes back to the pool
         except sqlite3.Error as exc:
