@@ -88,8 +88,9 @@ class ServerProcess:
     def fds(self) -> int:
         return len(os.listdir("/proc/%d/fd" % self.pid))
 
-    def terminate(self, timeout: float = 10.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
+    def terminate(self, timeout: float = 10.0, signum: int = signal.SIGTERM) -> int:
+        """Send ``signum`` (SIGTERM by default) and wait for the exit code."""
+        self.proc.send_signal(signum)
         try:
             return self.proc.wait(timeout)
         finally:
