@@ -55,7 +55,8 @@ def _serve_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     g.add_argument("--ping-timeout", type=float, default=d.ping_timeout, metavar="SECONDS",
                    help=_d("time to wait for any answer to a ping before closing", "%g" % d.ping_timeout))
     g.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout, metavar="SECONDS",
-                   help=_d("time a client has to send a complete request (covers TLS and slow headers)",
+                   help=_d("time a client has to send a complete request (covers TLS and slow headers), "
+                           "and to take each 64 KiB of a /history answer (six times it for a whole answer)",
                            "%g" % d.handshake_timeout))
     g.add_argument("--close-timeout", type=float, default=d.close_timeout, metavar="SECONDS",
                    help=_d("time a closing connection gets to take its close frame before a reset",
