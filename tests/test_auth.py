@@ -28,7 +28,7 @@ from wsbroadcast.auth import (
     mint_token,
     redact,
 )
-from wsbroadcast.errors import AuthError, TopicError
+from wsbroadcast.errors import AuthError, ConfigError, TopicError
 from wsbroadcast.topics import pattern_matches
 
 SECRET = "s3cret-s3cret-s3cret-s3cret-s3cret-0123"  # >= 32 bytes: no PyJWT key warning
@@ -682,13 +682,13 @@ def test_load_secret(tmp_path, monkeypatch):
     assert load_secret(None, None, "WSB_TEST_SECRET") is None
     monkeypatch.delenv("WSB_TEST_SECRET")
     assert load_secret(None, None, "WSB_TEST_SECRET") is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="empty"):
         load_secret("", None)
     empty = tmp_path / "empty"
     empty.write_text("\n")
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="empty"):
         load_secret(None, str(empty))
-    with pytest.raises(OSError):
+    with pytest.raises(ConfigError, match="cannot read the secret file"):
         load_secret(None, str(tmp_path / "missing"))
 
 
