@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 
+import httputil
 import wsraw
 
 pytestmark = pytest.mark.timeout(60)
@@ -180,3 +182,55 @@ def test_demo_page_connects_to_the_configured_path(make_server):
     srv = make_server(path="/live/updates")
     status, _, body = _req(srv.port, "GET", "/")
     assert status == 200 and b'<meta name="wsbroadcast-path" content="/live/updates">' in body
+
+
+def _on(sock, raw: bytes):
+    sock.sendall(raw)
+    return wsraw.read_response(sock)
+
+
+def test_keep_alive_after_a_refused_post_body(make_server):
+    srv = make_server(max_message_size=100)
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    try:
+        post = b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        healthz = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        for body, code in ((b"not j", "bad_json"), (b'{"topic":"a.>","data":1}', "bad_topic"),
+                           (b'{"data":1}', "bad_request")):
+            status, _h, answer = _on(s, post % len(body) + body)
+            assert (status, json.loads(answer)["error"]) == (400, code), answer
+            status, _h, answer = _on(s, healthz)  # the same connection goes on
+            assert status == 200 and json.loads(answer)["status"] == "ok"
+        body = b'{"topic":"a","data":1}'
+        status, _h, answer = _on(s, post % len(body) + body)
+        assert status == 200 and json.loads(answer)["seq"] == 1
+        # a body over the limit is not read: 413, then the connection ends
+        status, _h, answer = _on(s, post % 300 + b"x" * 300)
+        assert (status, json.loads(answer)["error"]) == (413, "too_large")
+        assert wsraw.RawWS(s, None).at_eof(timeout=5)
+    finally:
+        s.close()
+
+
+def test_chunked_request_bodies(make_server):
+    srv = make_server(max_message_size=100)
+    head = (b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    try:
+        # chunks of any size, an extension, a trailer; then the connection is reused
+        body = b'5;ext=1\r\n{"top\r\n13\r\nic":"c","data":[1]}\r\n0\r\nX-Trailer: y\r\n\r\n'
+        status, _h, answer = _on(s, head + body)
+        assert status == 200 and json.loads(answer)["seq"] == 1, answer
+        status, _h, answer = _on(s, head + b"16\r\n" + b'{"topic":"c","data":2}' + b"\r\n0\r\n\r\n")
+        assert status == 200 and json.loads(answer)["seq"] == 2, answer
+        assert [m["data"] for m in httputil.history(srv.port, "c")] == [[1], 2]
+        # at the body limit (100 bytes, in 10-byte chunks) it is served; one byte past it, 413
+        for size, expected in ((100, 200), (101, 413)):
+            doc = b'{"topic":"c","data":"' + b"z" * (size - 23) + b'"}'
+            assert len(doc) == size
+            chunks = b"".join(b"%x\r\n%s\r\n" % (len(doc[i:i + 10]), doc[i:i + 10]) for i in range(0, size, 10))
+            status, _h, answer = _on(s, head + chunks + b"0\r\n\r\n")
+            assert status == expected, (size, answer)
+    finally:
+        s.close()

@@ -11,6 +11,7 @@ import simple_websocket
 import threadutil
 import wsraw
 from wsbroadcast import Client
+from wsbroadcast.errors import TopicError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -137,3 +138,40 @@ def test_per_topic_order_under_four_concurrent_publishers(server):
         assert order == list(range(n))  # each publisher's own order is kept too
     for c in pubs + [sub]:
         c.close()
+
+
+def test_server_publish_with_a_bad_topic_raises_and_stores_nothing(server):
+    c = wsraw.connect(server.port)
+    assert wsraw.subscribe(c, ">", 1)["type"] == "ack"
+    for bad in ("a.*", "a.>", "", "a..b", 5):
+        with pytest.raises(TopicError):
+            server.publish(bad, 1)
+    assert server.publish("a.b", "ok")[0] == 1  # the first seq: nothing was stored before
+    assert c.recv_json() == {"type": "message", "topic": "a.b", "seq": 1, "data": "ok"}
+
+
+def test_a_full_writer_channel_makes_producers_wait_and_loses_nothing(make_server):
+    srv = make_server(queue_size=4)
+    sub = wsraw.connect(srv.port)
+    assert wsraw.subscribe(sub, "bp", 1)["type"] == "ack"
+    gate, entered = threading.Event(), threading.Event()
+    srv.writer.call(lambda: (entered.set(), gate.wait(30)))  # the writer is held
+    assert entered.wait(10)
+    published = [0]
+
+    def produce():
+        for i in range(1, 21):
+            srv.publish("bp", i)
+            published[0] = i
+
+    producer = threadutil.start(produce, name="test-producer")
+    try:
+        # four fill the channel; the fifth waits for room (nothing is dropped or raised)
+        assert wsraw.wait_for(lambda: published[0] == 4 and srv.writer.depth() == 4, timeout=10)
+        assert producer.is_alive() and published[0] == 4
+    finally:
+        gate.set()
+    producer.finish(10)
+    got = [sub.recv_json(10) for _ in range(20)]
+    assert [(m["seq"], m["data"]) for m in got] == [(i, i) for i in range(1, 21)]
+    wsraw.expect_pong_next(sub)

@@ -350,3 +350,35 @@ def test_gunicorn_gthread_worker(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.mark.timeout(30)
+def test_mount_on_a_plain_wsgi_app():
+    """Broker.mount() without Flask: the endpoint at its path, everything else to the app."""
+
+    def app(environ, start_response):
+        body = ("plain app: %s" % environ["PATH_INFO"]).encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    broker = Broker(store="memory", close_timeout=2.0 * SCALE).start()
+    srv = make_server("127.0.0.1", 0, broker.mount(app, path="/updates"), threaded=True)
+    thread = threading.Thread(target=srv.serve_forever, name="test-werkzeug-plain", daemon=True)
+    thread.start()
+    try:
+        port = srv.server_port
+        status, _, body = wsraw.http_request(
+            port, b"GET /other HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n" % port)
+        assert (status, body) == (200, b"plain app: /other")
+        ws = wsraw.connect(port, path="/updates")
+        assert wsraw.subscribe(ws, "news", 1)["type"] == "ack"
+        broker.publish("news", {"n": 1})
+        assert ws.recv_json() == {"type": "message", "topic": "news", "seq": 1, "data": {"n": 1}}
+        ws.close()
+        assert wsraw.handshake(port, "/ws")[0] == 200  # /ws is the app's here, not an endpoint
+    finally:
+        broker.shutdown()
+        srv.shutdown()
+        thread.join(10)
+        assert not thread.is_alive()
+        srv.server_close()
