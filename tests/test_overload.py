@@ -10,6 +10,8 @@ import json
 import os
 import resource
 import socket
+import subprocess
+import sys
 import time
 from typing import Dict, List, Tuple
 
@@ -170,9 +172,9 @@ def _publishing(port: int) -> socket.socket:
     return s
 
 
-def _refused_503(port: int) -> None:
+def _refused_503(port: int, message: str) -> None:
     status, _h, body = wsraw.http_request(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    assert status == 503 and json.loads(body)["error"] == "unavailable", (status, body)
+    assert status == 503 and json.loads(body) == {"error": "unavailable", "message": message}, (status, body)
 
 
 def test_pending_connections_at_and_past_the_limit(make_server):
@@ -180,7 +182,7 @@ def test_pending_connections_at_and_past_the_limit(make_server):
     busy = [_publishing(srv.port) for _ in range(3)]
     try:
         assert wsraw.wait_for(lambda: len(srv.pending) == 3 and srv.thread_count() == 3)
-        _refused_503(srv.port)  # a fourth: no thread, an answer
+        _refused_503(srv.port, "server over its connection limit")  # a fourth: no thread, an answer
         assert srv.thread_count() == 3
         done = busy.pop()
         done.sendall(_BODY[10:])
@@ -209,7 +211,7 @@ def test_pending_connections_per_address(make_server):
     busy = [_publishing(srv.port) for _ in range(2)]
     try:
         assert wsraw.wait_for(lambda: len(srv.pending) == 2)
-        _refused_503(srv.port)
+        _refused_503(srv.port, "too many connections from this address")
         assert srv.thread_count() == 2
     finally:
         _close_all(busy)
@@ -217,3 +219,17 @@ def test_pending_connections_per_address(make_server):
     status, _h, _b = wsraw.http_request(srv.port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert status == 200
 
+
+
+def test_an_open_file_limit_with_no_room_for_connections_is_a_one_line_start_up_error(tmp_path):
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40)); "
+            "from wsbroadcast.cli import main; sys.exit(main(sys.argv[1:]))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", code, "serve", "--port", "0", "--store", "memory"],
+                          cwd=str(tmp_path), env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2, done
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wsbroadcast serve: "), done.stderr
+    assert "open-file limit (ulimit -n) is 40" in lines[0] and "raise it" in lines[0], lines[0]

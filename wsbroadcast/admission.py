@@ -33,10 +33,19 @@ MAX_LINGERING = 16
 #: seconds a refused socket is kept open for that
 LINGER_TIME = 1.0
 
-_BODY = b'{"error": "unavailable", "message": "server over its connection limit"}'
-BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-               b"content-length: %d\r\ncache-control: no-store\r\nretry-after: 1\r\n"
-               b"connection: close\r\n\r\n" % len(_BODY)) + _BODY
+OVER_LIMIT = "server over its connection limit"
+PER_IP = "too many connections from this address"
+
+
+def busy_answer(message: str) -> bytes:
+    """The whole ``503 unavailable`` answer of a connection turned away."""
+    body = ('{"error": "unavailable", "message": "%s"}' % message).encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\ncache-control: no-store\r\nretry-after: 1\r\n"
+            b"connection: close\r\n\r\n" % len(body)) + body
+
+
+_ANSWERS = {m: busy_answer(m) for m in (OVER_LIMIT, PER_IP)}
 
 
 # ---------------------------------------------------------------------- fd budget
@@ -149,9 +158,9 @@ class PendingTable:
         now = time.monotonic() if now is None else now
         with self._lock:
             if self.per_ip and self._per_ip.get(ip, 0) >= self.per_ip:
-                return None, "too many connections from this address"
+                return None, PER_IP
             if len(self._slots) >= self.limit and not self._evict(now):
-                return None, "server over its connection limit"
+                return None, OVER_LIMIT
             slot = Slot(sock, ip, now)
             self._slots[slot] = None
             self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
@@ -194,7 +203,8 @@ class PendingTable:
 
     def idle(self, slot: Slot, waiting: bool) -> None:
         """The connection begins to wait for a request (True) or has one to serve (False)."""
-        slot.idle_since = time.monotonic() if waiting else 0.0
+        with self._lock:  # not while an eviction picks its victim
+            slot.idle_since = time.monotonic() if waiting else 0.0
 
     def release(self, slot: Slot) -> None:
         """The connection was upgraded or ends: its slot is free (call before closing the socket)."""
@@ -230,12 +240,12 @@ class TurnAway:
             except OSError:
                 pass
 
-    def refuse(self, sock: socket.socket, linger: bool = True) -> None:
+    def refuse(self, sock: socket.socket, message: str = OVER_LIMIT, linger: bool = True) -> None:
         """Answer 503 (non-blocking) and close; kept open a moment to read the request first."""
         self.refused += 1
         try:
             if self.answer:
-                sock.send(BUSY_ANSWER, socket.MSG_DONTWAIT)
+                sock.send(_ANSWERS.get(message) or busy_answer(message), socket.MSG_DONTWAIT)
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             linger = False
@@ -289,7 +299,7 @@ class TurnAway:
             except OSError:  # none waiting (EAGAIN), or still no descriptor: try later
                 self._take_reserve()
                 break
-            self.refuse(sock, linger=False)
+            self.refuse(sock, linger=False)  # no descriptor to spare for lingering
             done += 1
             self._take_reserve()
         return done

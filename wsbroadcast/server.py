@@ -395,7 +395,7 @@ class Server:
         slot, why = self.pending.take(sock, addr[0])
         if slot is None:
             _turned_away.warning("turning away a connection from %s: %s", addr[0], why)
-            self._turn_away.refuse(sock)
+            self._turn_away.refuse(sock, why)
             return
         sock.setblocking(True)
         thread = threading.Thread(target=self._handle, args=(sock, addr, slot),
