@@ -11,7 +11,21 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 RUNNER = os.path.join(ROOT, "scripts", "conformance", "run_autobahn.py")
-PY27 = os.environ.get("AUTOBAHN_PY27", os.path.expanduser("~/.pyenv/versions/2.7.18/bin/python"))
+
+
+def _pyenv_root() -> str:
+    """$PYENV_ROOT, else what ``pyenv root`` says, else ~/.pyenv (as install_autobahn.sh does)."""
+    if os.environ.get("PYENV_ROOT"):
+        return os.environ["PYENV_ROOT"]
+    try:
+        out = subprocess.run(["pyenv", "root"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return out or os.path.expanduser("~/.pyenv")
+
+
+PY27 = os.environ.get("AUTOBAHN_PY27") or os.path.join(_pyenv_root(), "versions", "2.7.18", "bin", "python")
 
 
 @pytest.mark.timeout(900)

@@ -33,3 +33,37 @@ def test_missing_redis_server_skips_its_module_only(tmp_path):
     assert "redis-server is not installed" in out, out
     assert "ERROR" not in out and "error during collection" not in out, out
     assert "tests/test_envelope.py::" in out, out
+
+
+SKIPPING = '''
+import pytest
+
+def test_runs():
+    pass
+
+def test_skips():
+    pytest.skip("no frobnicator here")
+'''
+
+
+def test_a_skip_fails_the_run_under_ci_and_says_what_is_missing(tmp_path):
+    (tmp_path / "conftest.py").write_text("from conftest import *  # noqa: F401,F403\n")
+    f = tmp_path / "test_skipping.py"
+    f.write_text(SKIPPING)
+    pythonpath = {"PYTHONPATH": os.pathsep.join([HERE, ROOT])}
+    args = ["-p", "conftest", "--rootdir", str(tmp_path), str(f)]
+    rc, out = run_pytest(args, dict(pythonpath, CI="true"))
+    assert rc == 1, out
+    assert "MISSING: test_skipping.py::test_skips: no frobnicator here" in out, out
+    rc, out = run_pytest(args, pythonpath)  # outside CI a skip is only reported
+    assert rc == 0 and "1 skipped" in out and "MISSING" not in out, out
+    f.write_text(SKIPPING.replace('pytest.skip("no frobnicator here")', "pass"))
+    rc, out = run_pytest(args, dict(pythonpath, CI="true"))  # nothing skipped: CI passes
+    assert rc == 0 and "2 passed" in out, out
+
+
+def test_a_module_skipped_at_collection_fails_the_run_under_ci(tmp_path):
+    rc, out = run_pytest(["tests/test_redis.py", "-k", "nothing_matches_this"], {"CI": "true"},
+                         path=str(tmp_path))
+    assert rc == 1, out
+    assert "MISSING: tests/test_redis.py: redis-server is not installed" in out, out
