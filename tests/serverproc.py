@@ -75,12 +75,13 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def rss_kib(self) -> int:
+    def rss_kib(self, field: str = "VmRSS") -> int:
+        """Resident memory now (VmHWM: the peak so far), KiB."""
         with open("/proc/%d/status" % self.pid) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
+        raise RuntimeError("no " + field)
 
     def threads(self) -> int:
         return len(os.listdir("/proc/%d/task" % self.pid))

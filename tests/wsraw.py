@@ -9,6 +9,7 @@ import selectors
 import socket
 import struct
 import time
+import zlib
 from typing import Any, List, Optional, Tuple
 
 #: multiply every timing constant of the tests (slow or loaded machines)
@@ -59,8 +60,8 @@ class RawWS:
         out, self.buf = self.buf[:n], self.buf[n:]
         return out
 
-    def recv_frame(self, timeout: float = DEFAULT_TIMEOUT) -> Tuple[int, bytes]:
-        """(opcode, payload) of the next frame."""
+    def recv_raw(self, timeout: float = DEFAULT_TIMEOUT) -> Tuple[int, bytes]:
+        """(first header byte, payload) of the next frame, as it came."""
         deadline = time.monotonic() + timeout
         b0, b1 = self._need(2, deadline)
         assert b1 & 0x80 == 0, "server frames are never masked"
@@ -69,7 +70,13 @@ class RawWS:
             n = struct.unpack("!H", self._need(2, deadline))[0]
         elif n == 127:
             n = struct.unpack("!Q", self._need(8, deadline))[0]
-        return b0 & 0x0F, self._need(n, deadline)
+        return b0, self._need(n, deadline)
+
+    def recv_frame(self, timeout: float = DEFAULT_TIMEOUT) -> Tuple[int, bytes]:
+        """(opcode, payload) of the next frame."""
+        b0, payload = self.recv_raw(timeout)
+        assert b0 & 0x70 == 0, "reserved bits set on a connection without extensions: %#x" % b0
+        return b0 & 0x0F, payload
 
     def recv_text(self, timeout: float = DEFAULT_TIMEOUT) -> bytes:
         """The payload of the next text frame (pings skipped)."""
@@ -114,6 +121,36 @@ class RawWS:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class DeflateWS(RawWS):
+    """A raw connection that negotiated permessage-deflate: compressed frames are inflated
+    (each on its own, as ``server_no_context_takeover`` allows); ``compressed`` counts them."""
+
+    compressed = 0
+
+    def recv_frame(self, timeout: float = DEFAULT_TIMEOUT) -> Tuple[int, bytes]:
+        b0, payload = self.recv_raw(timeout)
+        assert b0 & 0x30 == 0, "RSV2/RSV3 set: %#x" % b0
+        if b0 & 0x40:
+            assert b0 & 0x0F in (0x1, 0x2), "RSV1 on a frame that is not a data frame: %#x" % b0
+            payload = inflate(payload)
+            self.compressed += 1
+        return b0 & 0x0F, payload
+
+
+def inflate(data: bytes, bits: int = 15) -> bytes:
+    """One message compressed without context takeover (RFC 7692 7.2.2)."""
+    d = zlib.decompressobj(-bits)
+    return d.decompress(data + b"\x00\x00\xff\xff")
+
+
+def deflate(data: bytes, bits: int = 15) -> bytes:
+    """``data`` as a client's compressed message payload (RFC 7692 7.2.1)."""
+    c = zlib.compressobj(6, zlib.DEFLATED, -bits)
+    out = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(b"\x00\x00\xff\xff")
+    return out[:-4]
 
 
 def _not_json(token: str) -> Any:

@@ -47,6 +47,11 @@ def _serve_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     g.add_argument("--max-message-frames", type=int, default=d.max_message_frames, metavar="N",
                    help=_d("frames (fragments) one WebSocket message may take; past it: 1009",
                            d.max_message_frames))
+    g.add_argument("--no-compression", dest="compression", action="store_false",
+                   help="turn down permessage-deflate offers: every frame goes uncompressed "
+                        "(default: compress, once per message however many receive it)")
+    g.add_argument("--compression-threshold", type=int, default=d.compression_threshold, metavar="BYTES",
+                   help=_d("messages smaller than this go uncompressed", "%d bytes" % d.compression_threshold))
     g.add_argument("--max-outbox", type=int, default=d.max_outbox, metavar="BYTES",
                    help=_d("unsent bytes a connection may owe before it is closed as a slow consumer (1008)",
                            human_bytes(d.max_outbox)))
@@ -239,7 +244,8 @@ def _serve(args: argparse.Namespace) -> int:
         config = Config(
             host=args.host, port=args.port, path=args.path,
             max_message_size=args.max_message_size, max_message_frames=args.max_message_frames,
-            max_outbox=args.max_outbox,
+            max_outbox=args.max_outbox, compression=args.compression,
+            compression_threshold=args.compression_threshold,
             ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
             handshake_timeout=args.handshake_timeout, close_timeout=args.close_timeout,
             max_connections=args.max_connections, max_connections_per_ip=args.max_connections_per_ip,

@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import simple_websocket
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
+from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from .envelope import MAX_DEPTH, SUBPROTOCOL, encode_json, parse_json
@@ -72,8 +73,10 @@ class _SafeWebSocket(simple_websocket.Client):
     """simple-websocket's client with serialised writes (its send and ping share a socket),
     a deadline on the handshake, and the server's refusal as a HandshakeRefused."""
 
-    def __init__(self, url: str, handshake_timeout: float = 10.0, **kwargs: Any) -> None:
+    def __init__(self, url: str, handshake_timeout: float = 10.0, compression: bool = True,
+                 **kwargs: Any) -> None:
         self._handshake_timeout = handshake_timeout
+        self._compression = compression
         super().__init__(url, **kwargs)
 
     def handshake(self) -> None:
@@ -82,6 +85,7 @@ class _SafeWebSocket(simple_websocket.Client):
             sock.settimeout(self._handshake_timeout)
             sock.sendall(self.ws.send(Request(host=self.host, target=self.path,
                                               subprotocols=self.subprotocols,
+                                              extensions=[PerMessageDeflate()] if self._compression else [],
                                               extra_headers=self.extra_headeers)))
             event = self._next_event()
             if isinstance(event, RejectConnection):
@@ -148,8 +152,10 @@ class Client:
                  on_reconnect: Optional[Callable[[], None]] = None,
                  on_gap: Optional[Callable[[str, Dict[str, Any]], None]] = None,
                  headers: Optional[Dict[str, str]] = None,
-                 on_state: Optional[Callable[[str], None]] = None) -> None:
+                 on_state: Optional[Callable[[str], None]] = None, compression: bool = True) -> None:
         self.url = url
+        #: offer permessage-deflate (the server's messages then come compressed)
+        self.compression = compression
         self.token = token
         self.ssl_context = ssl_context
         self.reconnect = reconnect
@@ -239,7 +245,8 @@ class Client:
         url = self.url
         if self.token:
             url += ("&" if "?" in url else "?") + "token=" + quote(self.token)
-        return _SafeWebSocket(url, handshake_timeout=self.timeout, subprotocols=[SUBPROTOCOL],
+        return _SafeWebSocket(url, handshake_timeout=self.timeout, compression=self.compression,
+                              subprotocols=[SUBPROTOCOL],
                               headers=self.headers or None, ssl_context=self.ssl_context,
                               receive_bytes=65536)
 

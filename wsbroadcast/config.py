@@ -43,6 +43,10 @@ class Config:
     max_connections_per_ip: int = 0  # 0: no limit
     max_publish_rate: float = 0.0  # messages per second per connection; 0: no limit
     publish_burst: int = 0  # token bucket size; 0: max(1, rate)
+    #: answer permessage-deflate offers (RFC 7692); off: every frame goes uncompressed
+    compression: bool = True
+    #: messages smaller than this (payload bytes) go uncompressed even to compressing clients
+    compression_threshold: int = 128
     #: writer channel capacity (items); producers wait when it is full
     queue_size: int = 65536
     #: "memory" or a SQLite file path
@@ -89,6 +93,8 @@ class Config:
                               % (self.path,))
         if not isinstance(self.store, str) or not self.store:
             raise ConfigError("--store is empty: give a SQLite file path, or 'memory'")
+        if not isinstance(self.compression, bool):
+            raise ConfigError("compression %r is not True or False" % (self.compression,))
 
 
 _SIZE = re.compile(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*\Z", re.IGNORECASE)
@@ -179,6 +185,7 @@ RANGES: Dict[str, Range] = {
     "max_publish_rate": Range(0, 1_000_000_000, "per second; 0: no limit", integer=False),
     "publish_burst": Range(0, 1_000_000_000, "messages; 0: one second's worth"),
     "queue_size": Range(1, 100_000_000, "items", flag="queue_size"),
+    "compression_threshold": Range(0, 1 * GIB, "bytes"),
     "history_size": Range(0, 1_000_000_000, "messages per topic"),
     "history_ttl": Range(0, None, "seconds", integer=False, optional=True),
     "memory_store_bytes": Range(64 * KIB, None, "bytes"),

@@ -79,7 +79,7 @@ class Flag:
 class Connection:
     """A WebSocket connection: identity, subscriptions, outbox and close state."""
 
-    __slots__ = ("id", "sock", "fd", "addr", "tls", "recv", "kind", "is_plain", "claims",
+    __slots__ = ("id", "sock", "fd", "addr", "tls", "recv", "kind", "is_plain", "deflate", "claims",
                  "max_outbox", "expires", "patterns", "replays", "floors", "registered", "rate",
                  "last_seen", "out", "head_sent", "out_bytes", "waiting_write", "close_sent",
                  "close_code", "close_deadline", "ping_sent_at", "dead", "attached", "flushed",
@@ -88,7 +88,7 @@ class Connection:
     def __init__(self, sock: socket.socket, addr: Tuple[str, int], kind: str = V1,
                  claims: Any = None, max_outbox: int = 1 << 20,
                  rate: Optional[TokenBucket] = None, expires: Optional[float] = None,
-                 tls: Any = None) -> None:
+                 tls: Any = None, deflate: int = 0) -> None:
         self.id = next(_ids)
         self.sock = sock
         self.fd = sock.fileno()
@@ -99,6 +99,8 @@ class Connection:
         self.recv = tls.recv if tls is not None else sock.recv
         self.kind = kind
         self.is_plain = kind == PLAIN
+        #: window bits of the compressed frames it takes (permessage-deflate); 0: none
+        self.deflate = deflate
         self.claims = claims
         self.max_outbox = max_outbox
         #: wall-clock time at which the credentials expire (None: never)

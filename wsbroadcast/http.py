@@ -28,6 +28,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
+from .deflate import Agreement, InboundDeflate, negotiate
 from .envelope import PLAIN, SUBPROTOCOL, V1, encode_json, parse_json
 from .errors import AuthError, BrokerUnavailable, ErrorCode, StoreError, TopicError
 from .store import StoredMessage, data_bytes
@@ -104,6 +105,8 @@ class Upgrade:
         self.trailing = trailing
         #: (close code, reason) when the connection must be closed right after the upgrade
         self.refuse = refuse
+        #: the permessage-deflate agreement, or None (no compression)
+        self.deflate: Optional[Agreement] = None
 
 
 class _Timeout(Exception):
@@ -606,14 +609,23 @@ def negotiate_upgrade(server: "Server", headers: List[Tuple[bytes, bytes]], targ
         raise HttpError(ErrorCode.BAD_REQUEST, "invalid WebSocket handshake") from None
     if not events or not isinstance(events[0], Request):
         raise HttpError(ErrorCode.BAD_REQUEST, "invalid WebSocket handshake")
+    agreement = None
+    extensions = []
+    if server.config.compression:
+        agreement = negotiate(v.decode("latin-1") for k, v in headers if k == b"sec-websocket-extensions")
+        if agreement is not None:
+            extensions.append(InboundDeflate(agreement, server.config.max_message_size))
     refuse = server.admit(ip)
     try:
-        accept = ws.send(AcceptConnection(subprotocol=SUBPROTOCOL if kind == V1 else None))
+        accept = ws.send(AcceptConnection(subprotocol=SUBPROTOCOL if kind == V1 else None,
+                                          extensions=extensions))
     except BaseException:
         if refuse is None:
             server._release(ip)
         raise
-    return Upgrade(ws, kind, claims, b"", refuse), accept
+    upgrade = Upgrade(ws, kind, claims, b"", refuse)
+    upgrade.deflate = agreement
+    return upgrade, accept
 
 
 def _valid_key(key: str) -> bool:

@@ -49,6 +49,14 @@ class _ServerCollector:
                                   value=stats.delivered)
         yield CounterMetricFamily("wsbroadcast_bytes_out", "bytes written to WebSocket connections",
                                   value=stats.bytes_out)
+        deflate = srv.writer.compressors
+        yield CounterMetricFamily("wsbroadcast_deflate_calls",
+                                  "messages compressed (once per delivery format and window, "
+                                  "however many receive them)", value=deflate.calls)
+        yield CounterMetricFamily("wsbroadcast_deflate_in_bytes",
+                                  "payload bytes given to the compressor", value=deflate.bytes_in)
+        yield CounterMetricFamily("wsbroadcast_deflate_out_bytes",
+                                  "compressed payload bytes it produced", value=deflate.bytes_out)
         yield CounterMetricFamily("wsbroadcast_slow_consumer_closes",
                                   "connections closed as slow consumers", value=stats.slow_consumers)
         codes = CounterMetricFamily("wsbroadcast_close_codes",

@@ -61,7 +61,10 @@ class Reader:
         self._failed = False  # wsproto reported a protocol error or we refused the input
         self._close_requested = False  # this reader asked the writer for a close frame
         #: whole frames; ordinary text frames decoded without wsproto (the fast path)
-        self.splitter = FrameSplitter(max_message_size)
+        # (deflate makes incompressible data a little larger: 5 bytes per 16 KiB block stored;
+        # the limit itself applies to the inflated size, as it is inflated)
+        self.splitter = FrameSplitter(max_message_size,
+                                      (max_message_size >> 10) + 64 if conn.deflate else 0)
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, trailing: bytes = b"", refuse: Optional[tuple] = None,
@@ -206,7 +209,8 @@ class Reader:
                     finished = True
                 else:
                     # a protocol error found by wsproto, state still OPEN
-                    self._refuse(event.code, event.reason or "protocol error")
+                    self._refuse(event.code, "message too big" if event.code == CloseCode.MESSAGE_TOO_BIG
+                                 else event.reason or "protocol error")
                 break
         return finished
 

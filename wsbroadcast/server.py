@@ -170,7 +170,8 @@ class Server:
                 cfg.store, cfg.history_size, cfg.history_ttl, full_sync=cfg.store_full_sync,
                 defer_open=True, memory_bytes=cfg.memory_store_bytes)
             self.broker = LocalBroker(self.store)
-        self.writer = Writer(cfg.queue_size, cfg.close_timeout, cfg.ping_interval, cfg.ping_timeout)
+        self.writer = Writer(cfg.queue_size, cfg.close_timeout, cfg.ping_interval, cfg.ping_timeout,
+                             compression_threshold=cfg.compression_threshold)
         self.hub = Hub(self.broker, self.writer, cfg.max_subscriptions)
         self.metrics = Metrics(self)
         _redact_library_logs()
@@ -462,7 +463,8 @@ class Server:
                 sock, addr, upgrade.kind, claims=claims, max_outbox=cfg.max_outbox,
                 rate=(TokenBucket(cfg.max_publish_rate, cfg.publish_burst or max(1.0, cfg.max_publish_rate))
                       if cfg.max_publish_rate > 0 else None),
-                expires=getattr(claims, "exp", None), tls=tls)
+                expires=getattr(claims, "exp", None), tls=tls,
+                deflate=upgrade.deflate.server_bits if upgrade.deflate is not None else 0)
             reader = self.reader_class(conn, upgrade.ws, self.hub, self.writer,
                                        cfg.max_message_size, cfg.close_timeout,
                                        max_message_frames=cfg.max_message_frames)

@@ -3,7 +3,9 @@
 Producers (readers, the hub, ``Server.publish``) put lists of operations on a
 bounded ``queue.Queue``. The writer turns each delivery into frames once per
 delivery format, appends them to each recipient's outbox, and sends each
-connection's pending frames joined in one ``send(MSG_DONTWAIT)``. What does not
+connection's pending frames joined in one ``send(MSG_DONTWAIT)``. Connections that
+negotiated permessage-deflate get compressed frames, deflated once per (delivery
+format, window bits) and shared like the plain ones. What does not
 fit waits in the outbox and the socket waits in a selector for writability. A
 connection whose unsent bytes pass its limit is closed with 1008 "slow consumer".
 The writer never blocks on a socket and never takes the hub's lock.
@@ -24,6 +26,7 @@ import time
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Set
 
 from .connection import Connection
+from .deflate import Compressors, text_payload
 from .envelope import message_text
 from .errors import CloseCode
 from .logutil import RateLimitedLog
@@ -68,12 +71,17 @@ class Writer:
     """Owns the broadcast channel, the writer thread and every connection's outbox."""
 
     def __init__(self, queue_size: int = 65536, close_timeout: float = 3.0,
-                 ping_interval: float = 20.0, ping_timeout: float = 20.0) -> None:
+                 ping_interval: float = 20.0, ping_timeout: float = 20.0,
+                 compression_threshold: int = 128) -> None:
         self.queue: "queue.Queue[Sequence[tuple]]" = queue.Queue(maxsize=queue_size)
         self.close_timeout = close_timeout
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.stats = WriterStats()
+        #: shared compressors and their counters (writer thread only)
+        self.compressors = Compressors()
+        #: messages with fewer payload bytes go uncompressed
+        self.compression_threshold = compression_threshold
         self.state = "new"
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -226,13 +234,16 @@ class Writer:
             if kind == SEND:
                 conn = op[1]
                 if not (conn.close_sent or conn.dead):
-                    self._append(conn, op[2])
+                    self._append(conn, self._compress(op[2], conn.deflate) if conn.deflate else op[2])
             elif kind == REPLAY:
                 conn = op[1]
                 if not (conn.close_sent or conn.dead):
                     frames = op[2]
                     size = sum(len(f) for f in frames)
                     conn.replay_applied += size
+                    if conn.deflate:
+                        frames = [self._compress(f, conn.deflate) for f in frames]
+                        size = sum(len(f) for f in frames)
                     if conn.tls is not None:
                         frames = [conn.tls.encrypt(f) for f in frames]
                         size = sum(len(f) for f in frames)
@@ -270,12 +281,20 @@ class Writer:
         self._run_msgs = []
         self._run_to = None
         v1 = plain = None
+        packed: Optional[dict] = None  # (is_plain, window bits) -> block of compressed frames
         n = 0
         dirty = self._dirty
         for conn in recipients:
             if conn.close_sent or conn.dead:
                 continue
-            if conn.is_plain:
+            if conn.deflate:
+                if packed is None:
+                    packed = {}
+                key = (conn.is_plain, conn.deflate)
+                block = packed.get(key)
+                if block is None:
+                    block = packed[key] = self._deflated(msgs, conn.is_plain, conn.deflate)
+            elif conn.is_plain:
                 if plain is None:
                     plain = b"".join([text_frame(m[3].encode("utf-8")) for m in msgs])
                 block = plain
@@ -298,6 +317,25 @@ class Writer:
         if n:
             self.stats.delivered += n * len(msgs)
             self._round_t0.extend(m[5] for m in msgs)
+
+    def _deflated(self, msgs: List[tuple], plain: bool, bits: int) -> bytes:
+        """The frames of a run of messages for receivers of one format and window."""
+        threshold = self.compression_threshold
+        frame = self.compressors.text_frame
+        out = []
+        for m in msgs:
+            payload = (m[3] if plain else message_text(m[1], m[2], m[3])).encode("utf-8")
+            out.append(frame(payload, bits) if len(payload) >= threshold else text_frame(payload))
+        return b"".join(out)
+
+    def _compress(self, frame: bytes, bits: int) -> bytes:
+        """A frame for one compressing receiver: text at or over the threshold compressed."""
+        if len(frame) < self.compression_threshold + 2:
+            return frame
+        payload = text_payload(frame)
+        if payload is None or len(payload) < self.compression_threshold:
+            return frame
+        return self.compressors.text_frame(payload, bits)
 
     def _record_latency(self, now: float) -> None:
         samples = self.stats.latency_samples

@@ -96,13 +96,16 @@ class FrameSplitter:
     UTF-8, already unmasked and decoded) or ``bytes`` (one or more whole frames for
     the full protocol parser: control frames, fragments, anything unusual). Bytes
     of an incomplete frame go to the full parser as they arrive. A frame declaring more than
-    ``max_payload`` bytes stops the splitting and sets ``too_big``.
+    ``max_payload + slack`` bytes stops the splitting and sets ``too_big``; one within
+    the slack goes to the full parser (a compressed frame may be a little longer than
+    what it carries, which is bounded as it is inflated).
     """
 
-    __slots__ = ("max_payload", "too_big", "_buf", "_in_fragment", "_slow_left")
+    __slots__ = ("max_payload", "limit", "too_big", "_buf", "_in_fragment", "_slow_left")
 
-    def __init__(self, max_payload: int) -> None:
+    def __init__(self, max_payload: int, slack: int = 0) -> None:
         self.max_payload = max_payload
+        self.limit = max_payload + slack
         self.too_big = False
         self._buf = b""
         self._in_fragment = False  # a fragmented message is under way: all goes to the parser
@@ -135,7 +138,7 @@ class FrameSplitter:
                     break
                 n = int.from_bytes(buf[pos + 2:pos + 10], "big")
                 head = 10
-            if n > self.max_payload:
+            if n > self.limit:
                 self.too_big = True
                 break
             masked = b1 & 0x80
@@ -155,7 +158,7 @@ class FrameSplitter:
                 break
             text = None
             # (a length in a wider form than needed is a protocol error: the parser says so)
-            if b0 == 0x81 and masked and not self._in_fragment and (
+            if b0 == 0x81 and masked and not self._in_fragment and n <= self.max_payload and (
                     head == 6 or (head == 8 and n > 125) or (head == 14 and n > 65535)):
                 key = buf[pos + head - 4:pos + head]
                 try:
