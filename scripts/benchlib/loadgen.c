@@ -3,9 +3,16 @@
  * Opens N subscriber connections (+ optional K stuck readers that are never
  * read after the handshake) and, except in idle mode, one publisher.
  * The publisher sends masked 100-byte text frames carrying a JSON object
- * {"t":<CLOCK_MONOTONIC ns>,"p":"xxx..."}; subscribers parse frames, count
- * deliveries and record latency (now - t) into a histogram.  The publisher's
- * own deliveries are read and discarded (not counted).
+ * {"t":<CLOCK_MONOTONIC ns>,"p":"xxx..."} (--json: {"t":..,"items":[...]}, records
+ * of ids, names, e-mails, numbers and flags, compressible like typical JSON);
+ * subscribers parse frames, count deliveries and record latency (now - t) into a
+ * histogram.  The publisher's own deliveries are read and discarded (not counted).
+ *
+ * --deflate: every connection offers permessage-deflate (RFC 7692); compressed
+ * messages are inflated by a per-connection inflater (context takeover, as the
+ * server answered) or, when the server answered server_no_context_takeover, only
+ * the 1 in 16 sampled for latency (each message stands alone).  "wire_bytes" is
+ * what the subscribers read during the measured window, frame headers included.
  *
  * modes:
  *   tput  send as fast as the server absorbs: at most WINDOW messages in
@@ -33,6 +40,7 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 #include "wsutil.h"
 
 enum { K_SUB, K_PUB, K_STUCK };
@@ -43,6 +51,8 @@ typedef struct conn {
     char *in; size_t inlen, incap;
     char *out; size_t outlen, outoff, outcap;
     uint64_t received;
+    int deflate, no_takeover;  /* permessage-deflate negotiated; server_no_context_takeover */
+    z_stream *zs;
 } conn;
 
 /* options */
@@ -55,6 +65,9 @@ static double window_max_msgs = 1000;
 static double prefill_max = 15;
 static const char *mode = "tput", *path = "/";
 static int stuck_rcvbuf = 4096;
+static int want_deflate = 0, json_payload = 0;
+static uint64_t deflate_conns, wire_bytes, inflated;
+static unsigned char zbuf[1 << 20];
 
 static conn *conns; static int nconns;
 static int epfd;
@@ -158,7 +171,8 @@ static void send_handshake(conn *c) {
     char req[512];
     int n = snprintf(req, sizeof req,
         "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n", path, port, key);
+        "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n", path, port, key,
+        want_deflate ? "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" : "");
     queue_out(c, req, (size_t)n);
 }
 
@@ -177,16 +191,64 @@ static void masked_frame(conn *c, int op, const char *p, size_t n) {
 }
 
 static char *payload;
+static const char *NAMES[] = {"alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"};
+static const char *CITIES[] = {"Berlin", "Lisbon", "Oslo", "Paris", "Rome", "Vienna", "Warsaw", "Zurich"};
 static void make_payload(int64_t t, int size) {
     int n = snprintf(payload, (size_t)size + 1, "{\"t\":%lld,\"p\":\"", (long long)t);
-    for (int i = n; i < size - 2; i++) payload[i] = 'x';
+    if (json_payload && size >= 200) {
+        /* records until about 200 bytes are left, then a padding string to the exact size */
+        n = snprintf(payload, (size_t)size + 1, "{\"t\":%lld,\"items\":[", (long long)t);
+        int first = 1;
+        while (n < size - 200) {
+            uint64_t r = xr();
+            n += snprintf(payload + n, (size_t)(size + 1 - n),
+                "%s{\"id\":%llu,\"user\":\"%s%u\",\"email\":\"%s%u@example.com\",\"city\":\"%s\","
+                "\"score\":%u.%02u,\"active\":%s}", first ? "" : ",", (unsigned long long)(r % 1000000),
+                NAMES[r % 8], (unsigned)(r >> 20) % 1000, NAMES[r % 8], (unsigned)(r >> 20) % 1000,
+                CITIES[(r >> 8) % 8], (unsigned)(r >> 32) % 100, (unsigned)(r >> 40) % 100,
+                (r >> 50) & 1 ? "true" : "false");
+            first = 0;
+        }
+        n += snprintf(payload + n, (size_t)(size + 1 - n), "],\"note\":\"");
+    }
+    for (int i = n; i < size - 2; i++) payload[i] = json_payload ? "status ok "[(i - n) % 10] : 'x';
     payload[size - 2] = '"'; payload[size - 1] = '}'; payload[size] = 0;
 }
 
-static void on_message(conn *c, const unsigned char *p, size_t n, int64_t now) {
+/* the message of a compressed frame, inflated into zbuf (NULL: not inflated, or broken) */
+static const unsigned char *inflate_msg(conn *c, const unsigned char *p, size_t n, size_t *outn) {
+    if (!c->zs) {
+        c->zs = calloc(1, sizeof *c->zs);
+        if (inflateInit2(c->zs, -15) != Z_OK) { free(c->zs); c->zs = NULL; return NULL; }
+    } else if (c->no_takeover) inflateReset(c->zs);
+    static const unsigned char tail[4] = {0, 0, 0xff, 0xff};
+    z_stream *z = c->zs;
+    z->next_out = zbuf; z->avail_out = sizeof zbuf;
+    z->next_in = (unsigned char *)p; z->avail_in = (uInt)n;
+    int r = inflate(z, Z_SYNC_FLUSH);
+    if (r != Z_OK && r != Z_BUF_ERROR) return NULL;
+    z->next_in = (unsigned char *)tail; z->avail_in = 4;
+    r = inflate(z, Z_SYNC_FLUSH);
+    if (r != Z_OK && r != Z_BUF_ERROR) return NULL;
+    inflated++;
+    *outn = sizeof zbuf - z->avail_out;
+    return zbuf;
+}
+
+static void on_message(conn *c, const unsigned char *p, size_t n, int64_t now, int compressed) {
     if (c->kind == K_PUB) { pub_received++; return; }
     c->received++;
     deliveries_total++;
+    if (compressed) {
+        /* with context takeover every message must go through the connection's inflater */
+        if (!c->no_takeover || (measuring && (deliveries & 15) == 0)) {
+            p = inflate_msg(c, p, n, &n);
+            if (!p) { parse_errors++; return; }
+        } else {
+            if (measuring) deliveries++;
+            return;
+        }
+    }
     if (!measuring) return;
     deliveries++;
     /* find "t": */
@@ -217,7 +279,7 @@ static long parse_frames(conn *c, unsigned char *b, size_t len, int64_t now) {
         if (avail < h + pl) break;
         unsigned char *p = b + off + h;
         if (masked) { unsigned char *m = p - 4; for (uint64_t i = 0; i < pl; i++) p[i] ^= m[i & 3]; }
-        if (op == 1 || op == 2 || op == 0) { if (fin) on_message(c, p, pl, now); }
+        if (op == 1 || op == 2 || op == 0) { if (fin) on_message(c, p, pl, now, (b[off] & 0x40) != 0); }
         else if (op == 9) { /* ping -> pong */
             char tmp[128]; size_t n = pl < 125 ? pl : 125; memcpy(tmp, p, n);
             masked_frame(c, 10, tmp, n);
@@ -235,6 +297,7 @@ static void on_readable(conn *c, int64_t now) {
     if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) { conn_close(c, 1); return; }
     if (r < 0) return;
     bytes_in += (uint64_t)r;
+    if (measuring && c->kind == K_SUB && c->state == S_OPEN) wire_bytes += (uint64_t)r;
     unsigned char *data; size_t len;
     if (c->state == S_HANDSHAKE) {
         ensure(&c->in, &c->incap, c->inlen + (size_t)r + 1);
@@ -244,6 +307,13 @@ static void on_readable(conn *c, int64_t now) {
         if (strncmp(c->in, "HTTP/1.1 101", 12) != 0) {
             if (errors < 3) fprintf(stderr, "loadgen: handshake refused: %.*s\n", (int)(strchr(c->in, '\r') - c->in), c->in);
             errors++; conn_close(c, 0); return;
+        }
+        if (want_deflate) {
+            *end = 0;  /* the head only */
+            for (char *q = c->in; *q; q++) *q = (char)(*q >= 'A' && *q <= 'Z' ? *q + 32 : *q);
+            c->deflate = strstr(c->in, "sec-websocket-extensions: permessage-deflate") != NULL;
+            c->no_takeover = c->deflate && strstr(c->in, "server_no_context_takeover") != NULL;
+            if (c->deflate && c->kind == K_SUB) deflate_conns++;
         }
         size_t used = (size_t)(end + 4 - c->in);
         memmove(c->in, c->in + used, c->inlen - used); c->inlen -= used;
@@ -310,6 +380,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--prefill-size")) { prefill_size = atoi(v); i++; }
         else if (!strcmp(a, "--prefill-max")) { prefill_max = arg_d(v); i++; }
         else if (!strcmp(a, "--max-msgs")) { max_msgs = atoll(v); i++; }
+        else if (!strcmp(a, "--deflate")) { want_deflate = 1; }
+        else if (!strcmp(a, "--json")) { json_payload = 1; }
         else { fprintf(stderr, "unknown option %s\n", a); return 2; }
     }
     if (!port || msgsize < 40 || nsubs < 0) { fprintf(stderr, "usage: loadgen --port P [--mode tput|rate|idle] [--subs N] ...\n"); return 2; }
@@ -450,13 +522,15 @@ int main(int argc, char **argv) {
            "\"deliveries\":%llu,\"deliveries_per_s\":%.1f,\"lat_count\":%llu,\"lat_p50_us\":%.0f,"
            "\"lat_p99_us\":%.0f,\"lat_max_us\":%llu,\"sub_min\":%llu,\"sub_max\":%llu,\"closed_subs\":%d,"
            "\"stuck_open_at_end\":%d,\"stalls\":%llu,\"errors\":%llu,\"connect_failed\":%llu,"
-           "\"closed_unexpected\":%llu,\"parse_errors\":%llu,\"cpu_s\":%.3f}\n",
+           "\"closed_unexpected\":%llu,\"parse_errors\":%llu,\"deflate_subs\":%llu,\"inflated\":%llu,"
+           "\"wire_bytes\":%llu,\"cpu_s\":%.3f}\n",
            mode, nsubs, nstuck, established, est_subs, est_stuck, pub_ok ? "true" : "false", connect_s, (tm - ts) / 1e9, secs,
            (unsigned long long)sent, sent / secs, (unsigned long long)deliveries, deliveries / secs,
            (unsigned long long)hcount, hpct(0.50), hpct(0.99), (unsigned long long)hmax,
            (unsigned long long)smin, (unsigned long long)smax, closed_subs, stuck_open,
            (unsigned long long)stalls, (unsigned long long)errors, (unsigned long long)connect_failed,
            (unsigned long long)closed_unexpected, (unsigned long long)parse_errors,
+           (unsigned long long)deflate_conns, (unsigned long long)inflated, (unsigned long long)wire_bytes,
            ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6);
     fflush(stdout);
     (void)drain; (void)done;
