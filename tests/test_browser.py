@@ -215,6 +215,26 @@ def test_two_pages_exchange_messages(make_server, pages):
 
 
 @pytest.mark.timeout(60)
+def test_page_with_compression_negotiated(make_server, pages):
+    """Chromium offers permessage-deflate: the answer names server_no_context_takeover, the
+    server's messages over the threshold come compressed and the page's compressed ones are read."""
+    srv = make_server()
+    page = pages(srv.http_url + "/")
+    page.wait_connected()
+    assert page.js("return window.wsbDemo.extensions") == "permessage-deflate; server_no_context_takeover"
+    assert [c.deflate for c in srv.hub.connections()] == [15]
+    page.subscribe("demo")
+    text = "compressible words " * 100
+    before = srv.writer.compressors.calls
+    page.publish("demo", text)  # the browser compresses it; the server inflates it
+    page.wait_message("demo", 1, text)
+    srv.publish("demo", {"from": "server", "text": text})
+    page.wait_message("demo", 2, json.dumps({"from": "server", "text": text}, separators=(",", ":")))
+    assert srv.writer.compressors.calls - before == 2
+    assert page.lines("error") == []
+
+
+@pytest.mark.timeout(60)
 def test_page_and_plain_clients_see_each_other_without_a_click(make_server, pages):
     """The page opens on ``broadcast``, where the seed's plain clients talk."""
     srv = make_server()
