@@ -277,3 +277,15 @@ def test_client_negotiates_by_default_and_can_decline(make_server):
                if line.startswith("wsbroadcast_deflate")}
     assert metrics["wsbroadcast_deflate_calls_total"] >= 1
     assert 0 < metrics["wsbroadcast_deflate_out_bytes_total"] < metrics["wsbroadcast_deflate_in_bytes_total"]
+
+
+def test_command_line_flags(monkeypatch):
+    from test_cli_serve import parsed_config
+    cfg = parsed_config(monkeypatch)
+    assert (cfg.compression, cfg.compression_threshold) == (True, 128)
+    cfg = parsed_config(monkeypatch, "--no-compression", "--compression-threshold", "300")
+    assert (cfg.compression, cfg.compression_threshold) == (False, 300)
+    with ServerProcess("--store", "memory", "--no-compression") as proc:
+        status, headers, ws = wsraw.handshake(proc.port, headers=[OFFER])
+        assert status == 101 and "sec-websocket-extensions" not in headers
+        ws.close()
