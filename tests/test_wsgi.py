@@ -382,3 +382,19 @@ def test_mount_on_a_plain_wsgi_app():
         thread.join(10)
         assert not thread.is_alive()
         srv.server_close()
+
+
+@pytest.mark.timeout(30)
+def test_mounted_broker_compresses_unless_told_not_to(mounted):
+    offer = [("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits")]
+    for compression in (True, False):
+        broker, port = mounted(compression=compression)
+        status, headers, ws = wsraw.handshake(port, path="/live", headers=offer, cls=wsraw.DeflateWS)
+        assert status == 101
+        assert headers.get("sec-websocket-extensions") == (
+            "permessage-deflate; server_no_context_takeover" if compression else None)
+        assert wsraw.subscribe(ws, "news")["type"] == "ack"
+        broker.publish("news", {"text": "mounted " * 100})
+        assert ws.recv_json()["data"] == {"text": "mounted " * 100}
+        assert ws.compressed == (1 if compression else 0)
+        ws.close()
