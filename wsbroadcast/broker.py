@@ -69,6 +69,13 @@ class Broker(abc.ABC):
         Called with the hub's lock held: must not block.
         """
 
+    def attach(self, in_use: InUse) -> None:
+        """Learn how to ask whether a subscriber relies on a topic's numbering.
+
+        ``in_use(topic)`` may only be called with the hub's lock held (in ``publish``,
+        ``latest`` or ``trim``).
+        """
+
     def trim(self, limit: int, in_use: InUse) -> Tuple[int, bool]:
         """One bounded step of retention: ``(messages removed, more to do)``.
 
@@ -128,6 +135,9 @@ class LocalBroker(Broker):
     @property
     def reason(self) -> Optional[str]:
         return self.store.failure
+
+    def attach(self, in_use: InUse) -> None:
+        self.store.in_use = in_use
 
     def interest(self, pattern: str, on: bool, acked: Optional[int] = None) -> None:
         if not on:

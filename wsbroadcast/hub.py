@@ -60,6 +60,7 @@ class Hub:
         self._floored = 0  # (connection, topic) floors set: deliveries at or below are dropped
         self.received = 0  # messages published
         self._refused_log = RateLimitedLog(logger)  # refused publishes: one line per interval
+        broker.attach(self._tree.has_match)
         broker.start(self.on_publications)
 
     # ------------------------------------------------------------------ registry

@@ -18,6 +18,7 @@ all-or-nothing.
 from __future__ import annotations
 
 import abc
+import collections
 import heapq
 import itertools
 import logging
@@ -31,6 +32,7 @@ import time
 from contextlib import contextmanager
 from typing import (
     Callable,
+    Deque,
     Dict,
     Iterator,
     List,
@@ -137,6 +139,10 @@ class MessageStore(abc.ABC):
     history_size: int
     history_ttl: Optional[float]
     read_only: bool = False
+    #: ``in_use(topic)``: does a subscriber rely on the topic's numbering? Set by the owner
+    #: of the lock ``append_batch`` is called under (the hub); a store that forgets topics
+    #: may then forget unused ones in ``append_batch`` too.
+    in_use: Optional[Callable[[str], bool]] = None
 
     def open(self) -> None:
         """Acquire what the store needs (files, locks); idempotent. Raises StoreError."""
@@ -229,7 +235,7 @@ def topic_cost(topic: str) -> int:
 class _Topic:
     """One topic of a MemoryStore: its numbering and its stored messages, oldest first."""
 
-    __slots__ = ("name", "epoch", "last", "msgs", "head", "queued", "idle")
+    __slots__ = ("name", "epoch", "last", "msgs", "head", "queued", "idle", "listed")
 
     def __init__(self, name: str, epoch: str) -> None:
         self.name = name
@@ -240,6 +246,7 @@ class _Topic:
         self.head = 0
         self.queued = False  # has an entry in the store's heap
         self.idle = _ACTIVE  # _IDLE or _KEPT while no message is stored
+        self.listed = False  # in the store's idle queue (maybe no longer idle)
 
     def count(self) -> int:
         return len(self.msgs) - self.head
@@ -304,8 +311,9 @@ class MemoryStore(MessageStore):
         # topic, whose key may be stale (too old); it is refreshed when it comes up.
         self._heap: List[Tuple[float, int, int, _Topic]] = []
         self._order = itertools.count()
-        # topics without messages, oldest first: not yet checked / in use when checked
-        self._idle: Dict[str, _Topic] = {}
+        # topics without messages: not yet checked, oldest first (an entry whose topic
+        # got a message since is skipped) / found in use when checked
+        self._idle: Deque[_Topic] = collections.deque()
         self._kept: Dict[str, _Topic] = {}
         self._recheck = False  # move _kept back to _idle (a wildcard subscription went)
         self._bytes = 0
@@ -331,21 +339,20 @@ class MemoryStore(MessageStore):
         if t is None:
             t = self._topics[name] = _Topic(name, self._epoch)
             self._bytes += topic_cost(name)
-            t.idle = _IDLE
-            self._idle[name] = t
+            self._set_idle(t)
         return t
 
     def _set_active(self, t: _Topic) -> None:
-        if t.idle == _IDLE:
-            del self._idle[t.name]
-        elif t.idle == _KEPT:
+        if t.idle == _KEPT:
             del self._kept[t.name]
         t.idle = _ACTIVE
 
     def _set_idle(self, t: _Topic) -> None:
-        if t.idle == _ACTIVE:
+        if t.idle != _IDLE:
             t.idle = _IDLE
-            self._idle[t.name] = t
+            if not t.listed:
+                t.listed = True
+                self._idle.append(t)
 
     def _pop_oldest_locked(self, done: Callable[[_Topic, StoredMessage], bool],
                            limit: int) -> Tuple[int, bool]:
@@ -418,6 +425,9 @@ class MemoryStore(MessageStore):
                     t.queued = True
                 while t.count() > size:
                     self._bytes -= message_cost(t.drop_oldest().data)
+            if self._bytes > self.max_bytes and self.in_use is not None:
+                # topics without messages or subscribers first: that loses no message
+                self._forget_locked(self.in_use, sys.maxsize, self.max_bytes)
             if self._bytes > self.max_bytes:
                 limit = self.max_bytes
 
@@ -493,49 +503,62 @@ class MemoryStore(MessageStore):
                 for _tm, _n, _seq, t in self._heap:
                     t.queued = True
                 self._trimmed_size = size
+            work = removed
+            if in_use is not None:
+                work += self._forget_locked(in_use, limit - work)
+                if work >= limit:
+                    return removed, True
             if ttl is not None:
                 if now is None:
                     now = self._clock()
                 cutoff = now - ttl
-                n, more = self._pop_oldest_locked(lambda t, m: m.time >= cutoff, limit)
+                n, more = self._pop_oldest_locked(lambda t, m: m.time >= cutoff, limit - work)
                 removed += n
+                work += n
                 if more:
                     return removed, True
             if self._bytes > self.max_bytes:
                 cap = self.max_bytes
-                n, more = self._pop_oldest_locked(lambda t, m: self._bytes <= cap, limit - removed)
+                n, more = self._pop_oldest_locked(lambda t, m: self._bytes <= cap, limit - work)
                 self.evicted += n
                 removed += n
                 if more:
                     return removed, True
-            if in_use is None:
-                return removed, False
-            work = removed
-            if self._recheck:
-                while self._kept and work < limit:
-                    name, t = self._kept.popitem()
-                    t.idle = _IDLE
-                    self._idle[name] = t
-                    work += 1
-                self._recheck = bool(self._kept)
-            forgot = 0
-            idle = self._idle
-            while idle and work < limit:
-                name = next(iter(idle))
-                t = idle.pop(name)
+            return removed, in_use is not None and bool(self._idle)
+
+    def _forget_locked(self, in_use: InUse, limit: int, cap: Optional[int] = None) -> int:
+        """Check up to ``limit`` idle topics (until the bytes are within ``cap``, if given);
+        forget those not in use. Returns the work done."""
+        work = 0
+        if self._recheck and cap is None:
+            kept = self._kept
+            while kept and work < limit:
+                _name, t = kept.popitem()
+                t.idle = _ACTIVE  # so that _set_idle queues it
+                self._set_idle(t)
                 work += 1
-                if in_use(name):
-                    t.idle = _KEPT
-                    self._kept[name] = t
-                    continue
-                del self._topics[name]
-                self._bytes -= topic_cost(name)
-                forgot += 1
-            if forgot:
-                self.forgotten += forgot
-                self._generation += 1
-                self._epoch = "%s-%d" % (self.epoch, self._generation)
-            return removed, bool(idle) or self._recheck
+            self._recheck = bool(kept)
+        forgot = 0
+        idle = self._idle
+        while idle and work < limit and (cap is None or self._bytes > cap):
+            t = idle.popleft()
+            t.listed = False
+            work += 1
+            if t.idle != _IDLE:
+                continue  # it got a message (or was checked) since it was queued
+            if in_use(t.name):
+                t.idle = _KEPT
+                self._kept[t.name] = t
+                continue
+            del self._topics[t.name]
+            t.idle = _ACTIVE  # a stale reference (e.g. a heap entry) finds nothing to do
+            self._bytes -= topic_cost(t.name)
+            forgot += 1
+        if forgot:
+            self.forgotten += forgot
+            self._generation += 1
+            self._epoch = "%s-%d" % (self.epoch, self._generation)
+        return work
 
     def release(self, pattern: str) -> None:
         """The last subscriber of ``pattern`` went: topics it kept may be forgotten again."""
@@ -545,8 +568,8 @@ class MemoryStore(MessageStore):
                 return
             t = self._kept.pop(pattern, None)
             if t is not None:
-                t.idle = _IDLE
-                self._idle[pattern] = t
+                t.idle = _ACTIVE
+                self._set_idle(t)
 
     @property
     def failure(self) -> Optional[str]:
@@ -1192,7 +1215,7 @@ class RetentionTrimmer:
     #: seconds a step aims to hold its lock
     HOLD = 0.002
     MIN_LIMIT = 16
-    MAX_LIMIT = 20000
+    MAX_LIMIT = 2000
 
     def __init__(self, store: MessageStore, interval: float = 1.0,
                  step: Optional[TrimStep] = None) -> None:
