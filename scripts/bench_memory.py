@@ -20,6 +20,13 @@ Scenarios (``--only`` picks some; default: all):
   before the attack once the connection is closed.
 - ``chunked``: ``--chunked-clients`` HTTP publishes whose bodies (just under 1 MiB)
   come in 2-byte chunks and never end. Target: growth < 64 MiB.
+- ``topics``: ``--topics`` distinct topics (default 1,000,000), one message of
+  ``--topic-size`` bytes each. On the memory store with ``--memory-store-bytes
+  --topics-budget``: target growth < the budget + 16 MiB. On the memory store with
+  ``--history-ttl`` (and a budget that holds them all), the topics expire after they
+  are all published; a probe publishes with an id every 10 ms; target: ack p99 < 50 ms
+  while they are trimmed and forgotten (the p99 during the publish flood is shown too).
+  On SQLite: target growth < 32 MiB (the topics' metadata is a bounded cache).
 
 A scenario is a function registered with ``@scenario(name)``; it gets the parsed
 arguments and returns ``Row``s. Options of its own are added by the function
@@ -355,6 +362,171 @@ def chunked_scenario(args: argparse.Namespace) -> List[Row]:
                     sock.close()
             rows.append(Row("chunked", "%d clients, 2-byte chunks" % args.chunked_clients,
                             before, after, 64.0, ""))
+    return rows
+
+
+# ---------------------------------------------------------------- scenario: topics
+
+
+def _topics_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("topics")
+    g.add_argument("--topics", type=int, default=1_000_000,
+                   help="distinct topics published, one message each (default 1,000,000)")
+    g.add_argument("--topic-size", type=int, default=100, help="bytes of each message's data (default 100)")
+    g.add_argument("--topics-budget", default="64MiB",
+                   help="--memory-store-bytes of the budget case (default 64MiB)")
+    g.add_argument("--topics-ttl", type=float, default=0.0,
+                   help="--history-ttl of the trim case, in seconds (default: long enough for the "
+                        "topics to be published before the first one expires, from the budget case)")
+
+
+def publish_topics(port: int, prefix: str, count: int, size: int, batch: int = 500) -> float:
+    """Publish one message on each of ``count`` distinct topics from one connection; seconds taken."""
+    ws = wsraw.connect(port, timeout=60)
+    data = json.dumps("x" * max(0, size - 2))
+    started = time.monotonic()
+    try:
+        frames: List[bytes] = []
+        for i in range(count):
+            text = '{"type":"publish","topic":"%s.%d","data":%s}' % (prefix, i, data)
+            frames.append(wsraw.encode_frame(0x1, text.encode()))
+            if len(frames) == batch:
+                ws.sock.sendall(b"".join(frames))
+                frames = []
+            if i % 50_000 == 49_999 or i == count - 1:  # keep in step with the server
+                if frames:
+                    ws.sock.sendall(b"".join(frames))
+                    frames = []
+                ws.send_json({"type": "ping", "id": i})
+                while ws.recv_json(timeout=300).get("id") != i:
+                    pass
+        return time.monotonic() - started
+    finally:
+        ws.close()
+
+
+def healthz(port: int) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/healthz")
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+class _Probe:
+    """Publishes with an id every 10 ms on its own connection; (sent at, ack latency) pairs."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+        self.samples: List[tuple] = []
+        self.errors = 0
+        self._ws = wsraw.connect(port, timeout=60)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        n = 0
+        while not self._done.wait(0.01):
+            n += 1
+            sent = time.monotonic()
+            try:
+                self._ws.send_json({"type": "publish", "topic": "probe", "data": n, "id": n})
+                while True:
+                    reply = self._ws.recv_json(timeout=60)
+                    if reply.get("id") == n:
+                        break
+            except (OSError, TimeoutError, ValueError):
+                self.errors += 1
+                return
+            if reply.get("type") != "ack":
+                self.errors += 1
+            self.samples.append((sent, time.monotonic() - sent))
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(70)
+        self._ws.close()
+
+
+def _percentile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def _serve(store: str, *extra: str) -> ServerProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return ServerProcess("--store", store, *extra, cwd=str(ROOT), env=env, timeout=30.0)
+
+
+@scenario("topics", options=_topics_options)
+def topics_scenario(args: argparse.Namespace) -> List[Row]:
+    """Many distinct topics: the memory store's budget, a TTL trim of all of them, SQLite."""
+    from wsbroadcast.config import parse_size
+
+    rows: List[Row] = []
+    n, size = args.topics, args.topic_size
+    budget = parse_size(args.topics_budget)
+
+    # 1. the byte budget
+    with _serve("memory", "--memory-store-bytes", str(budget)) as proc:
+        before = steady_rss(proc)
+        log("topics: memory store of %s: %.1f MiB before; publishing %d topics"
+            % (args.topics_budget, before, n))
+        sampler = _Sampler(proc)
+        took = publish_topics(proc.port, "t", n, size)
+        after = max(sampler.stop(), peak_rss(proc, args.settle))
+        broker = healthz(proc.port)["broker"]
+        ttl = args.topics_ttl or round(took * 1.3 + 10)
+        rows.append(Row("topics", "memory, %d topics x %d B, budget %s" % (n, size, args.topics_budget),
+                        before, after, budget / MIB + 16.0,
+                        "%.0f/s; %d topics kept, %.1f of %.1f MiB accounted" % (
+                            n / took, broker["topics"], broker["bytes"] / MIB, broker["max_bytes"] / MIB)))
+
+    # 2. a TTL trim of every topic, publishes measured meanwhile
+    with _serve("memory", "--memory-store-bytes", "4GiB", "--history-ttl", "%g" % ttl) as proc:
+        before = steady_rss(proc)
+        log("topics: memory store, ttl %gs: %.1f MiB before; publishing %d topics" % (ttl, before, n))
+        probe = _Probe(proc.port)
+        sampler = _Sampler(proc)
+        started = time.monotonic()
+        took = publish_topics(proc.port, "t", n, size)
+        deadline = time.monotonic() + 600
+        while healthz(proc.port)["broker"]["topics"] > 1 and time.monotonic() < deadline:
+            time.sleep(0.5)  # only "probe" is left once every other topic is forgotten
+        finished = time.monotonic()
+        probe.stop()
+        after = sampler.stop()
+        trim = healthz(proc.port)["trim"]
+        expiry = started + ttl
+        calm = [lat for at, lat in probe.samples if at < min(expiry, started + took)]
+        trimming = [lat for at, lat in probe.samples if at >= expiry]
+        p99 = _percentile(trimming, 0.99) * 1000
+        note = ("publish %.0f/s for %.0fs; all forgotten %.0fs after the first expiry; ack ms "
+                "during the flood p50 %.1f p99 %.1f, during the trim p50 %.1f p99 %.1f max %.1f (%d acks%s); "
+                "longest step %.1f ms (%.1f ms CPU) of %d%s" % (
+                    n / took, took, finished - expiry,
+                    _percentile(calm, 0.5) * 1000, _percentile(calm, 0.99) * 1000,
+                    _percentile(trimming, 0.5) * 1000, p99, max(trimming or [0]) * 1000,
+                    len(trimming), ", %d probe errors" % probe.errors if probe.errors else "",
+                    trim["longest_hold_ms"], trim["longest_cpu_ms"], trim["steps"],
+                    "" if p99 < 50 and finished < deadline and not probe.errors else " FAIL"))
+        rows.append(Row("topics", "memory, %d topics, ttl %gs" % (n, ttl),
+                        before, after, None, note))
+
+    # 3. SQLite: the topics' metadata in memory is a bounded cache
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as workdir:
+        with _serve(os.path.join(workdir, "history.db")) as proc:
+            before = steady_rss(proc)
+            log("topics: sqlite store: %.1f MiB before; publishing %d topics" % (before, n))
+            sampler = _Sampler(proc)
+            took = publish_topics(proc.port, "t", n, size)
+            after = max(sampler.stop(), peak_rss(proc, args.settle))
+            rows.append(Row("topics", "sqlite, %d topics x %d B" % (n, size), before, after, 32.0,
+                            "%.0f/s; %.0f B of RSS per topic; file %.0f MB" % (
+                                n / took, (after - before) * MIB / n,
+                                os.path.getsize(os.path.join(workdir, "history.db")) / 1e6)))
     return rows
 
 

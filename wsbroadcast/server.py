@@ -571,7 +571,8 @@ class Server:
                        "queue_depth": self.writer.depth()},
             "broker": self.broker.status(),
             "trim": ({"steps": self._trimmer.steps,
-                      "longest_hold_ms": round(self._trimmer.longest_hold * 1000.0, 3)}
+                      "longest_hold_ms": round(self._trimmer.longest_hold * 1000.0, 3),
+                      "longest_cpu_ms": round(self._trimmer.longest_cpu * 1000.0, 3)}
                      if self._trimmer is not None else None),
         })
         return doc
