@@ -9,77 +9,23 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any, List
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
+from browserutil import (  # noqa: F401  (driver is a fixture)
+    ARTIFACTS, NETWORK_ERROR, ROOT, WAIT, assert_no_console_errors, driver,
+)
+from selenium.common.exceptions import WebDriverException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
-if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-    pytest.skip("needs Debian's chromium and chromium-driver (%s, %s)" % (CHROMIUM, CHROMEDRIVER),
-                allow_module_level=True)
-webdriver = pytest.importorskip("selenium.webdriver")
-
-os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look anything up
-
-from selenium.common.exceptions import WebDriverException  # noqa: E402
-from selenium.webdriver.chrome.options import Options  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-import wsraw  # noqa: E402
-from httputil import publish_ok  # noqa: E402
-from conftest import SCALE  # noqa: E402
-from wsbroadcast import Server  # noqa: E402
-from wsbroadcast.auth import mint_token  # noqa: E402
-from wsbroadcast.store import SqliteStore  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARTIFACTS = os.path.join(ROOT, "artifacts")
-WAIT = 10.0 * SCALE
-
-#: collects uncaught errors and unhandled rejections before the page's own script runs
-ERROR_HOOK = """
-window.__errors = [];
-window.addEventListener('error', function (e) {
-  window.__errors.push(String(e.message || e) + ' @' + (e.filename || '') + ':' + (e.lineno || 0));
-});
-window.addEventListener('unhandledrejection', function (e) {
-  window.__errors.push('unhandled rejection: ' + String(e.reason));
-});
-"""
-#: console errors a browser reports while the server is down (restart test only)
-NETWORK_ERROR = re.compile(r"WebSocket connection to '[^']*' failed|net::ERR_CONNECTION_(REFUSED|RESET)")
-
-
-@pytest.fixture(scope="module")
-def driver():
-    profile = tempfile.mkdtemp(prefix="wsb-chromium-")
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-extensions",
-                 "--disable-default-apps", "--disable-background-timer-throttling",
-                 "--disable-renderer-backgrounding", "--disable-backgrounding-occluded-windows",
-                 "--window-size=1280,860", "--user-data-dir=" + profile):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = Service(CHROMEDRIVER, log_output=os.devnull)
-    drv = webdriver.Chrome(service=service, options=options)
-    try:
-        drv.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": ERROR_HOOK})
-        drv.set_page_load_timeout(WAIT)
-        yield drv
-    finally:
-        try:
-            drv.quit()
-        finally:
-            shutil.rmtree(profile, ignore_errors=True)
+import wsraw
+from httputil import publish_ok
+from conftest import SCALE
+from wsbroadcast import Server
+from wsbroadcast.auth import mint_token
+from wsbroadcast.store import SqliteStore
 
 
 class Page:
@@ -179,13 +125,6 @@ def pages(driver):
             except WebDriverException:
                 pass
         driver.switch_to.window(first)
-
-
-def assert_no_console_errors(driver: Any, allowed: Any = None) -> None:
-    severe = [e["message"] for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
-    if allowed is not None:
-        severe = [m for m in severe if not allowed.search(m)]
-    assert not severe, "errors in the browser console: %s" % severe
 
 
 @pytest.mark.timeout(60)

@@ -30,7 +30,10 @@ def _json_error(status, headers, body, code):
 def test_demo_page(server):
     status, headers, body = _req(server.port, "GET", "/")
     assert status == 200 and headers["content-type"].startswith("text/html")
-    assert b"<html" in body.lower() and b"wsbroadcast.v1" in body
+    assert b"<html" in body.lower() and b'<script src="/wsbroadcast.js">' in body
+    status, headers, js = _req(server.port, "GET", "/wsbroadcast.js")
+    assert status == 200 and headers["content-type"].startswith("text/javascript")
+    assert b'"wsbroadcast.v1"' in js
 
 
 def test_healthz(server):

@@ -115,6 +115,9 @@ def _serve_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                    help="Host header served: on a loopback address besides localhost, 127.0.0.1 and "
                         "[::1] (which is all it serves by default, against DNS rebinding); elsewhere "
                         "the only names served once one is given (repeatable; '*' serves any)")
+    s.add_argument("--public-stats", action="store_true",
+                   help="serve /stats and /dashboard to any client when no secret or API key is set "
+                        "(by default only to loopback clients; with auth they need the key or a token)")
     s.add_argument("--certfile", metavar="FILE", help="TLS certificate (PEM): serve wss:// and https://")
     s.add_argument("--keyfile", metavar="FILE", help="TLS private key (PEM)")
     p.set_defaults(func=_serve)
@@ -257,7 +260,7 @@ def _serve(args: argparse.Namespace) -> int:
             secret=secret,
             public_key=public_key, api_key=args.api_key or os.environ.get("WSBROADCAST_API_KEY") or None,
             allowed_origins=tuple(args.allowed_origin), allowed_hosts=tuple(args.allowed_host),
-            certfile=args.certfile, keyfile=args.keyfile,
+            certfile=args.certfile, keyfile=args.keyfile, public_stats=args.public_stats,
             redis_url=args.redis, thread_stack_size=args.thread_stack_size,
         )
         install_redaction_on_handlers()

@@ -64,6 +64,8 @@ class Config:
     #: Host names served besides the loopback names (listening on loopback), or the only
     #: ones served (listening elsewhere); "name" or "name:port", "*" for any (PROTOCOL.md 8)
     allowed_hosts: Tuple[str, ...] = ()
+    #: serve /stats and /dashboard to any client when auth is off (else loopback clients only)
+    public_stats: bool = False
     certfile: Optional[str] = None
     keyfile: Optional[str] = None
     # scale-out

@@ -31,6 +31,8 @@ from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 from .deflate import Agreement, InboundDeflate, negotiate
 from .envelope import PLAIN, SUBPROTOCOL, V1, encode_json, parse_json
 from .errors import AuthError, BrokerUnavailable, ErrorCode, StoreError, TopicError
+from .hosts import is_loopback
+from .stats import stats_document
 from .store import StoredMessage, data_bytes
 from .topics import is_wildcard, validate_pattern, validate_topic
 
@@ -56,7 +58,13 @@ _STATUS_OF = {
 }
 #: known paths and the methods each accepts (the WebSocket path is added per server)
 _ROUTES = {"/": ("GET", "HEAD"), "/healthz": ("GET", "HEAD"), "/metrics": ("GET", "HEAD"),
-           "/publish": ("POST",), "/history": ("GET", "HEAD")}
+           "/publish": ("POST",), "/history": ("GET", "HEAD"), "/stats": ("GET", "HEAD"),
+           "/dashboard": ("GET", "HEAD"), "/wsbroadcast.js": ("GET", "HEAD"),
+           "/wsbroadcast.mjs": ("GET", "HEAD")}
+#: files of the package served as they are: path -> (file in static/, content type)
+_FILES = {"/wsbroadcast.js": ("wsbroadcast.js", "text/javascript; charset=utf-8"),
+          "/wsbroadcast.mjs": ("wsbroadcast.mjs", "text/javascript; charset=utf-8"),
+          "/dashboard": ("dashboard.html", "text/html; charset=utf-8")}
 _MAX_HEADER = 16384
 #: the end of a request head as h11 finds it (bare LF included, so that check_head sees it)
 _HEAD_END = re.compile(rb"\n\r?\n")
@@ -430,6 +438,14 @@ class HttpSession:
             self._publish(req, url, deadline)
         elif path == "/history":
             self._history(req, url, head)
+        elif path == "/stats":
+            self._check_stats_access(req, url)
+            self.respond(200, encode_json(stats_document(self.server)).encode(), head=head)
+        elif path == "/dashboard":
+            self._check_stats_access(req, url)
+            self.respond(200, static_file(path), _FILES[path][1], head=head)
+        elif path in _FILES:
+            self.respond(200, static_file(path), _FILES[path][1], head=head)
         return None
 
     # ------------------------------------------------------------------ endpoints
@@ -440,6 +456,18 @@ class HttpSession:
         except AuthError as exc:
             raise HttpError(ErrorCode.UNAUTHORIZED, str(exc)) from None
         return None if claims.is_allow_all else claims
+
+    def _check_stats_access(self, req: h11.Request, url: Any) -> None:
+        """/stats and /dashboard: the API key or a token for every topic when auth is on,
+        else loopback clients only (unless ``public_stats``)."""
+        if self.server.auth.enabled or self.server.auth.has_api_key:
+            claims = self._credentials(req, url)
+            if claims is not None and not claims.can_subscribe(">"):
+                raise HttpError(ErrorCode.FORBIDDEN, "this token may not read every topic: "
+                                                     "/stats needs the API key or subscribe: ['>']")
+        elif not self.config.public_stats and not is_loopback(self.addr[0]):
+            raise HttpError(ErrorCode.FORBIDDEN, "served to loopback clients only "
+                                                 "(start the server with --public-stats)")
 
     def _read_body(self, req: h11.Request, deadline: float) -> bytes:
         limit = self.config.max_message_size
@@ -680,6 +708,17 @@ def _int_param(query: Dict[str, List[str]], name: str, default: int, low: int,
         bound = "%d..%d" % (low, high) if high is not None else ">= %d" % low
         raise HttpError(ErrorCode.BAD_REQUEST, "%r must be %s" % (name, bound))
     return value
+
+
+_static_cache: Dict[str, bytes] = {}
+
+
+def static_file(path: str) -> bytes:
+    """The bytes of a file of the package served at ``path`` (read once)."""
+    body = _static_cache.get(path)
+    if body is None:
+        body = _static_cache[path] = _load_static(_FILES[path][0])
+    return body
 
 
 def load_demo_page() -> bytes:

@@ -22,6 +22,7 @@ from .envelope import (
 from .broker import Broker, Publication
 from .errors import BrokerUnavailable, CloseCode, ErrorCode, StoreError
 from .logutil import RateLimitedLog
+from .stats import TopicRates
 from .store import StoredMessage
 from .topics import SubjectTree, is_wildcard, validate_topic
 from .writer import CLOSE, DELIVER, REPLAY, SEND, SLOW, Writer
@@ -59,6 +60,9 @@ class Hub:
         self._replaying = 0  # connections with a replay in progress
         self._floored = 0  # (connection, topic) floors set: deliveries at or below are dropped
         self.received = 0  # messages published
+        self.subscriptions = 0  # (connection, pattern) subscriptions now
+        #: publishes per topic lately, for /stats (its own small lock; fed under this one)
+        self.topic_rates = TopicRates()
         self._refused_log = RateLimitedLog(logger)  # refused publishes: one line per interval
         broker.attach(self._tree.has_match)
         broker.start(self.on_publications)
@@ -207,6 +211,7 @@ class Hub:
     def _store_locked(self, pubs: Sequence[Publish]) -> List[Publication]:
         positions = self.broker.publish([(p.topic, p.data) for p in pubs])
         self.received += len(pubs)
+        self.topic_rates.add([p.topic for p in pubs])
         return [Publication(p.topic, seq, epoch, p.data) for p, (seq, epoch) in zip(pubs, positions)]
 
     def _publish_locked(self, conn: Connection, pubs: List[Publish], ops: List[tuple]) -> None:
@@ -320,6 +325,7 @@ class Hub:
         if pattern not in conn.patterns:
             conn.patterns.add(pattern)
             self._tree.insert(pattern, conn)
+            self.subscriptions += 1
             n = self._interest.get(pattern, 0)
             self._interest[pattern] = n + 1
             if n == 0:
@@ -329,6 +335,7 @@ class Hub:
         if pattern in conn.patterns:
             conn.patterns.discard(pattern)
             self._tree.remove(pattern, conn)
+            self.subscriptions -= 1
             n = self._interest.get(pattern, 1) - 1
             if n > 0:
                 self._interest[pattern] = n
