@@ -2,15 +2,19 @@
 
 One interface (:class:`MessageStore`), two implementations:
 
-- :class:`MemoryStore`: a bounded ring per topic; one random epoch per instance,
-  so a restart starts a new numbering (PROTOCOL.md section 4).
+- :class:`MemoryStore`: bounded per topic by count and in all by bytes (the oldest
+  messages of any topic go first); a topic left without messages and subscribers is
+  forgotten and comes back at seq 1 under a new epoch (PROTOCOL.md section 6). One
+  random epoch per instance, so a restart starts a new numbering (section 4).
 - :class:`SqliteStore`: one SQLite file in WAL mode. Each topic's epoch and last
   seq live in their own table, so seqs survive trimming, ``history_size`` 0 and
-  restarts (same file => same epoch, seqs continue).
+  restarts (same file => same epoch, seqs continue); topics are never forgotten,
+  and only a bounded cache of their metadata is kept in memory.
 
 Threading contract: ``append_batch`` and ``latest`` are called by one thread at a
-time (the hub holds its lock around them). ``since``, ``oldest`` and ``trim`` may be
-called from any thread concurrently with them. Every failure to read or write
+time (the hub holds its lock around them; ``in_use`` and ``trim_step(in_use=...)``
+rely on it). ``since``, ``oldest`` and ``trim`` may be called from any thread
+concurrently with them. Every failure to read or write
 surfaces as :class:`~wsbroadcast.errors.StoreError`; ``append_batch`` is
 all-or-nothing.
 """
@@ -197,6 +201,15 @@ class MessageStore(abc.ABC):
 
     def release(self, pattern: str) -> None:
         """The last subscriber of ``pattern`` is gone (topics it kept may be forgotten)."""
+
+    def _trim_in_steps(self, now: Optional[float]) -> int:
+        """A whole trim as a series of :meth:`trim_step` calls (for stores that have them)."""
+        removed = 0
+        while True:
+            n, more = self.trim_step(now)
+            removed += n
+            if not more:
+                return removed
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -469,12 +482,7 @@ class MemoryStore(MessageStore):
             return t.msgs[t.head].seq  # type: ignore[union-attr]
 
     def trim(self, now: Optional[float] = None) -> int:
-        removed = 0
-        while True:
-            n, more = self.trim_step(now)
-            removed += n
-            if not more:
-                return removed
+        return self._trim_in_steps(now)
 
     def trim_step(
         self, now: Optional[float] = None, limit: int = TRIM_STEP, in_use: Optional[InUse] = None
@@ -1049,12 +1057,7 @@ class SqliteStore(MessageStore):
             return out
 
     def trim(self, now: Optional[float] = None) -> int:
-        removed = 0
-        while True:
-            n, more = self.trim_step(now)
-            removed += n
-            if not more:
-                return removed
+        return self._trim_in_steps(now)
 
     def trim_step(
         self, now: Optional[float] = None, limit: int = TRIM_STEP, in_use: Optional[InUse] = None
