@@ -10,21 +10,19 @@ message size limit.
 
 from __future__ import annotations
 
-import struct
 import zlib
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from wsproto.extensions import Extension
 from wsproto.frame_protocol import CloseReason, Opcode, RsvBits
 
+from .wsframe import compressed_text_frame
+
 NAME = "permessage-deflate"
 #: the empty stored block that ends a sync flush; RFC 7692 7.2.1 removes it
 _TAIL = b"\x00\x00\xff\xff"
 #: compression level (zlib's default: at 1 KB JSON it costs about what level 1 costs)
 LEVEL = 6
-
-_pack_16 = struct.Struct("!BBH").pack
-_pack_64 = struct.Struct("!BBQ").pack
 
 
 class Agreement(NamedTuple):
@@ -72,15 +70,15 @@ def _parse_offer(offer: str) -> Optional[Dict[str, Optional[str]]]:
         if name in params:
             return None
         params[name] = value.strip() if eq else None
-    for name, value in params.items():
+    for name, given in params.items():
         if name in ("server_no_context_takeover", "client_no_context_takeover"):
-            if value is not None:
+            if given is not None:
                 return None
         elif name == "server_max_window_bits":
-            if _window_bits(value) is None:
+            if _window_bits(given) is None:
                 return None
         elif name == "client_max_window_bits":
-            if value is not None and _window_bits(value) is None:
+            if given is not None and _window_bits(given) is None:
                 return None
         else:
             return None
@@ -142,13 +140,7 @@ class Compressors:
 
     def text_frame(self, payload: bytes, bits: int) -> bytes:
         """A compressed text frame (RSV1 set) carrying ``payload``."""
-        data = self.compress(payload, bits)
-        n = len(data)
-        if n < 126:
-            return bytes((0xC1, n)) + data
-        if n < 65536:
-            return _pack_16(0xC1, 126, n) + data
-        return _pack_64(0xC1, 127, n) + data
+        return compressed_text_frame(self.compress(payload, bits))
 
 
 def text_payload(frame: bytes) -> Optional[bytes]:

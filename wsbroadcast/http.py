@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
+from wsproto.extensions import Extension
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
 from .deflate import Agreement, InboundDeflate, negotiate
@@ -638,7 +639,7 @@ def negotiate_upgrade(server: "Server", headers: List[Tuple[bytes, bytes]], targ
     if not events or not isinstance(events[0], Request):
         raise HttpError(ErrorCode.BAD_REQUEST, "invalid WebSocket handshake")
     agreement = None
-    extensions = []
+    extensions: List[Extension] = []
     if server.config.compression:
         agreement = negotiate(v.decode("latin-1") for k, v in headers if k == b"sec-websocket-extensions")
         if agreement is not None:

@@ -13,13 +13,15 @@ OP_BINARY = 0x2
 OP_CLOSE = 0x8
 OP_PING = 0x9
 OP_PONG = 0xA
+#: the first reserved bit: "compressed" under permessage-deflate (RFC 7692)
+RSV1 = 0x40
 
 _pack_16 = struct.Struct("!BBH").pack
 _pack_64 = struct.Struct("!BBQ").pack
 
 
 def frame(opcode: int, payload: bytes) -> bytes:
-    """One final, unmasked frame carrying ``payload``."""
+    """One final, unmasked frame carrying ``payload`` (``opcode`` may carry RSV1)."""
     n = len(payload)
     b0 = 0x80 | opcode
     if n < 126:
@@ -49,6 +51,11 @@ def text_frame_of(*parts: bytes) -> bytes:
     else:
         head = _pack_64(0x81, 127, n)
     return b"".join((head,) + parts)
+
+
+def compressed_text_frame(data: bytes) -> bytes:
+    """A text frame carrying a message compressed with permessage-deflate (RSV1 set)."""
+    return frame(RSV1 | OP_TEXT, data)
 
 
 def binary_frame(payload: bytes) -> bytes:
