@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -19,10 +20,12 @@ import pytest
 from browserutil import (  # noqa: F401  (driver is a fixture)
     ARTIFACTS, NETWORK_ERROR, ROOT, WAIT, assert_no_console_errors, driver,
 )
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import SCALE
 from wsbroadcast import Server
+from wsbroadcast.auth import mint_token
 from wsbroadcast.auth import mint_token
 from wsbroadcast.store import SqliteStore
 
@@ -193,4 +196,73 @@ def test_dashboard_shows_live_figures_during_a_stress_run(make_server, driver):
     finally:
         stress.kill()
         stress.wait(10)
+    driver.get("about:blank")
+
+
+@pytest.mark.timeout(60)
+def test_publish_rejects_with_the_server_code_and_an_expiring_token_is_renewed(app_origin, make_server, driver):
+    secret = "browser-client-secret-0123456789abcdef"
+    srv = make_server(secret=secret, allowed_origins=(app_origin.origin,))
+
+    def mint(lifetime: float) -> str:
+        return mint_token(secret, sub="page", subscribe=["demo"], publish=["demo"], lifetime=lifetime)
+
+    driver.get_log("browser")
+    first = mint(3 * SCALE)
+    driver.get(app_origin(srv.port) + "?renew=1&token=" + first)
+    _wait(driver, lambda: _connected(driver) and _subscribed(driver), "the page did not subscribe")
+    rejection = driver.execute_async_script(
+        "var done = arguments[arguments.length - 1];"
+        "client.publish('other', 1).then(function (r) { done(['resolved', r]); },"
+        " function (e) { done([e.code, e.message, e.name]); });")
+    assert rejection == ["forbidden", "not allowed to publish on other", "WsbroadcastError"]
+    ack = driver.execute_async_script(
+        "var done = arguments[arguments.length - 1];"
+        "client.publish('demo', 'mine').then(done, function (e) { done(String(e)); });")
+    assert ack["seq"] == 1 and ack["topic"] == "demo" and isinstance(ack["epoch"], str)
+
+    # the token runs out: the server closes with 1008, getToken gives a new one, nothing is lost
+    driver.execute_script("window.t.nextToken = arguments[0]", mint(600))
+    srv.publish("demo", "before expiry")
+    _wait(driver, lambda: any(s[1] == 1008 for s in _t(driver)["states"]), "the token did not expire",
+          timeout=WAIT + 3 * SCALE)
+    srv.publish("demo", "after expiry")
+    _wait(driver, lambda: _connected(driver) and len(_messages(driver)) >= 3, "the page did not come back")
+    t = _t(driver)
+    assert [m[1:] for m in t["messages"]] == [[1, "mine"], [2, "before expiry"], [3, "after expiry"]]
+    assert t["tokens"] == 1
+    assert ["disconnected", 1008, "token expired"] in t["states"]
+    assert t["gaps"] == [] and t["errors"] == []
+    assert driver.execute_script("return window.__errors") == []
+    assert_no_console_errors(driver)
+    driver.get("about:blank")
+
+
+#: what Chromium logs for a refused handshake and the client's probe of /stats
+REFUSED = re.compile(r"WebSocket connection to '[^']*' failed|status of 401")
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_token_stops_reconnecting_until_a_new_one_is_given(app_origin, make_server, driver):
+    secret = "browser-client-secret-0123456789abcdef"
+    srv = make_server(secret=secret, allowed_origins=(app_origin.origin,))
+    bad = mint_token("another-secret-entirely-0123456789-xyz", subscribe=["demo"])
+    driver.get_log("browser")
+    driver.get(app_origin(srv.port) + "?token=" + bad)
+    _wait(driver, lambda: ["disconnected", 401] in [s[:2] for s in _t(driver)["states"]],
+          "the page was not told of the 401")
+    states = _t(driver)["states"]
+    assert states[-1][:2] == ["disconnected", 401] and states[-1][2]  # the server's reason
+    assert driver.execute_script("return client.state") == "disconnected"
+    # stopped: no new connection within a second (the back-off would retry within 0.1 s)
+    tried = srv.accepted
+    with pytest.raises(TimeoutException):
+        WebDriverWait(driver, 1.0, poll_frequency=0.05).until(lambda d: srv.accepted > tried)
+    assert len(_t(driver)["states"]) == len(states)
+    driver.execute_script("client.setToken(arguments[0])", mint_token(secret, subscribe=["demo"]))
+    _wait(driver, lambda: _connected(driver) and _subscribed(driver), "setToken did not reconnect")
+    srv.publish("demo", "welcome")
+    _wait(driver, lambda: _messages(driver) == [["demo", 1, "welcome"]], "no message after setToken")
+    assert driver.execute_script("return window.__errors") == []
+    assert_no_console_errors(driver, allowed=REFUSED)
     driver.get("about:blank")

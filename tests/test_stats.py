@@ -125,3 +125,14 @@ def test_topic_rates_are_bounded_and_windowed():
     assert [t["topic"] for t in rates.top()] == ["a", "c", "d", "b"]  # a tie goes by name
     clock.now += 11.0  # quiet for two windows: nothing is recent
     assert rates.top() == []
+
+
+def test_an_allowed_origin_may_read_stats_answers(make_server):
+    srv = make_server(secret=SECRET, allowed_origins=("http://app.example",))
+    status, headers, _ = request(srv.port, "GET", "/stats", headers=[("Origin", "http://app.example")])
+    assert status == 401 and headers["access-control-allow-origin"] == "http://app.example"
+    status, headers, _ = request(srv.port, "GET", "/stats?token=" + token(subscribe=[">"]),
+                                 headers=[("Origin", "http://app.example")])
+    assert status == 200 and headers["access-control-allow-origin"] == "http://app.example"
+    status, headers, _ = request(srv.port, "GET", "/stats", headers=[("Origin", "http://evil.example")])
+    assert status == 401 and "access-control-allow-origin" not in headers

@@ -440,8 +440,14 @@ class HttpSession:
         elif path == "/history":
             self._history(req, url, head)
         elif path == "/stats":
-            self._check_stats_access(req, url)
-            self.respond(200, encode_json(stats_document(self.server)).encode(), head=head)
+            # an allowed origin may read the answer: wsbroadcast.js tells a refused token this way
+            cors = self._cors(req)
+            try:
+                self._check_stats_access(req, url)
+            except HttpError as err:
+                err.headers.extend(cors)
+                raise
+            self.respond(200, encode_json(stats_document(self.server)).encode(), headers=cors, head=head)
         elif path == "/dashboard":
             self._check_stats_access(req, url)
             self.respond(200, static_file(path), _FILES[path][1], head=head)
@@ -457,6 +463,13 @@ class HttpSession:
         except AuthError as exc:
             raise HttpError(ErrorCode.UNAUTHORIZED, str(exc)) from None
         return None if claims.is_allow_all else claims
+
+    def _cors(self, req: h11.Request) -> List[Tuple[str, str]]:
+        """Headers letting the request's Origin read the answer, when it is an allowed one."""
+        origin = _header(req.headers, b"origin")
+        if origin is None or not self.server.origin_allowed(origin, _header(req.headers, b"host")):
+            return []
+        return [("access-control-allow-origin", origin), ("vary", "Origin")]
 
     def _check_stats_access(self, req: h11.Request, url: Any) -> None:
         """/stats and /dashboard: the API key or a token for every topic when auth is on,
