@@ -107,6 +107,8 @@ class Claims:
     exp: Optional[float] = None
     subscribe: Tuple[str, ...] = ()
     publish: Tuple[str, ...] = ()
+    #: subscriptions granted on connect (PROTOCOL.md "Presence"); they also allow subscribing
+    channels: Tuple[str, ...] = ()
 
     ALLOW_ALL: ClassVar["Claims"]
 
@@ -114,6 +116,7 @@ class Claims:
         # Normalise lists to tuples and validate (programming errors raise TopicError).
         object.__setattr__(self, "subscribe", tuple(validate_pattern(p) for p in self.subscribe))
         object.__setattr__(self, "publish", tuple(validate_pattern(p) for p in self.publish))
+        object.__setattr__(self, "channels", tuple(validate_pattern(p) for p in self.channels))
 
     @classmethod
     def allow_all(cls) -> "Claims":
@@ -138,6 +141,7 @@ class Claims:
             exp=exp,
             subscribe=_parse_pattern_claim(payload, "subscribe"),
             publish=_parse_pattern_claim(payload, "publish"),
+            channels=_parse_pattern_claim(payload, "channels"),
         )
 
     @property
@@ -182,7 +186,8 @@ class Claims:
             validate_pattern(pattern)
         except TopicError:
             return False
-        return patterns_cover(self.subscribe, pattern)
+        return patterns_cover(self.subscribe + self.channels if self.channels else self.subscribe,
+                              pattern)
 
 
 Claims.ALLOW_ALL = Claims(sub=None, exp=None, subscribe=(">",), publish=(">",))

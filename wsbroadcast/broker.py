@@ -11,9 +11,12 @@ know which broker it runs on.
 from __future__ import annotations
 
 import abc
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 from .store import InUse, MemoryStore, MessageStore, StoredMessage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .presence import Member
 
 
 class Publication(NamedTuple):
@@ -84,6 +87,19 @@ class Broker(abc.ABC):
         it says no. About ``limit`` messages or topics are handled per call.
         """
         return 0, False
+
+    def member(self, topic: str, member: "Member", on: bool) -> None:
+        """A connection of this node became (``on``) or stopped being a member of ``topic``.
+
+        A shared broker tells the other nodes (their listeners get a join or leave in
+        order with this node's messages) and keeps the member in its presence.
+        Called with the hub's lock held: must not block.
+        """
+
+    def presence(self, topic: str) -> List[Tuple[int, List[str], List["Member"]]]:
+        """The members of ``topic`` on the other nodes: per node (count, subs, earliest
+        members at most presence.MAX_LISTED). May block; raises BrokerUnavailable."""
+        return []
 
     def wait_subscribed(self, pattern: str, timeout: float) -> bool:
         """Block until this node's interest in ``pattern`` is in effect (never holding the hub lock)."""

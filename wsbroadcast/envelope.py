@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Dict, NamedTuple, Optional, Union
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Union
 
 from .errors import ErrorCode, ProtocolError, TopicError
 from .topics import is_wildcard, validate_pattern, validate_topic
@@ -21,6 +21,8 @@ SEED_TOPIC = "broadcast"
 MAX_DEPTH = 64
 
 _MISSING = object()
+#: the ``id`` of a frame that answers no client frame: the field is left out
+NO_ID = _MISSING
 # allow_nan=False: NaN and Infinity are not JSON; nothing the server sends may hold them
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
@@ -30,6 +32,7 @@ class Subscribe(NamedTuple):
     id: Any
     since: Optional[int]
     epoch: Optional[str]
+    join_leave: bool = False  # v1 only: receive the topic's joins and leaves
 
 
 class Unsubscribe(NamedTuple):
@@ -47,6 +50,14 @@ class Ping(NamedTuple):
     id: Any
 
 
+class PresenceQuery(NamedTuple):
+    """A v1 ``presence`` (``stats`` False) or ``presence_stats`` frame."""
+
+    topic: str
+    id: Any
+    stats: bool
+
+
 class Invalid(NamedTuple):
     """A refused frame: answered with an error frame."""
 
@@ -55,7 +66,7 @@ class Invalid(NamedTuple):
     id: Any
 
 
-Command = Union[Subscribe, Unsubscribe, Publish, Ping, Invalid]
+Command = Union[Subscribe, Unsubscribe, Publish, Ping, PresenceQuery, Invalid]
 
 
 def has_id(value: Any) -> bool:
@@ -225,11 +236,21 @@ def parse_client_frame(text: str, kind: str) -> Command:
                     raise ProtocolError("'since' is not allowed on a wildcard pattern")
             if epoch is not None and not isinstance(epoch, str):
                 raise ProtocolError("'epoch' must be a string")
-            return Subscribe(pattern, ident, since, epoch)
+            join_leave = False
+            if kind != PLAIN:
+                join_leave = obj.get("join_leave", False)
+                if type(join_leave) is not bool:
+                    raise ProtocolError("'join_leave' must be true or false")
+                if join_leave and is_wildcard(pattern):
+                    raise ProtocolError("'join_leave' is not allowed on a wildcard pattern")
+            return Subscribe(pattern, ident, since, epoch, join_leave)
         if kind_of == "unsubscribe":
             return Unsubscribe(validate_pattern(_field(obj, "topic")), ident)
         if kind_of == "ping":
             return Ping(ident)
+        if kind != PLAIN and (kind_of == "presence" or kind_of == "presence_stats"):
+            return PresenceQuery(validate_topic(_field(obj, "topic")), ident,
+                                 kind_of == "presence_stats")
     except ProtocolError as exc:
         return Invalid(exc.code, exc.message, ident)
     except (ValueError, TypeError, RecursionError):
@@ -292,6 +313,42 @@ def error_text(ident: Any, code: Union[ErrorCode, str], message: str) -> str:
     obj = _with_id({"type": "error"}, ident)
     obj["code"] = str(code)
     obj["message"] = message
+    return encode_json(obj)
+
+
+def presence_text(ident: Any, topic: str, total: int, clients: Sequence[str]) -> str:
+    """The answer to a ``presence`` frame; ``clients`` are client objects as JSON text."""
+    head = encode_json(_with_id({"type": "presence"}, ident))[:-1]
+    return '%s,"topic":"%s","total":%d,"clients":[%s]}' % (head, topic, total, ",".join(clients))
+
+
+def presence_stats_text(ident: Any, topic: str, clients: int, users: int) -> str:
+    """The answer to a ``presence_stats`` frame."""
+    obj = _with_id({"type": "presence_stats"}, ident)
+    obj.update(topic=topic, clients=clients, users=users)
+    return encode_json(obj)
+
+
+def client_text(conn: str, sub: Optional[str], joined: float) -> str:
+    """A client object of a presence answer or a join/leave event, as JSON text."""
+    obj: Dict[str, Any] = {"conn": conn}
+    if sub is not None:
+        obj["sub"] = sub
+    obj["joined"] = round(joined, 3)
+    return encode_json(obj)
+
+
+def join_leave_text(kind: str, topic: str, client: str) -> str:
+    """A ``join`` or ``leave`` event (``client``: a client object as JSON text)."""
+    return '{"type":"%s","topic":"%s","client":%s}' % (kind, topic, client)
+
+
+def subscribed_text(topic: str, seq: Optional[int] = None, epoch: Optional[str] = None) -> str:
+    """The frame telling a connection about a subscription granted by its token."""
+    obj: Dict[str, Any] = {"type": "subscribed", "topic": topic}
+    if seq is not None:
+        obj["seq"] = seq
+        obj["epoch"] = epoch
     return encode_json(obj)
 
 

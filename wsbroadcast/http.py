@@ -61,7 +61,7 @@ _STATUS_OF = {
 _ROUTES = {"/": ("GET", "HEAD"), "/healthz": ("GET", "HEAD"), "/metrics": ("GET", "HEAD"),
            "/publish": ("POST",), "/history": ("GET", "HEAD"), "/stats": ("GET", "HEAD"),
            "/dashboard": ("GET", "HEAD"), "/wsbroadcast.js": ("GET", "HEAD"),
-           "/wsbroadcast.mjs": ("GET", "HEAD")}
+           "/wsbroadcast.mjs": ("GET", "HEAD"), "/presence": ("GET", "HEAD")}
 #: files of the package served as they are: path -> (file in static/, content type)
 _FILES = {"/wsbroadcast.js": ("wsbroadcast.js", "text/javascript; charset=utf-8"),
           "/wsbroadcast.mjs": ("wsbroadcast.mjs", "text/javascript; charset=utf-8"),
@@ -116,6 +116,9 @@ class Upgrade:
         self.refuse = refuse
         #: the permessage-deflate agreement, or None (no compression)
         self.deflate: Optional[Agreement] = None
+        #: the 101 answer when it is left to the writer, queued with the subscriptions the
+        #: token grants (b"": already sent)
+        self.greeting = b""
 
 
 class _Timeout(Exception):
@@ -453,6 +456,8 @@ class HttpSession:
             self.respond(200, static_file(path), _FILES[path][1], head=head)
         elif path in _FILES:
             self.respond(200, static_file(path), _FILES[path][1], head=head)
+        elif path == "/presence":
+            self._presence(req, url, head)
         return None
 
     # ------------------------------------------------------------------ endpoints
@@ -531,18 +536,37 @@ class HttpSession:
             raise HttpError(ErrorCode.UNAVAILABLE, "message not stored: %s" % exc) from None
         self.respond(200, encode_json({"topic": topic, "seq": seq, "epoch": epoch}).encode())
 
-    def _history(self, req: h11.Request, url: Any, head: bool) -> None:
-        query = parse_qs(url.query, keep_blank_values=True)
+    @staticmethod
+    def _topic_param(query: Dict[str, List[str]], what: str) -> str:
+        """The concrete topic a /history or /presence request is about."""
         topic = (query.get("topic") or [""])[0]
         if not topic:
-            raise HttpError(ErrorCode.BAD_TOPIC, "no topic given; ask for one: /history?topic=news.eu")
+            raise HttpError(ErrorCode.BAD_TOPIC, "no topic given; ask for one: /%s?topic=news.eu" % what)
         try:
             validate_pattern(topic)
         except TopicError as exc:
             raise HttpError(ErrorCode.BAD_TOPIC, exc.message) from None
         if is_wildcard(topic):
-            raise HttpError(ErrorCode.BAD_TOPIC, "history needs a concrete topic, not the pattern %r "
-                                                 "(ask for one topic at a time)" % topic)
+            raise HttpError(ErrorCode.BAD_TOPIC, "%s needs a concrete topic, not the pattern %r "
+                                                 "(ask for one topic at a time)" % (what, topic))
+        return topic
+
+    def _presence(self, req: h11.Request, url: Any, head: bool) -> None:
+        topic = self._topic_param(parse_qs(url.query, keep_blank_values=True), "presence")
+        claims = self._credentials(req, url)
+        if claims is not None and not claims.can_subscribe(topic):
+            raise HttpError(ErrorCode.FORBIDDEN, "not allowed to see who is subscribed to %s" % topic)
+        try:
+            view = self.server.hub.presence_view(topic)
+        except BrokerUnavailable as exc:
+            raise HttpError(ErrorCode.UNAVAILABLE, "presence unavailable: %s" % exc) from None
+        body = '{"topic":"%s","total":%d,"users":%d,"clients":[%s]}' % (
+            topic, view.total, view.users, ",".join(m.text for m in view.listed))
+        self.respond(200, body.encode("utf-8"), head=head)
+
+    def _history(self, req: h11.Request, url: Any, head: bool) -> None:
+        query = parse_qs(url.query, keep_blank_values=True)
+        topic = self._topic_param(query, "history")
         since = min(_int_param(query, "since", 0, 0, None), _MAX_SEQ)
         limit = _int_param(query, "limit", 100, 1, 1000)
         claims = self._credentials(req, url)
@@ -599,6 +623,12 @@ class HttpSession:
     # ------------------------------------------------------------------ upgrade
     def _upgrade(self, req: h11.Request, url: Any, deadline: float) -> Optional[Upgrade]:
         upgrade, accept = negotiate_upgrade(self.server, req.headers, req.target, self.addr[0])
+        if (upgrade.refuse is None and upgrade.kind == V1 and upgrade.claims is not None
+                and upgrade.claims.channels):
+            # sent by the writer after the granted subscriptions are in place (Hub.grant)
+            upgrade.greeting = accept
+            upgrade.trailing, _closed = self.h11.trailing_data
+            return upgrade
         try:
             self.sock.settimeout(self.config.handshake_timeout)
             self.sock.sendall(accept)
@@ -634,7 +664,7 @@ def negotiate_upgrade(server: "Server", headers: List[Tuple[bytes, bytes]], targ
             claims = server.auth.authenticate_request(headers, token)
         except AuthError as exc:
             raise HttpError(ErrorCode.UNAUTHORIZED, str(exc)) from None
-        if claims.is_allow_all:
+        if claims.is_allow_all and claims.sub is None and not claims.channels:
             claims = None
     offered = []
     for value in (v for k, v in headers if k == b"sec-websocket-protocol"):

@@ -10,28 +10,33 @@ and a subscribe's ack precedes every message published after it.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .connection import Connection
 from .envelope import (
-    SEED_TOPIC, Invalid, Ping, Publish, Subscribe, Unsubscribe, ack_text, error_text,
-    has_id, message_head, message_text, pong_text,
+    NO_ID, SEED_TOPIC, Invalid, Ping, PresenceQuery, Publish, Subscribe, Unsubscribe, ack_text,
+    error_text, has_id, join_leave_text, message_head, message_text, pong_text, presence_stats_text,
+    presence_text, subscribed_text,
 )
 from .broker import Broker, Publication
 from .errors import BrokerUnavailable, CloseCode, ErrorCode, StoreError
 from .logutil import RateLimitedLog
+from .presence import Member, PresenceTable, PresenceView, merge
 from .stats import TopicRates
 from .store import StoredMessage
 from .topics import SubjectTree, is_wildcard, validate_topic
-from .writer import CLOSE, DELIVER, REPLAY, SEND, SLOW, Writer
+from .writer import CLOSE, DELIVER, REPLAY, SEND, SEND_WIRE, SLOW, Writer
 from .wsframe import text_frame, text_frame_of
 
 logger = logging.getLogger(__name__)
 
 #: most messages read from the store per replay page (a page is bounded by bytes too)
 REPLAY_PAGE = 200
+#: the place of a join or leave in a replay's buffer of live frames: after the replayed part
+_AFTER_ANY_SEQ = 1 << 62
 
 
 class _ReplayEnded(Exception):
@@ -63,6 +68,10 @@ class Hub:
         self.subscriptions = 0  # (connection, pattern) subscriptions now
         #: publishes per topic lately, for /stats (its own small lock; fed under this one)
         self.topic_rates = TopicRates()
+        #: names this node in client ids (unique among the nodes of a shared broker)
+        self.node = secrets.token_hex(4)
+        #: members of concrete topics and their join/leave listeners (PROTOCOL.md "Presence")
+        self.presence = PresenceTable()
         self._refused_log = RateLimitedLog(logger)  # refused publishes: one line per interval
         broker.attach(self._tree.has_match)
         broker.start(self.on_publications)
@@ -81,8 +90,11 @@ class Hub:
                 return
             conn.registered = False
             self._conns.pop(conn.id, None)
+            ops: List[tuple] = []
             for pattern in list(conn.patterns):
-                self._unsubscribe_locked(conn, pattern)
+                self._unsubscribe_locked(conn, pattern, ops)
+            if ops:
+                self.writer.put(ops)
             if conn.replays:
                 self._replaying -= 1
                 conn.replays.clear()
@@ -106,6 +118,7 @@ class Hub:
             return
         ops: List[tuple] = []
         replays: List[Tuple[Subscribe, int, str]] = []
+        queries: List[PresenceQuery] = []
         early = self._subscribe_early(commands) if not self.broker.delivers_locally else ()
         with self.lock:
             for pattern in early:
@@ -137,8 +150,10 @@ class Hub:
                         else:
                             replays.append(replay)
                 elif kind is Unsubscribe:
-                    self._unsubscribe_locked(conn, cmd.topic)
+                    self._unsubscribe_locked(conn, cmd.topic, ops)
                     ops.append((SEND, conn, _frame(ack_text(cmd.id, cmd.topic))))
+                elif kind is PresenceQuery:
+                    queries.append(cmd)
                 elif kind is Ping:
                     ops.append((SEND, conn, _frame(pong_text(cmd.id))))
                 elif kind is Invalid:
@@ -147,6 +162,8 @@ class Hub:
                 self._publish_locked(conn, pubs, ops)
             if ops:
                 self.writer.put(ops)
+        for query in queries:
+            self._answer_presence(conn, query)
         for cmd, upto, epoch in replays:
             self._replay(conn, cmd, upto)
 
@@ -168,9 +185,55 @@ class Hub:
 
     def subscribe_seed(self, conn: Connection) -> None:
         """The automatic subscription of a plain connection to the seed topic (no ack)."""
+        ops: List[tuple] = []
         with self.lock:
             if conn.registered and self._allowed(conn, "subscribe", SEED_TOPIC):
-                self._insert(conn, SEED_TOPIC)
+                self._insert(conn, SEED_TOPIC, None, ops)
+            if ops:
+                self.writer.put(ops)
+
+    def grant(self, conn: Connection, patterns: Sequence[str], greeting: bytes = b"") -> None:
+        """Subscribe a new connection to what its token grants, telling it by ``subscribed`` frames.
+
+        ``greeting`` (the upgrade's 101 answer when it was left to the writer) is queued
+        first, under the same lock as the subscriptions: every message published after
+        the client can see the connection open is delivered to it.
+        """
+        cmds = [Subscribe(p, None, None, None) for p in dict.fromkeys(patterns)]
+        early = self._subscribe_early(cmds) if not self.broker.delivers_locally else ()
+        ops: List[tuple] = [(SEND_WIRE, conn, greeting)] if greeting else []
+        with self.lock:
+            for pattern in early:
+                if pattern not in self._interest:
+                    self.broker.interest(pattern, False)
+            if conn.registered:
+                for cmd in cmds:
+                    self._grant_locked(conn, cmd.topic, ops)
+            if ops:
+                self.writer.put(ops)
+
+    def _grant_locked(self, conn: Connection, pattern: str, ops: List[tuple]) -> None:
+        if pattern not in conn.patterns and len(conn.patterns) >= self.max_subscriptions:
+            ops.append((SEND, conn, _frame(error_text(
+                NO_ID, ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                "granted subscription to %s over the limit of %d per connection"
+                % (pattern, self.max_subscriptions)))))
+            return
+        if is_wildcard(pattern):
+            self._insert(conn, pattern, None, ops)
+            ops.append((SEND, conn, _frame(subscribed_text(pattern))))
+            return
+        try:
+            latest, epoch = self.broker.latest(pattern)
+        except (StoreError, BrokerUnavailable) as exc:
+            ops.append((SEND, conn, _frame(error_text(
+                NO_ID, ErrorCode.UNAVAILABLE, "granted subscription to %s: %s" % (pattern, exc)))))
+            return
+        self._insert(conn, pattern, latest, ops)
+        if not self.broker.delivers_locally and pattern not in conn.floors:
+            conn.floors[pattern] = (latest, epoch)
+            self._floored += 1
+        ops.append((SEND, conn, _frame(subscribed_text(pattern, latest, epoch))))
 
     def publish(self, topic: str, data_json: str) -> Tuple[int, str]:
         """Publish from inside the process (any thread); returns (seq, epoch)."""
@@ -255,15 +318,18 @@ class Hub:
             if buf is None:
                 keep.append(conn)
                 continue
-            text = message_text(topic, seq, data) if not conn.is_plain else data
-            buf[0].append((seq, text))
-            buf[1] += len(text)
-            if buf[1] > conn.max_outbox:
-                # the live part alone outgrew the limit while the replay ran
-                self.writer.put(((SLOW, conn),))
-                buf[0].clear()
-                buf[1] = 0
+            self._buffer(conn, buf, seq, message_text(topic, seq, data) if not conn.is_plain else data)
         return keep
+
+    def _buffer(self, conn: Connection, buf: List[Any], seq: int, text: str) -> None:
+        """Keep a live frame for a connection replaying its topic (sent when the replay ends)."""
+        buf[0].append((seq, text))
+        buf[1] += len(text)
+        if buf[1] > conn.max_outbox:
+            # the live part alone outgrew the limit while the replay ran
+            self.writer.put(((SLOW, conn),))
+            buf[0].clear()
+            buf[1] = 0
 
     # ------------------------------------------------------------------ subscribe
     def _subscribe_locked(self, conn: Connection, cmd: Subscribe,
@@ -279,7 +345,7 @@ class Hub:
                 "at most %d subscriptions per connection" % self.max_subscriptions))))
             return None
         if is_wildcard(pattern):
-            self._insert(conn, pattern)
+            self._insert(conn, pattern, None, ops)
             ops.append((SEND, conn, _frame(ack_text(cmd.id, pattern))))
             return None
         try:
@@ -305,7 +371,9 @@ class Hub:
                 except (StoreError, BrokerUnavailable):
                     oldest = 0
                 recovered = oldest != 0 and oldest <= since + 1
-        self._insert(conn, pattern, latest)
+        self._insert(conn, pattern, latest, ops)
+        if cmd.join_leave or self.presence.listened:
+            self.presence.listen(pattern, conn, cmd.join_leave)
         if not self.broker.delivers_locally and pattern not in conn.floors:
             # publications up to the ack's seq may still be on their way: not for this one
             conn.floors[pattern] = (latest, epoch)
@@ -321,7 +389,8 @@ class Hub:
         conn.replays[pattern] = [[], 0]
         return (cmd._replace(since=replay_from), latest, epoch)
 
-    def _insert(self, conn: Connection, pattern: str, acked: Optional[int] = None) -> None:
+    def _insert(self, conn: Connection, pattern: str, acked: Optional[int],
+                ops: List[tuple]) -> None:
         if pattern not in conn.patterns:
             conn.patterns.add(pattern)
             self._tree.insert(pattern, conn)
@@ -330,8 +399,10 @@ class Hub:
             self._interest[pattern] = n + 1
             if n == 0:
                 self.broker.interest(pattern, True, acked)
+            if not is_wildcard(pattern):
+                self._joined(conn, pattern, ops)
 
-    def _unsubscribe_locked(self, conn: Connection, pattern: str) -> None:
+    def _unsubscribe_locked(self, conn: Connection, pattern: str, ops: List[tuple]) -> None:
         if pattern in conn.patterns:
             conn.patterns.discard(pattern)
             self._tree.remove(pattern, conn)
@@ -342,11 +413,78 @@ class Hub:
             else:
                 self._interest.pop(pattern, None)
                 self.broker.interest(pattern, False)
+            if not is_wildcard(pattern):
+                self._left(conn, pattern, ops)
         if conn.floors.pop(pattern, None) is not None:
             self._floored -= 1
         if conn.replays.pop(pattern, None) is not None and not conn.replays:
             self._replaying -= 1
 
+    # ------------------------------------------------------------------ presence
+    def client_id(self, conn: Connection) -> str:
+        """The opaque id of a connection in presence answers and join/leave events."""
+        return "%s-%d" % (self.node, conn.id)
+
+    def _joined(self, conn: Connection, topic: str, ops: List[tuple]) -> None:
+        claims = conn.claims
+        member = Member(self.client_id(conn), claims.sub if claims is not None else None, time.time())
+        entry = self.presence.join(topic, member)
+        self.broker.member(topic, member, True)
+        if entry.listeners:
+            self._announce("join", topic, member, entry.listeners, conn, ops)
+
+    def _left(self, conn: Connection, topic: str, ops: List[tuple]) -> None:
+        if self.presence.listened:
+            self.presence.listen(topic, conn, False)
+        member, entry = self.presence.leave(topic, self.client_id(conn))
+        if member is None:
+            return
+        self.broker.member(topic, member, False)
+        if entry is not None and entry.listeners:
+            self._announce("leave", topic, member, entry.listeners, conn, ops)
+
+    def _announce(self, kind: str, topic: str, member: Member, listeners: Any, source: Any,
+                  ops: List[tuple]) -> None:
+        """Queue a join or leave for each listener of ``topic`` except ``source``.
+
+        A listener replaying the topic gets it after the live messages buffered meanwhile.
+        """
+        text = join_leave_text(kind, topic, member.text)
+        frame = _frame(text)
+        for listener in listeners:
+            if listener is source:
+                continue
+            buf = listener.replays.get(topic) if self._replaying else None
+            if buf is None:
+                ops.append((SEND, listener, frame))
+                continue
+            self._buffer(listener, buf, _AFTER_ANY_SEQ, text)
+
+    def presence_view(self, topic: str) -> PresenceView:
+        """The members of a concrete topic on every node (may block on a shared broker)."""
+        with self.lock:
+            listed, subs = self.presence.local(topic)
+            count = self.presence.count(topic)
+        return merge([(count, subs, listed)] + self.broker.presence(topic))
+
+    def _answer_presence(self, conn: Connection, query: PresenceQuery) -> None:
+        topic = query.topic
+        if not self._allowed(conn, "subscribe", topic):
+            text = error_text(query.id, ErrorCode.FORBIDDEN, "not allowed to see who is subscribed to %s"
+                              % topic)
+        else:
+            try:
+                view = self.presence_view(topic)
+            except BrokerUnavailable as exc:
+                text = error_text(query.id, ErrorCode.UNAVAILABLE, "presence unavailable: %s" % exc)
+            else:
+                if query.stats:
+                    text = presence_stats_text(query.id, topic, view.total, view.users)
+                else:
+                    text = presence_text(query.id, topic, view.total, [m.text for m in view.listed])
+        self.writer.put(((SEND, conn, _frame(text)),))
+
+    # ------------------------------------------------------------------ replay
     def _replay(self, conn: Connection, cmd: Subscribe, upto: int) -> None:
         """Send stored messages (since, upto] paced by the outbox, then switch to live."""
         topic = cmd.topic

@@ -68,12 +68,13 @@ class Reader:
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, trailing: bytes = b"", refuse: Optional[tuple] = None,
-            on_open: Any = None, closing: Any = None) -> None:
+            on_open: Any = None, closing: Any = None, greeting: bytes = b"") -> None:
         """Serve the connection until it is closed; always releases the socket.
 
         ``refuse`` (code, reason) closes it at once; ``closing()`` tells whether the
         server is shutting down, checked after the writer knows the connection so
-        that either this check or the server's close-all reaches it.
+        that either this check or the server's close-all reaches it. ``greeting``: the
+        upgrade's answer when not sent yet (``on_open`` queues it; sent first if refused).
         """
         conn = self.conn
         try:
@@ -82,6 +83,8 @@ class Reader:
             if refuse is None and closing is not None and closing():
                 refuse = (CloseCode.GOING_AWAY, "server shutting down")
             if refuse is not None:
+                if greeting:
+                    self.writer.put(((SEND_WIRE, conn, greeting),))
                 self._close(refuse[0], refuse[1])
             else:
                 self.hub.add(conn)

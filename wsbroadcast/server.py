@@ -469,8 +469,12 @@ class Server:
                                        cfg.max_message_size, cfg.close_timeout,
                                        max_message_frames=cfg.max_message_frames)
             upgrade.ws = None  # the handshake's HTTP state is no longer needed
-            reader.run(upgrade.trailing, upgrade.refuse, on_open=self._on_open,
-                       closing=lambda: self.shutting_down)
+            greeting = upgrade.greeting
+            if greeting and tls is not None:
+                greeting = tls.encrypt(greeting)
+            reader.run(upgrade.trailing, upgrade.refuse,
+                       on_open=lambda c: self._on_open(c, greeting),
+                       closing=lambda: self.shutting_down, greeting=greeting)
         finally:
             if upgrade.refuse is None:
                 self._release(addr[0])
@@ -484,9 +488,12 @@ class Server:
         except OSError:
             pass
 
-    def _on_open(self, conn: Connection) -> None:
+    def _on_open(self, conn: Connection, greeting: bytes = b"") -> None:
+        """The subscriptions a connection starts with; ``greeting``: its deferred 101 answer."""
         if conn.kind == PLAIN:
             self.hub.subscribe_seed(conn)
+        elif conn.claims is not None and conn.claims.channels:
+            self.hub.grant(conn, conn.claims.channels, greeting)
 
     # ------------------------------------------------------------------ admission
     def admit(self, ip: str) -> Optional[Tuple[int, str]]:
