@@ -398,3 +398,14 @@ def test_mounted_broker_compresses_unless_told_not_to(mounted):
         assert ws.recv_json()["data"] == {"text": "mounted " * 100}
         assert ws.compressed == (1 if compression else 0)
         ws.close()
+
+
+def test_mounted_broker_says_it_is_ready_not_that_something_is_missing(caplog):
+    import logging
+    with caplog.at_level(logging.INFO, logger="wsbroadcast"):
+        broker = Broker(store="memory").start()
+        broker.shutdown()
+    records = [r for r in caplog.records if r.name == "wsbroadcast.server"]
+    said = [r.getMessage() for r in records]
+    assert any(m.startswith("broker ready for connections handed over by the web application") for m in said), said
+    assert not any("without" in m for m in said) and all(r.levelno < logging.WARNING for r in records), said
