@@ -38,6 +38,7 @@ from typing import (
     Callable,
     Deque,
     Dict,
+    Iterable,
     Iterator,
     List,
     NamedTuple,
@@ -245,6 +246,12 @@ def topic_cost(topic: str) -> int:
     return TOPIC_COST + sys.getsizeof(topic)
 
 
+#: a stored message inside a MemoryStore: (topic, seq, data, time), StoredMessage's
+#: fields in a plain tuple, which the garbage collector stops tracking (a NamedTuple it
+#: tracks, and a full collection walks every tracked object)
+_Msg = Tuple[str, int, str, float]
+
+
 class _Topic:
     """One topic of a MemoryStore: its numbering and its stored messages, oldest first."""
 
@@ -255,7 +262,7 @@ class _Topic:
         self.epoch = epoch
         self.last = 0
         #: msgs[head:] are the stored messages (consecutive seqs); msgs[:head] are None
-        self.msgs: List[Optional[StoredMessage]] = []
+        self.msgs: List[Optional[_Msg]] = []
         self.head = 0
         self.queued = False  # has an entry in the store's heap
         self.idle = _ACTIVE  # _IDLE or _KEPT while no message is stored
@@ -264,7 +271,7 @@ class _Topic:
     def count(self) -> int:
         return len(self.msgs) - self.head
 
-    def drop_oldest(self) -> StoredMessage:
+    def drop_oldest(self) -> _Msg:
         msg = self.msgs[self.head]
         assert msg is not None
         self.msgs[self.head] = None
@@ -320,9 +327,10 @@ class MemoryStore(MessageStore):
         # _lock guards every field below. Lock order: the hub's lock, then _lock.
         self._lock = threading.Lock()
         self._topics: Dict[str, _Topic] = {}
-        # (time of the oldest message, tie-break, its seq, topic): at most one entry per
-        # topic, whose key may be stale (too old); it is refreshed when it comes up.
-        self._heap: List[Tuple[float, int, int, _Topic]] = []
+        # (time of the oldest message, tie-break, its seq, topic name): one entry per topic
+        # with messages, whose key may be stale (too old); refreshed when it comes up.
+        # Names, not records, so that the garbage collector does not track the entries.
+        self._heap: List[Tuple[float, int, int, str]] = []
         self._order = itertools.count()
         # topics without messages: not yet checked, oldest first (an entry whose topic
         # got a message since is skipped) / found in use when checked
@@ -367,36 +375,39 @@ class MemoryStore(MessageStore):
                 t.listed = True
                 self._idle.append(t)
 
-    def _pop_oldest_locked(self, done: Callable[[_Topic, StoredMessage], bool],
+    def _pop_oldest_locked(self, done: Callable[[_Topic, _Msg], bool],
                            limit: int) -> Tuple[int, bool]:
         """Remove the oldest message of all topics until ``done(its topic, it)``.
 
         Returns ``(removed, stopped at limit)``; ``limit`` counts heap entries looked at.
         """
         heap = self._heap
+        topics = self._topics
         removed = 0
         for _ in range(limit):
             if not heap:
                 return removed, False
-            _tm, _n, seq, t = heap[0]
-            if not t.count():
+            _tm, _n, seq, name = heap[0]
+            t = topics.get(name)
+            if t is None or not t.count():
                 heapq.heappop(heap)
-                t.queued = False
+                if t is not None:
+                    t.queued = False
                 continue
             msg = t.msgs[t.head]
             assert msg is not None
-            if msg.seq != seq:  # the key is stale: the oldest went by count since
-                heapq.heapreplace(heap, (msg.time, next(self._order), msg.seq, t))
+            if msg[1] != seq:  # the key is stale: the oldest went by count since
+                heapq.heapreplace(heap, (msg[3], next(self._order), msg[1], name))
                 continue
             if done(t, msg):
                 return removed, False
             t.drop_oldest()
-            self._bytes -= message_cost(msg.data)
+            self._bytes -= message_cost(msg[2])
             removed += 1
             if t.count():
                 nxt = t.msgs[t.head]
                 assert nxt is not None
-                heapq.heapreplace(heap, (nxt.time, next(self._order), nxt.seq, t))
+                heapq.heapreplace(heap, (nxt[3], next(self._order), nxt[1], name))
             else:
                 heapq.heappop(heap)
                 t.queued = False
@@ -431,24 +442,24 @@ class MemoryStore(MessageStore):
                 if t.idle:
                     self._set_active(t)
                 first.setdefault(t, seq)
-                t.msgs.append(StoredMessage(t.name, seq, data, now))
+                t.msgs.append((t.name, seq, data, now))
                 self._bytes += message_cost(data)
                 if not t.queued:
-                    heapq.heappush(self._heap, (now, next(self._order), seq, t))
+                    heapq.heappush(self._heap, (now, next(self._order), seq, t.name))
                     t.queued = True
                 while t.count() > size:
-                    self._bytes -= message_cost(t.drop_oldest().data)
+                    self._bytes -= message_cost(t.drop_oldest()[2])
             if self._bytes > self.max_bytes and self.in_use is not None:
                 # topics without messages or subscribers first: that loses no message
                 self._forget_locked(self.in_use, sys.maxsize, self.max_bytes)
             if self._bytes > self.max_bytes:
                 limit = self.max_bytes
 
-                def done(t: _Topic, msg: StoredMessage) -> bool:
+                def done(t: _Topic, msg: _Msg) -> bool:
                     if self._bytes <= limit:
                         return True
                     mine = first.get(t)
-                    return mine is not None and msg.seq >= mine  # never evict this call's own
+                    return mine is not None and msg[1] >= mine  # never evict this call's own
 
                 self.evicted += self._pop_oldest_locked(done, sys.maxsize)[0]
         return out
@@ -465,12 +476,12 @@ class MemoryStore(MessageStore):
                 return []
             oldest = t.msgs[t.head]
             assert oldest is not None
-            start = t.head + max(0, seq + 1 - oldest.seq)
-            page = t.msgs[start:start + limit]
-            if max_bytes is None:
-                return page  # type: ignore[return-value]
-            bound = ByteBound(max_bytes)
-            return list(itertools.takewhile(lambda m: bound.admit(m.data), page))  # type: ignore
+            start = t.head + max(0, seq + 1 - oldest[1])
+            page: Iterable[_Msg] = t.msgs[start:start + limit]  # type: ignore[assignment]
+            if max_bytes is not None:
+                bound = ByteBound(max_bytes)
+                page = itertools.takewhile(lambda m: bound.admit(m[2]), page)
+            return [StoredMessage._make(m) for m in page]
 
     def oldest(self, topic: str) -> int:
         with self._lock:
@@ -479,7 +490,7 @@ class MemoryStore(MessageStore):
             t = self._topics.get(topic)
             if t is None or not t.count():
                 return 0
-            return t.msgs[t.head].seq  # type: ignore[union-attr]
+            return t.msgs[t.head][1]  # type: ignore[index]
 
     def trim(self, now: Optional[float] = None) -> int:
         return self._trim_in_steps(now)
@@ -500,16 +511,19 @@ class MemoryStore(MessageStore):
             if self._trimmed_size != size:  # lowered at run time: a rare full pass
                 for t in list(self._topics.values()):
                     while t.count() > size:
-                        self._bytes -= message_cost(t.drop_oldest().data)
+                        self._bytes -= message_cost(t.drop_oldest()[2])
                         removed += 1
                     if not t.count():
                         self._set_idle(t)
-                self._heap = [e for e in self._heap if e[3].count()]
-                heapq.heapify(self._heap)
+                heap = []
                 for t in self._topics.values():
-                    t.queued = False
-                for _tm, _n, _seq, t in self._heap:
-                    t.queued = True
+                    t.queued = bool(t.count())
+                    if t.queued:
+                        oldest = t.msgs[t.head]
+                        assert oldest is not None
+                        heap.append((oldest[3], next(self._order), oldest[1], t.name))
+                heapq.heapify(heap)
+                self._heap = heap
                 self._trimmed_size = size
             work = removed
             if in_use is not None:
@@ -520,7 +534,7 @@ class MemoryStore(MessageStore):
                 if now is None:
                     now = self._clock()
                 cutoff = now - ttl
-                n, more = self._pop_oldest_locked(lambda t, m: m.time >= cutoff, limit - work)
+                n, more = self._pop_oldest_locked(lambda t, m: m[3] >= cutoff, limit - work)
                 removed += n
                 work += n
                 if more:
@@ -559,7 +573,6 @@ class MemoryStore(MessageStore):
                 self._kept[t.name] = t
                 continue
             del self._topics[t.name]
-            t.idle = _ACTIVE  # a stale reference (e.g. a heap entry) finds nothing to do
             self._bytes -= topic_cost(t.name)
             forgot += 1
         if forgot:
