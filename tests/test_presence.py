@@ -313,3 +313,40 @@ def test_table_lists_at_most_max_listed_with_the_total():
     assert table.count("t") == 1 and table.local("t")[1] == []
     table.leave("t", "n-last")
     assert len(table) == 0
+
+
+def test_python_client_presence_and_join_leave_callbacks(auth_server):
+    import threading
+
+    from wsbroadcast import Client
+    from wsbroadcast.errors import ProtocolError
+    url = "ws://127.0.0.1:%d/ws" % auth_server.port
+    events = []
+    seen = threading.Event()
+
+    def on(kind):
+        def callback(topic, client):
+            events.append((kind, topic, client["sub"]))
+            seen.set()
+        return callback
+
+    from wsbroadcast.auth import mint_token
+    tok = lambda sub, **kw: mint_token(SECRET, sub=sub, publish=[">"], **kw)  # noqa: E731
+    with Client(url, token=tok("lis", subscribe=["room"]), on_join=on("join"),
+                on_leave=on("leave")) as lis:
+        lis.subscribe("room", join_leave=True)
+        with Client(url, token=tok("ann", subscribe=[], extra={"channels": ["room"]})) as ann:
+            assert lis.presence_stats("room") == {"clients": 2, "users": 2}
+            got = lis.presence("room")
+            assert got["total"] == 2 and [c["sub"] for c in got["clients"]] == ["lis", "ann"]
+            ann.publish("room", "hi")
+            assert lis.recv(timeout=10).data == "hi"
+            assert "room" in ann.subscriptions  # granted by its token
+            assert events == [("join", "room", "ann")]  # before the message, in the same thread
+        deadline = time.monotonic() + 10 * SCALE
+        while len(events) < 2 and time.monotonic() < deadline:
+            seen.wait(0.1)
+        assert events == [("join", "room", "ann"), ("leave", "room", "ann")]
+        with pytest.raises(ProtocolError) as err:
+            lis.presence("other")
+        assert err.value.code == "forbidden"

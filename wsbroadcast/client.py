@@ -21,7 +21,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 from urllib.parse import quote
 
 import simple_websocket
@@ -152,7 +152,9 @@ class Client:
                  on_reconnect: Optional[Callable[[], None]] = None,
                  on_gap: Optional[Callable[[str, Dict[str, Any]], None]] = None,
                  headers: Optional[Dict[str, str]] = None,
-                 on_state: Optional[Callable[[str], None]] = None, compression: bool = True) -> None:
+                 on_state: Optional[Callable[[str], None]] = None, compression: bool = True,
+                 on_join: Optional[Callable[[str, Dict[str, Any]], None]] = None,
+                 on_leave: Optional[Callable[[str, Dict[str, Any]], None]] = None) -> None:
         self.url = url
         #: offer permessage-deflate (the server's messages then come compressed)
         self.compression = compression
@@ -165,17 +167,23 @@ class Client:
         self.on_gap = on_gap
         #: called with each new ``state`` (in the client's thread, or the one calling open/close)
         self.on_state = on_state
+        #: called with (topic, client object) for each join and leave of a topic subscribed to
+        #: with ``join_leave`` (in the client's thread, in order with the messages)
+        self.on_join = on_join
+        self.on_leave = on_leave
         #: "connecting", "connected", "reconnecting" (messages wait until it is back) or "closed"
         self.state = "connecting"
         self._state_lock = threading.Lock()  # guards: state changes (one callback per change)
         self.headers = dict(headers or {})
         self.reconnects = 0
         self._ids = itertools.count(1)
-        # _lock guards: _ws, _waiters, _subs, _last, _epochs
+        # _lock guards: _ws, _waiters, _subs, _join_leave, _granted_subs, _last, _epochs
         self._lock = threading.Lock()
         self._ws: Optional[_SafeWebSocket] = None
         self._waiters: Dict[int, List[Any]] = {}  # id -> [Event, reply]
         self._subs: Dict[str, None] = {}  # patterns, in subscription order
+        self._join_leave: Set[str] = set()  # topics subscribed to with join_leave
+        self._granted_subs: Set[str] = set()  # patterns granted by the token (channels)
         self._last: Dict[str, int] = {}  # topic -> last seq seen
         self._epochs: Dict[str, str] = {}  # topic -> epoch of its last ack
         self._messages: "queue.Queue[Any]" = queue.Queue(maxsize=queue_size)
@@ -297,10 +305,16 @@ class Client:
         return reply
 
     def subscribe(self, pattern: str, since: Optional[int] = None,
-                  timeout: Optional[float] = None) -> Dict[str, Any]:
-        """Subscribe (optionally replaying from ``since``); returns the ack."""
+                  timeout: Optional[float] = None, join_leave: bool = False) -> Dict[str, Any]:
+        """Subscribe (optionally replaying from ``since``); returns the ack.
+
+        With ``join_leave`` (a concrete topic only) the topic's joins and leaves go to
+        ``on_join`` and ``on_leave``.
+        """
         validate_pattern(pattern)
         frame: Dict[str, Any] = {"type": "subscribe", "topic": pattern}
+        if join_leave:
+            frame["join_leave"] = True
         if since is not None:
             frame["since"] = since
             with self._lock:
@@ -314,6 +328,10 @@ class Client:
             if isinstance(reply, dict) and reply.get("type") == "ack":
                 with self._lock:
                     self._subs[pattern] = None
+                    if join_leave:
+                        self._join_leave.add(pattern)
+                    else:
+                        self._join_leave.discard(pattern)
                     self._note_ack(pattern, reply, since is None)
 
         ack = self._request(frame, timeout=timeout, on_reply=on_reply)
@@ -324,7 +342,30 @@ class Client:
         """Unsubscribe (idempotent)."""
         with self._lock:
             self._subs.pop(pattern, None)
+            self._join_leave.discard(pattern)
         self._request({"type": "unsubscribe", "topic": pattern}, timeout=timeout)
+
+    def presence(self, topic: str, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Who is subscribed to ``topic``: ``{"total": N, "clients": [{"conn", "sub", "joined"}, ...]}``
+        (at most 1000 clients listed, N counts all); ProtocolError ``forbidden`` without
+        permission to subscribe to it."""
+        validate_topic(topic)
+        reply = self._request({"type": "presence", "topic": topic}, timeout=timeout)
+        assert reply is not None
+        return {"total": reply["total"], "clients": reply["clients"]}
+
+    def presence_stats(self, topic: str, timeout: Optional[float] = None) -> Dict[str, int]:
+        """How many are subscribed to ``topic``: ``{"clients": N, "users": distinct subs}``."""
+        validate_topic(topic)
+        reply = self._request({"type": "presence_stats", "topic": topic}, timeout=timeout)
+        assert reply is not None
+        return {"clients": reply["clients"], "users": reply["users"]}
+
+    @property
+    def subscriptions(self) -> List[str]:
+        """The patterns this client is subscribed to (acked or granted by its token)."""
+        with self._lock:
+            return list(self._subs)
 
     def publish(self, topic: str, data: Any, ack: bool = True,
                 timeout: Optional[float] = None) -> Optional[Tuple[int, str]]:
@@ -441,7 +482,11 @@ class Client:
             kind = obj.get("type") if isinstance(obj, dict) else None
             if kind == "message":
                 self._deliver(obj)
-            elif kind in ("ack", "error", "pong") and "id" in obj:
+            elif kind == "join" or kind == "leave":
+                self._event(kind, obj)
+            elif kind == "subscribed":
+                self._granted(obj)
+            elif kind in ("ack", "error", "pong", "presence", "presence_stats") and "id" in obj:
                 with self._lock:
                     waiter = self._waiters.pop(obj["id"], None)
                 if waiter is not None:
@@ -457,6 +502,37 @@ class Client:
                 return  # seen already (a replay overlapping what arrived live)
             self._last[topic] = seq
         self._put(Message(topic, seq, obj.get("data")))
+
+    def _event(self, kind: str, obj: Dict[str, Any]) -> None:
+        callback = self.on_join if kind == "join" else self.on_leave
+        if callback is None:
+            return
+        try:
+            callback(obj.get("topic"), obj.get("client"))
+        except Exception:
+            logger.exception("on_%s callback failed", kind)
+
+    def _granted(self, obj: Dict[str, Any]) -> None:
+        """A subscription granted by the token, on every connect.
+
+        The server grants it again after a reconnect, from its latest seq: messages
+        published meanwhile are not replayed, and ``on_gap`` says when some were missed.
+        """
+        pattern = obj.get("topic")
+        if not isinstance(pattern, str):
+            return
+        with self._lock:
+            known = pattern in self._subs
+            self._subs[pattern] = None
+            self._granted_subs.add(pattern)
+            last = self._last.get(pattern)
+            missed = (known and last is not None and obj.get("epoch") == self._epochs.get(pattern)
+                      and isinstance(obj.get("seq"), int) and obj["seq"] > last)
+            if known and obj.get("epoch") != self._epochs.get(pattern):
+                missed = "epoch" in obj
+            self._note_ack(pattern, obj, True)
+        if missed and self.on_gap is not None:
+            self.on_gap(pattern, obj)
 
     def _put(self, item: Any) -> None:
         while not self._closed.is_set() or isinstance(item, Exception):
@@ -474,8 +550,11 @@ class Client:
         with self._lock:
             # concrete topics first: their replays then buffer what a wildcard would
             # otherwise deliver live ahead of them (and move _last past the replay)
-            patterns = sorted(self._subs, key=is_wildcard)
+            # granted by the token: granted again by the server on connect (no replay)
+            patterns = sorted((p for p in self._subs
+                               if p not in self._granted_subs or p in self._join_leave), key=is_wildcard)
             positions = {p: (self._last.get(p), self._epochs.get(p)) for p in patterns}
+            join_leave = set(self._join_leave)
             # Topics seen only through a wildcard have no position to resume from (no
             # since, no epoch): forget their last seq, or a new numbering (a restarted
             # memory store) would be dropped as "seen already" until it passed the old one.
@@ -484,8 +563,10 @@ class Client:
         self._connected.set()
         for pattern in patterns:
             frame: Dict[str, Any] = {"type": "subscribe", "topic": pattern}
+            if pattern in join_leave:
+                frame["join_leave"] = True
             since, epoch = positions[pattern]
-            if not is_wildcard(pattern) and since is not None:
+            if not is_wildcard(pattern) and since is not None and pattern not in self._granted_subs:
                 frame["since"] = since
                 if epoch is not None:
                     frame["epoch"] = epoch
