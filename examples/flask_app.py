@@ -1,6 +1,7 @@
 """A Flask app with wsbroadcast mounted on its own route.
 
-    python examples/flask_app.py --port 5000        # then open http://127.0.0.1:5000/
+    .venv/bin/pip install '.[flask]'
+    .venv/bin/python examples/flask_app.py --port 5000        # then open http://127.0.0.1:5000/
 
 The page connects to the app's WebSocket route ``/live`` (subprotocol
 ``wsbroadcast.v1``) and subscribes to ``news``; the form POSTs to ``/say``, a
