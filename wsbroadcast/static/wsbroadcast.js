@@ -253,7 +253,17 @@
       if (self._ws !== ws) return;
       if (typeof ev.data === "string") self._onFrame(ev.data);
     };
-    ws.onerror = function () { /* the close event follows */ };
+    ws.onerror = function () {
+      // a browser fires close right after; node's WebSocket may not (a port fetch refuses
+      // stays CONNECTING for ever): a socket still not open or closed by then is given up
+      setTimeout(function () {
+        if (self._ws === ws && (ws.readyState === 3 || self._openedAt === 0)) {
+          self._ws = null;
+          try { ws.close(); } catch (e) { /* not open */ }
+          self._onClose(1006, "");
+        }
+      }, 0);
+    };
     ws.onclose = function (ev) {
       if (self._ws !== ws) return;
       self._ws = null;
