@@ -22,6 +22,8 @@ import wsraw
 from conftest import SCALE
 from serverproc import ServerProcess
 
+from wsbroadcast.admission import PENDING_PER_IP_SLACK, pending_per_ip
+
 pytestmark = pytest.mark.timeout(60)
 
 #: the default of --max-message-frames
@@ -208,11 +210,13 @@ def test_pending_connections_at_and_past_the_limit(make_server):
 
 def test_pending_connections_per_address(make_server):
     srv = make_server(max_connections_per_ip=2)
-    busy = [_publishing(srv.port) for _ in range(2)]
+    allowed = pending_per_ip(2)
+    assert allowed == 2 + PENDING_PER_IP_SLACK
+    busy = [_publishing(srv.port) for _ in range(allowed)]
     try:
-        assert wsraw.wait_for(lambda: len(srv.pending) == 2)
+        assert wsraw.wait_for(lambda: len(srv.pending) == allowed)
         _refused_503(srv.port, "too many connections from this address")
-        assert srv.thread_count() == 2
+        assert srv.thread_count() == allowed
     finally:
         _close_all(busy)
     assert wsraw.wait_for(lambda: len(srv.pending) == 0)

@@ -33,6 +33,10 @@ MAX_LINGERING = 16
 #: seconds a refused socket is kept open for that
 LINGER_TIME = 1.0
 
+#: connections not yet upgraded that one address may hold beyond its WebSocket allowance
+#: (``max_connections_per_ip``): a few plain HTTP requests beside its handshakes
+PENDING_PER_IP_SLACK = 8
+
 OVER_LIMIT = "server over its connection limit"
 PER_IP = "too many connections from this address"
 
@@ -134,6 +138,11 @@ class Slot:
         self.ip = ip
         self.idle_since = now  # when it began to wait for a request (0.0: a request is being served)
         self.state = LIVE
+
+
+def pending_per_ip(max_connections_per_ip: int) -> int:
+    """How many connections not yet upgraded one address may hold (0: no per-address bound)."""
+    return max_connections_per_ip + PENDING_PER_IP_SLACK if max_connections_per_ip else 0
 
 
 class PendingTable:

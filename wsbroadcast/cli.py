@@ -74,7 +74,7 @@ def _serve_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                            "dropped, or the newcomer gets 503; both limits are lowered to fit ulimit -n",
                            d.max_pending))
     g.add_argument("--max-connections-per-ip", type=int, default=d.max_connections_per_ip, metavar="N",
-                   help=_d("open WebSocket connections per client address (1013), and pending ones (503); 0: no limit",
+                   help=_d("open WebSocket connections per client address (1013); pending ones: this plus 8 (503); 0: no limit",
                            d.max_connections_per_ip))
     g.add_argument("--thread-stack-size", type=int, default=_STACK_SIZE, metavar="BYTES",
                    help=_d("stack size of each connection thread (small lets ~20,000 fit; 0: Python's)",

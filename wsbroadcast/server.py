@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
-from .admission import PendingTable, Slot, TurnAway, open_fds, plan_limits
+from .admission import PendingTable, Slot, TurnAway, open_fds, pending_per_ip, plan_limits
 from .auth import Authenticator, install_redaction
 from .broker import Broker, LocalBroker
 from .config import Config, human_bytes
@@ -273,7 +273,7 @@ class Server:
             self._trimmer = RetentionTrimmer(self.store, step=self.hub.trim_step)
             self._trimmer.start()
         if listen:
-            self.pending = PendingTable(self.max_pending, cfg.max_connections_per_ip)
+            self.pending = PendingTable(self.max_pending, pending_per_ip(cfg.max_connections_per_ip))
             self._turn_away = TurnAway(answer=self._ssl is None)
             sel = selectors.DefaultSelector()
             sel.register(self._listener, selectors.EVENT_READ)
