@@ -37,6 +37,8 @@ class Broker(abc.ABC):
 
     #: True when ``publish``'s caller delivers the publications itself, right away
     delivers_locally: bool = True
+    #: this node's name in client ids (set by the hub)
+    node: str = ""
 
     def start(self, handler: Handler) -> None:
         """Begin handing publications back to ``handler`` (a shared broker's own thread)."""
@@ -95,6 +97,15 @@ class Broker(abc.ABC):
         order with this node's messages) and keeps the member in its presence.
         Called with the hub's lock held: must not block.
         """
+
+    def join_leave_interest(self, topic: str, on: bool) -> None:
+        """This node gained (``on``) or lost its last join/leave listener of ``topic``: a
+        shared broker hands back the other nodes' joins and leaves of it, in order with
+        their messages, as publications with seq 0 (epoch "join" or "leave", data the
+        client object). Called with the hub's lock held: must not block."""
+
+    def presence_source(self, snapshot: Callable[[], List[Tuple[str, str, str]]]) -> None:
+        """``snapshot()`` lists this node's members as (topic, client id, client object)."""
 
     def presence(self, topic: str) -> List[Tuple[int, List[str], List["Member"]]]:
         """The members of ``topic`` on the other nodes: per node (count, subs, earliest

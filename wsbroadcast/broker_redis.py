@@ -10,6 +10,17 @@ Keys, for a topic T and the prefix P (default ``wsb:``):
   ``S-0``, fields ``data`` (the JSON text) and ``time`` (Redis time, ms). When a
   topic gets a new epoch its old stream is deleted.
 - ``P ch:T`` the pub/sub channel; a message is ``seq|epoch|data``.
+- ``P presence:T`` a hash of the members of T on every node: field the client id
+  (``node-N``), value its client object (JSON). ``P node:N`` exists while node N is
+  alive: each node sets its own with a time to live (``presence_ttl``) and refreshes it;
+  members of a node whose key is gone are left out of answers (and removed).
+- ``P jl:T`` the pub/sub channel of T's joins and leaves, ``J|node|client`` or
+  ``L|node|client``, subscribed only by nodes with a join/leave listener of T.
+
+Presence writes and join/leave events are queued by the hub (``member``) and sent by
+the thread ``wsbroadcast-redis-presence``, or by ``publish`` before its own script when
+some are still queued: a node's events therefore reach Redis, and every listener, in
+order with its messages (one subscription connection per node receives both).
 
 Publishing is one EVALSHA per batch (the script below); it is atomic, so a
 publish is stored and published completely or not at all, and the caller acks
@@ -66,8 +77,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from .broker import Broker, Handler, Publication
-from .envelope import strict_text
+from .envelope import parse_json, strict_text
 from .errors import BrokerUnavailable, StoreError
+from .logutil import RateLimitedLog
+from .presence import MAX_LISTED, Member
 from .store import ByteBound, StoredMessage
 from .topics import is_wildcard, pattern_matches
 
@@ -146,6 +159,11 @@ _HAS_PROTOCOL = "protocol" in inspect.signature(redis.Connection.__init__).param
 _GLOB_SPECIALS = "\\*?[]"
 
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+#: a wanted "pattern" standing for the join/leave channel of the topic that follows it
+_JL = "\0jl\0"
+#: presence writes queued at most while Redis does not take them (then a full resync)
+MAX_PRESENCE_PENDING = 100000
+_presence_log = RateLimitedLog(logger)
 
 
 def _glob_escape(text: str) -> str:
@@ -192,6 +210,7 @@ class RedisBroker(Broker):
         socket_timeout: float = 2.0,
         connect_timeout: float = 1.0,
         max_connections: int = 16,
+        presence_ttl: float = 30.0,
     ) -> None:
         if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 0:
             raise ValueError("history_size must be an int >= 0, got %r" % (history_size,))
@@ -208,6 +227,21 @@ class RedisBroker(Broker):
         self._ttl_ms = -1 if history_ttl is None else int(history_ttl * 1000)
         self._ch_prefix = key_prefix + "ch:"
         self._ch_prefix_b = self._ch_prefix.encode("utf-8")
+        self._jl_prefix = key_prefix + "jl:"
+        self._jl_prefix_b = self._jl_prefix.encode("utf-8")
+        if presence_ttl <= 0:
+            raise ValueError("presence_ttl must be > 0")
+        self.presence_ttl = float(presence_ttl)
+        # _pending_lock guards _pending (presence writes and events not sent yet) and
+        # _resync; never held during I/O. _send_lock is held while they are sent, by the
+        # presence thread or by publish (which sends them ahead of its messages).
+        self._pending_lock = threading.Lock()
+        self._pending: List[Tuple[str, str, str, str]] = []  # (op, topic, client id, text)
+        self._resync = True
+        self._send_lock = threading.Lock()
+        self._snapshot: Any = None  # the hub's members, for a resync (takes the hub lock)
+        self._presence_wake = threading.Event()
+        self._presence_thread: Optional[threading.Thread] = None
         common = dict(socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
                       retry=Retry(NoBackoff(), 0), health_check_interval=0)
         if _HAS_PROTOCOL:
@@ -260,6 +294,8 @@ class RedisBroker(Broker):
 
     def _name(self, pattern: str) -> str:
         """The Redis channel (topic) or glob (wildcard pattern) of a pattern."""
+        if pattern.startswith(_JL):
+            return self._jl_prefix + pattern[len(_JL):]
         if not is_wildcard(pattern):
             return self._ch_prefix + pattern
         tokens = ["*" if t in ("*", ">") else _glob_escape(t) for t in pattern.split(".")]
@@ -275,6 +311,9 @@ class RedisBroker(Broker):
     def publish(self, items: Sequence[Tuple[str, str]]) -> List[Tuple[int, str]]:
         if not items:
             return []
+        if self._pending:
+            with self._send_lock:
+                self._send_presence(False)  # this node's joins and leaves go first
         keys: List[str] = []
         args: List[Any] = [self.history_size, self._ttl_ms, secrets.token_hex(8)]
         for item in items:
@@ -397,6 +436,105 @@ class RedisBroker(Broker):
                 self._cond.wait(left)
             return True
 
+    # ------------------------------------------------------------------ presence
+    def member(self, topic: str, member: Member, on: bool) -> None:
+        item = ("set" if on else "del", topic, member.conn, member.text)
+        with self._pending_lock:
+            if len(self._pending) >= MAX_PRESENCE_PENDING:
+                self._pending = []
+                self._resync = True
+            else:
+                self._pending.append(item)
+        self._presence_wake.set()
+
+    def presence_source(self, snapshot: Any) -> None:
+        self._snapshot = snapshot
+
+    def join_leave_interest(self, topic: str, on: bool) -> None:
+        self.interest(_JL + topic, on)
+
+    def _send_presence(self, refresh: bool) -> None:
+        """Send the queued presence writes and events (with _send_lock held)."""
+        with self._pending_lock:
+            items, self._pending = self._pending, []
+            resync, self._resync = (self._resync and refresh), (self._resync and not refresh)
+        if resync and self._snapshot is not None:
+            # every member again (no events); this node's leaves still queued still go out
+            items = [("sync", t, c, x) for t, c, x in self._snapshot()] + [i for i in items if i[0] == "del"]
+        if not items and not refresh:
+            return
+        node = self.node
+        pipe = self._redis.pipeline(transaction=False)
+        for op, topic, conn, text in items:
+            key = self.key_prefix + "presence:" + topic
+            if op == "sync":
+                pipe.hset(key, conn, text)
+            elif op == "set":
+                pipe.hset(key, conn, text)
+                pipe.publish(self._jl_prefix + topic, "J|%s|%s" % (node, text))
+            elif op == "del":
+                pipe.hdel(key, conn)
+                pipe.publish(self._jl_prefix + topic, "L|%s|%s" % (node, text))
+        if refresh:
+            pipe.set(self.key_prefix + "node:" + str(node), "1", px=int(self.presence_ttl * 1000))
+        try:
+            pipe.execute()
+        except (RedisError, OSError) as exc:
+            _presence_log.warning("redis %s: presence not written: %s", _redact(self.url), exc)
+            with self._pending_lock:
+                self._resync = True  # written again in full once redis answers
+
+    def _run_presence(self) -> None:
+        interval = self.presence_ttl / 3
+        next_refresh = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            refresh = now >= next_refresh
+            if refresh:
+                next_refresh = now + interval
+            with self._send_lock:
+                self._send_presence(refresh)
+            self._presence_wake.wait(max(0.0, next_refresh - time.monotonic()))
+            self._presence_wake.clear()
+
+    def presence(self, topic: str) -> List[Tuple[int, List[str], List[Member]]]:
+        key = self.key_prefix + "presence:" + topic
+        own = str(self.node).encode()
+        try:
+            raw = self._redis.hgetall(key)
+            by_node: Dict[bytes, List[Tuple[bytes, bytes]]] = {}
+            for conn, text in raw.items():
+                node = conn.split(b"-", 1)[0]
+                if node != own:
+                    by_node.setdefault(node, []).append((conn, text))
+            if not by_node:
+                return []
+            nodes = list(by_node)
+            alive = self._redis.mget([self.key_prefix.encode() + b"node:" + n for n in nodes])
+            dead = [c for n, a in zip(nodes, alive) if a is None for c, _t in by_node[n]]
+            if dead:
+                self._redis.hdel(key, *dead)
+        except _UNAVAILABLE as exc:
+            raise self._failed("presence", exc) from exc
+        except RedisError as exc:
+            raise BrokerUnavailable("cannot read presence from redis: %s" % exc) from exc
+        out = []
+        for node, up in zip(nodes, alive):
+            if up is None:
+                continue
+            members = []
+            for conn, text_b in by_node[node]:
+                try:
+                    text = text_b.decode("utf-8")
+                    obj = parse_json(text)
+                    members.append(Member(conn.decode("utf-8"), obj.get("sub"), float(obj["joined"]), text))
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue  # not written by this version
+            members.sort(key=lambda m: m.joined)
+            subs = list({m.sub for m in members if m.sub is not None})
+            out.append((len(members), subs, members[:MAX_LISTED]))
+        return out
+
     # ------------------------------------------------------------------ health
     @property
     def healthy(self) -> bool:
@@ -425,6 +563,9 @@ class RedisBroker(Broker):
         self._handler = handler
         self._thread = threading.Thread(target=self._run, name="wsbroadcast-redis", daemon=True)
         self._thread.start()
+        self._presence_thread = threading.Thread(target=self._run_presence,
+                                                 name="wsbroadcast-redis-presence", daemon=True)
+        self._presence_thread.start()
 
     def close(self) -> None:
         if self._closed:
@@ -432,11 +573,20 @@ class RedisBroker(Broker):
         self._closed = True
         self._stop.set()
         self._wake()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(self.socket_timeout + 5.0)
-            if thread.is_alive():
-                logger.warning("redis listener did not stop in time")
+        self._presence_wake.set()
+        for thread in (self._thread, self._presence_thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(self.socket_timeout + 5.0)
+                if thread.is_alive():
+                    logger.warning("%s did not stop in time", thread.name)
+        if self._presence_thread is not None:
+            # the leaves of the connections closed meanwhile; this node is gone
+            with self._send_lock:
+                self._send_presence(False)
+            try:
+                self._redis.delete(self.key_prefix + "node:" + str(self.node))
+            except (RedisError, OSError):
+                pass
         with self._cond:
             self._cond.notify_all()
         self._pool.disconnect()
@@ -503,6 +653,8 @@ class RedisBroker(Broker):
 
     def _on_connected(self) -> None:
         """A new subscription connection: everything must be subscribed and caught up again."""
+        with self._pending_lock:
+            self._resync = True  # redis may have lost this node's members (a restart)
         self._sent = {}
         self._unconfirmed = {}
         self._covering = []
@@ -684,6 +836,8 @@ class RedisBroker(Broker):
 
     def _on_message(self, channel: bytes, payload: bytes, batch: List[Publication]) -> None:
         if not channel.startswith(self._ch_prefix_b):
+            if channel.startswith(self._jl_prefix_b):
+                self._on_join_leave(channel, payload, batch)
             return
         try:
             topic = channel[len(self._ch_prefix_b):].decode("utf-8")
@@ -721,6 +875,17 @@ class RedisBroker(Broker):
             self._refill(topic, seq - 1, epoch, batch)
         batch.append(Publication(topic, seq, epoch, data))
         self._last[topic] = seq
+
+    def _on_join_leave(self, channel: bytes, payload: bytes, batch: List[Publication]) -> None:
+        """Another node's join or leave: handed back as a Publication with seq 0."""
+        try:
+            kind, node, text = payload.split(b"|", 2)
+            topic = channel[len(self._jl_prefix_b):].decode("utf-8")
+            if node.decode("ascii") == self.node:
+                return  # this node's own: its listeners had it at once
+            batch.append(Publication(topic, 0, "join" if kind == b"J" else "leave", text.decode("utf-8")))
+        except (ValueError, UnicodeDecodeError):
+            logger.debug("ignoring a malformed join/leave on %r", channel[:100])
 
     def _refill(self, topic: str, upto: int, epoch: str, batch: List[Publication]) -> None:
         """Hand back the stored messages (last, upto] of a topic; what is gone stays gone."""

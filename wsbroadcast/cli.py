@@ -104,6 +104,9 @@ def _serve_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     r.add_argument("--redis", metavar="URL",
                    help="share seqs, history and fan-out with other nodes through Redis "
                         "(redis://host:port/db; needs pip install 'wsbroadcast[redis]'); replaces --store")
+    r.add_argument("--presence-ttl", type=float, default=d.presence_ttl, metavar="SECONDS",
+                   help=_d("with --redis: how soon the members of a node that died without a "
+                           "goodbye leave every presence answer", d.presence_ttl))
     s = p.add_argument_group("security")
     s.add_argument("--secret", help="HS256 secret for tokens (prefer --secret-file or $WSBROADCAST_SECRET)")
     s.add_argument("--secret-file", metavar="FILE", help="file holding the HS256 secret")
@@ -261,7 +264,7 @@ def _serve(args: argparse.Namespace) -> int:
             public_key=public_key, api_key=args.api_key or os.environ.get("WSBROADCAST_API_KEY") or None,
             allowed_origins=tuple(args.allowed_origin), allowed_hosts=tuple(args.allowed_host),
             certfile=args.certfile, keyfile=args.keyfile, public_stats=args.public_stats,
-            redis_url=args.redis, thread_stack_size=args.thread_stack_size,
+            redis_url=args.redis, presence_ttl=args.presence_ttl, thread_stack_size=args.thread_stack_size,
         )
         install_redaction_on_handlers()
         check_listen(config.host, config.port)  # before the store file is created

@@ -70,6 +70,9 @@ class Config:
     keyfile: Optional[str] = None
     # scale-out
     redis_url: Optional[str] = None
+    #: with Redis: how long a node's members outlive its last refresh (a node killed
+    #: without a goodbye leaves every presence answer within this time)
+    presence_ttl: float = 30.0
     #: stack size of threads started from now on, process-wide (bytes; 0 = leave as is);
     #: ``wsbroadcast serve`` sets 256 KiB so that ~20,000 connection threads fit
     thread_stack_size: int = 0
@@ -190,6 +193,7 @@ RANGES: Dict[str, Range] = {
     "compression_threshold": Range(0, 1 * GIB, "bytes"),
     "history_size": Range(0, 1_000_000_000, "messages per topic"),
     "history_ttl": Range(0, None, "seconds", integer=False, optional=True),
+    "presence_ttl": Range(0.5, 86400, "seconds", integer=False),
     "memory_store_bytes": Range(64 * KIB, None, "bytes"),
     "thread_stack_size": Range(32 * KIB, 1 * GIB, "bytes; 0: the default", zero=True),
     "shutdown_timeout": Range(0, 3600, "seconds", integer=False, flag="shutdown_timeout"),

@@ -70,8 +70,10 @@ class Hub:
         self.topic_rates = TopicRates()
         #: names this node in client ids (unique among the nodes of a shared broker)
         self.node = secrets.token_hex(4)
+        broker.node = self.node
         #: members of concrete topics and their join/leave listeners (PROTOCOL.md "Presence")
         self.presence = PresenceTable()
+        broker.presence_source(self._presence_snapshot)
         self._refused_log = RateLimitedLog(logger)  # refused publishes: one line per interval
         broker.attach(self._tree.has_match)
         broker.start(self.on_publications)
@@ -297,6 +299,9 @@ class Hub:
         now = time.monotonic()
         match = self._tree.match
         for topic, seq, _epoch, data in stored:
+            if not seq:  # another node's join or leave
+                self._remote_event(topic, _epoch, data, ops)
+                continue
             recipients = match(topic)
             if not recipients:
                 continue
@@ -373,7 +378,7 @@ class Hub:
                 recovered = oldest != 0 and oldest <= since + 1
         self._insert(conn, pattern, latest, ops)
         if cmd.join_leave or self.presence.listened:
-            self.presence.listen(pattern, conn, cmd.join_leave)
+            self._listen(pattern, conn, cmd.join_leave)
         if not self.broker.delivers_locally and pattern not in conn.floors:
             # publications up to the ack's seq may still be on their way: not for this one
             conn.floors[pattern] = (latest, epoch)
@@ -431,25 +436,40 @@ class Hub:
         entry = self.presence.join(topic, member)
         self.broker.member(topic, member, True)
         if entry.listeners:
-            self._announce("join", topic, member, entry.listeners, conn, ops)
+            self._announce("join", topic, member.text, entry.listeners, conn, ops)
 
     def _left(self, conn: Connection, topic: str, ops: List[tuple]) -> None:
         if self.presence.listened:
-            self.presence.listen(topic, conn, False)
+            self._listen(topic, conn, False)
         member, entry = self.presence.leave(topic, self.client_id(conn))
         if member is None:
             return
         self.broker.member(topic, member, False)
         if entry is not None and entry.listeners:
-            self._announce("leave", topic, member, entry.listeners, conn, ops)
+            self._announce("leave", topic, member.text, entry.listeners, conn, ops)
 
-    def _announce(self, kind: str, topic: str, member: Member, listeners: Any, source: Any,
+    def _listen(self, topic: str, conn: Connection, on: bool) -> None:
+        if self.presence.listen(topic, conn, on):
+            self.broker.join_leave_interest(topic, on)
+
+    def _remote_event(self, topic: str, kind: str, client: str, ops: List[tuple]) -> None:
+        entry = self.presence.get(topic)
+        if entry is not None and entry.listeners:
+            self._announce(kind, topic, client, entry.listeners, None, ops)
+
+    def _presence_snapshot(self) -> List[Tuple[str, str, str]]:
+        """Every member of this node: (topic, client id, client object)."""
+        with self.lock:
+            return [(topic, m.conn, m.text) for topic, entry in self.presence.items()
+                    for m in entry.members.values()]
+
+    def _announce(self, kind: str, topic: str, client: str, listeners: Any, source: Any,
                   ops: List[tuple]) -> None:
         """Queue a join or leave for each listener of ``topic`` except ``source``.
 
         A listener replaying the topic gets it after the live messages buffered meanwhile.
         """
-        text = join_leave_text(kind, topic, member.text)
+        text = join_leave_text(kind, topic, client)
         frame = _frame(text)
         for listener in listeners:
             if listener is source:

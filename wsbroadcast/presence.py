@@ -86,21 +86,29 @@ class PresenceTable:
         self._drop_if_empty(topic, entry)
         return member, entry
 
-    def listen(self, topic: str, listener: Any, on: bool) -> None:
-        """Start (``on``) or stop sending ``topic``'s joins and leaves to ``listener``."""
+    def listen(self, topic: str, listener: Any, on: bool) -> bool:
+        """Start (``on``) or stop sending ``topic``'s joins and leaves to ``listener``;
+        True when that gave the topic its first listener or took its last."""
         entry = self._topics.get(topic)
         if on:
             if entry is None:
                 entry = self._topics[topic] = TopicPresence()
             if listener not in entry.listeners:
-                if not entry.listeners:
-                    self.listened += 1
                 entry.listeners[listener] = None
+                if len(entry.listeners) == 1:
+                    self.listened += 1
+                    return True
         elif entry is not None and listener in entry.listeners:
             del entry.listeners[listener]
             if not entry.listeners:
                 self.listened -= 1
-            self._drop_if_empty(topic, entry)
+                self._drop_if_empty(topic, entry)
+                return True
+        return False
+
+    def items(self) -> Iterable[Tuple[str, TopicPresence]]:
+        """(topic, its entry) of every topic with members or listeners."""
+        return self._topics.items()
 
     def _drop_if_empty(self, topic: str, entry: TopicPresence) -> None:
         if not entry.members and not entry.listeners:

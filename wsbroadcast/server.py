@@ -161,7 +161,8 @@ class Server:
                                   "(or pip install redis)") from exc
             try:
                 self.broker: Broker = RedisBroker(cfg.redis_url, history_size=cfg.history_size,
-                                                  history_ttl=cfg.history_ttl)
+                                                  history_ttl=cfg.history_ttl,
+                                                  presence_ttl=cfg.presence_ttl)
             except ValueError as exc:
                 raise ConfigError("--redis %s: %s; give redis://HOST:PORT/DB" % (cfg.redis_url, exc)) from exc
         else:

@@ -1,0 +1,105 @@
+"""Presence and join/leave across nodes sharing a real Redis (PROTOCOL.md "Presence")."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+import wsraw
+from conftest import SCALE
+from redis_server import RedisServer, require_redis_server
+from serverproc import ServerProcess
+
+require_redis_server()
+
+T = 10.0 * SCALE
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """One redis-server for the module; each test uses topics of its own."""
+    with RedisServer(str(tmp_path_factory.mktemp("redis"))) as server:
+        yield server.url
+
+
+def ask(ws: wsraw.RawWS, topic: str, stats: bool = False) -> dict:
+    ws.send_json({"type": "presence_stats" if stats else "presence", "topic": topic, "id": "q"})
+    while True:
+        reply = ws.recv_json(T)
+        if reply.get("id") == "q":
+            return reply
+
+
+def poll(ws: wsraw.RawWS, topic: str, want: int, timeout: float = T) -> dict:
+    """Presence of ``topic`` seen from ``ws`` once it counts ``want`` members (polled with a deadline)."""
+    deadline = time.monotonic() + timeout
+    reply = None
+    while time.monotonic() < deadline:
+        reply = ask(ws, topic)
+        if reply["total"] == want:
+            return reply
+        time.sleep(0.02)
+    raise AssertionError("presence of %s never counted %d: %r" % (topic, want, reply))
+
+
+@pytest.mark.timeout(60)
+def test_presence_and_join_leave_cover_both_nodes(make_server, redis_url):
+    a = make_server(redis_url=redis_url)
+    b = make_server(redis_url=redis_url)
+    lis = wsraw.connect(a.port)  # on node A, asked for join/leave
+    assert wsraw.subscribe(lis, "room", 1, join_leave=True)["type"] == "ack"
+    quiet = wsraw.connect(a.port)  # on node A, did not ask
+    assert wsraw.subscribe(quiet, "room", 1)["type"] == "ack"
+    assert [lis.recv_json(T)["type"]] == ["join"]  # quiet joined on the same node
+    other = wsraw.connect(b.port)  # on node B
+    assert wsraw.subscribe(other, "room", 1)["type"] == "ack"
+    joined = lis.recv_json(T)
+    assert joined["type"] == "join" and joined["topic"] == "room", joined
+    # node B's own view and node A's view both count all three
+    for ws in (other, quiet):
+        reply = poll(ws, "room", 3)
+        assert len({c["conn"] for c in reply["clients"]}) == 3
+    assert ask(other, "room", stats=True)["clients"] == 3
+    # messages and the events of node B arrive at node A in node B's order
+    frames = [{"type": "publish", "topic": "room", "data": 1},
+              {"type": "unsubscribe", "topic": "room", "id": "u"},
+              {"type": "publish", "topic": "room", "data": 2},
+              {"type": "subscribe", "topic": "room", "id": "s"},
+              {"type": "publish", "topic": "room", "data": 3}]
+    other.sock.sendall(b"".join(wsraw.encode_frame(1, json.dumps(f).encode()) for f in frames))
+    got = [lis.recv_json(T) for _ in range(5)]
+    kinds = [(g["type"], g.get("data")) for g in got]
+    assert kinds == [("message", 1), ("leave", None), ("message", 2), ("join", None), ("message", 3)], got
+    assert got[1]["client"]["conn"] == joined["client"]["conn"]
+    assert [quiet.recv_json(T)["data"] for _ in range(3)] == [1, 2, 3]
+    wsraw.expect_pong_next(quiet)  # no join or leave for one that did not ask
+    # a disconnect on node B: a leave at node A, and presence follows everywhere
+    other.close()
+    left = lis.recv_json(T)
+    assert left["type"] == "leave" and left["client"]["conn"] == joined["client"]["conn"]
+    assert poll(quiet, "room", 2)["total"] == 2
+    lis.close()
+    quiet.close()
+
+
+@pytest.mark.timeout(60)
+def test_killed_node_leaves_presence_within_the_ttl(make_server, redis_url):
+    a = make_server(redis_url=redis_url)
+    watcher = wsraw.connect(a.port)
+    with ServerProcess("--redis", redis_url, "--presence-ttl", "1.5") as b:
+        member = wsraw.connect(b.port)
+        assert wsraw.subscribe(member, "lobby", 1)["type"] == "ack"
+        poll(watcher, "lobby", 1)
+        # a refresh later it is still there (the node keeps its key alive)
+        time.sleep(2.0)  # longer than the TTL: only a refresh can have kept the member
+        assert ask(watcher, "lobby")["total"] == 1
+        b.proc.send_signal(signal.SIGKILL)
+        b.proc.wait(T)
+        killed_at = time.monotonic()
+        poll(watcher, "lobby", 0, timeout=T)
+        assert time.monotonic() - killed_at < 1.5 + 2.0 * SCALE
+        member.close()
+    watcher.close()
