@@ -3,8 +3,8 @@
     .venv/bin/pip install '.[flask]'
     .venv/bin/python examples/flask_app.py --port 5000        # then open http://127.0.0.1:5000/
 
-The page connects to the app's WebSocket route ``/live`` (subprotocol
-``wsbroadcast.v1``) and subscribes to ``news``; the form POSTs to ``/say``, a
+The page loads the browser client (``/wsbroadcast.js``, served from the package), connects
+to the app's WebSocket route ``/live`` and subscribes to ``news``; the form POSTs to ``/say``, a
 plain view that calls ``broker.publish()``. Every open page shows every post.
 
 One broker per process: run it on a threaded server with one process (Werkzeug
@@ -17,8 +17,9 @@ import argparse
 import logging
 from typing import Optional
 
-from flask import Flask, jsonify, redirect, request, url_for
+from flask import Flask, Response, jsonify, redirect, request, url_for
 
+from wsbroadcast.http import static_file
 from wsbroadcast.wsgi import Broker
 
 TOPIC = "news"
@@ -38,50 +39,31 @@ PAGE = """<!doctype html>
   <button id="send">Post</button>
 </form>
 <ul id="messages"></ul>
+<script src="/wsbroadcast.js"></script>
 <script>
 (function () {
   "use strict";
-  var lastSeq = null, epoch = null, delay = 500;
+  // reconnect, resume (since + epoch) and dedupe are wsbroadcast.js's, served by the app below
   var status = document.getElementById("status"), list = document.getElementById("messages");
   function setStatus(s) { status.textContent = s; status.setAttribute("data-state", s); }
-  function connect() {
-    var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/live";
-    var ws = new WebSocket(url, ["wsbroadcast.v1"]);
-    ws.onopen = function () {
-      delay = 500;
-      setStatus("subscribing");
-      var sub = {type: "subscribe", topic: "news", id: 1};
-      if (lastSeq !== null) { sub.since = lastSeq; sub.epoch = epoch; }   // resume after a drop
-      ws.send(JSON.stringify(sub));
-    };
-    ws.onmessage = function (ev) {
-      var f = JSON.parse(ev.data);
-      if (f.type === "ack" && f.id === 1) {     // subscribed: live from here on
-        epoch = f.epoch;
-        if (lastSeq === null) lastSeq = f.seq;
-        setStatus("connected");
-      }
-      if (f.type !== "message") return;
-      lastSeq = f.seq;
-      var li = document.createElement("li");
-      li.className = "msg";
-      li.setAttribute("data-seq", f.seq);
-      li.textContent = "#" + f.seq + " " + f.data;
-      list.insertBefore(li, list.firstChild);
-    };
-    ws.onclose = function () {
-      setStatus("reconnecting");
-      setTimeout(connect, delay);
-      delay = Math.min(5000, delay * 2);
-    };
-  }
+  var client = wsbroadcast.connect((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/live");
+  client.on("state", function (e) {
+    setStatus(e.state === "connected" ? "subscribing" : e.state === "connecting" ? "connecting" : "reconnecting");
+  });
+  client.on("subscribed", function () { setStatus("connected"); });   // live from here on
+  client.subscribe("news", function (m) {
+    var li = document.createElement("li");
+    li.className = "msg";
+    li.setAttribute("data-seq", m.seq);
+    li.textContent = "#" + m.seq + " " + m.data;
+    list.insertBefore(li, list.firstChild);
+  });
   document.getElementById("say").addEventListener("submit", function (ev) {
     ev.preventDefault();   // post without leaving the page; the update comes back over the WebSocket
     var form = ev.target;
     fetch(form.action, {method: "POST", body: new FormData(form), headers: {Accept: "application/json"}})
       .then(function () { form.reset(); });
   });
-  connect();
 })();
 </script>
 </body></html>
@@ -96,6 +78,10 @@ def create_app(broker: Broker, ws_rule: str = "/live") -> Flask:
     @app.get("/")
     def index() -> str:
         return PAGE
+
+    @app.get("/wsbroadcast.js")
+    def client_script() -> Response:  # the browser client, from the package
+        return Response(static_file("/wsbroadcast.js"), mimetype="text/javascript")
 
     @app.post("/say")
     def say():  # type: ignore[no-untyped-def]

@@ -47,15 +47,31 @@ client.subscribe(q.get("topic") || "demo", function (m) { t.messages.push([m.top
 """
 
 
+#: the same client as an ES module, imported from the broker by a page of another origin
+MODULE_PAGE = """<!doctype html>
+<meta charset="utf-8"><title>wsbroadcast.mjs test page</title><link rel="icon" href="data:,">
+<script type="module">
+import wsbroadcast, { connect, SUBPROTOCOL } from "%(broker)s/wsbroadcast.mjs";
+window.t = {messages: [], protocol: SUBPROTOCOL, same: wsbroadcast.connect === connect};
+window.client = connect("%(ws)s", {minDelay: 50});
+client.subscribe("demo", (m) => t.messages.push([m.topic, m.seq, m.data]));
+</script>
+"""
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
-    page = b""
+    pages: Dict[str, bytes] = {}
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        page = self.pages.get(self.path.split("?")[0])
+        if page is None:
+            self.send_error(404)
+            return
         self.send_response(200)
         self.send_header("content-type", "text/html; charset=utf-8")
-        self.send_header("content-length", str(len(self.page)))
+        self.send_header("content-length", str(len(page)))
         self.end_headers()
-        self.wfile.write(self.page)
+        self.wfile.write(page)
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -71,7 +87,8 @@ def app_origin() -> Iterator[Any]:
 
     def serve(broker_port: int) -> str:
         broker = "http://127.0.0.1:%d" % broker_port
-        _Handler.page = (PAGE % {"broker": broker, "ws": "ws://127.0.0.1:%d/ws" % broker_port}).encode()
+        where = {"broker": broker, "ws": "ws://127.0.0.1:%d/ws" % broker_port}
+        _Handler.pages = {"/page.html": (PAGE % where).encode(), "/module.html": (MODULE_PAGE % where).encode()}
         return origin + "/page.html"
 
     serve.origin = origin  # type: ignore[attr-defined]
@@ -265,4 +282,19 @@ def test_a_refused_token_stops_reconnecting_until_a_new_one_is_given(app_origin,
     _wait(driver, lambda: _messages(driver) == [["demo", 1, "welcome"]], "no message after setToken")
     assert driver.execute_script("return window.__errors") == []
     assert_no_console_errors(driver, allowed=REFUSED)
+    driver.get("about:blank")
+
+
+@pytest.mark.timeout(60)
+def test_the_client_imports_as_an_es_module_from_another_origin(app_origin, make_server, driver):
+    srv = make_server(allowed_origins=(app_origin.origin,))
+    driver.get_log("browser")
+    driver.get(app_origin(srv.port).replace("/page.html", "/module.html"))
+    _wait(driver, lambda: _connected(driver) and _subscribed(driver), "the module page did not subscribe")
+    srv.publish("demo", "via the module")
+    _wait(driver, lambda: _messages(driver) == [["demo", 1, "via the module"]], "no message")
+    t = _t(driver)
+    assert t["protocol"] == "wsbroadcast.v1" and t["same"] is True
+    assert driver.execute_script("return window.__errors") == []
+    assert_no_console_errors(driver)
     driver.get("about:blank")

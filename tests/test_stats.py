@@ -57,6 +57,7 @@ def test_dashboard_and_client_script_are_served(make_server):
     for path in ("/wsbroadcast.js", "/wsbroadcast.mjs"):
         status, headers, body = request(srv.port, "GET", path)
         assert status == 200 and headers["content-type"].startswith("text/javascript"), path
+        assert headers["access-control-allow-origin"] == "*"  # public: a module from any page
     assert b"export default wsbroadcast" in body
 
 

@@ -454,8 +454,9 @@ class HttpSession:
         elif path == "/dashboard":
             self._check_stats_access(req, url)
             self.respond(200, static_file(path), _FILES[path][1], head=head)
-        elif path in _FILES:
-            self.respond(200, static_file(path), _FILES[path][1], head=head)
+        elif path in _FILES:  # the client scripts: public, loadable by any page (ES modules need CORS)
+            self.respond(200, static_file(path), _FILES[path][1],
+                         headers=[("access-control-allow-origin", "*")], head=head)
         elif path == "/presence":
             self._presence(req, url, head)
         return None

@@ -156,7 +156,7 @@
   var P = Client.prototype;
 
   // ---- events
-  /** Listen: "state" ({state, code, reason, reconnect, delay}), "gap", "error", "message". */
+  /** Listen: "state" ({state, code, reason, reconnect, delay}), "subscribed" (an ack), "gap", "error", "message". */
   P.on = function (name, fn) {
     (this._listeners[name] || (this._listeners[name] = [])).push(fn);
     return this;
