@@ -256,7 +256,7 @@ def test_publish_rejects_with_the_server_code_and_an_expiring_token_is_renewed(a
 
 
 #: what Chromium logs for a refused handshake and the client's probe of /stats
-REFUSED = re.compile(r"WebSocket connection to '[^']*' failed|status of 401")
+REFUSED = re.compile(r"WebSocket connection to '[^']*' failed|status of 40[13]")
 
 
 @pytest.mark.timeout(60)
@@ -297,4 +297,20 @@ def test_the_client_imports_as_an_es_module_from_another_origin(app_origin, make
     assert t["protocol"] == "wsbroadcast.v1" and t["same"] is True
     assert driver.execute_script("return window.__errors") == []
     assert_no_console_errors(driver)
+    driver.get("about:blank")
+
+
+@pytest.mark.timeout(60)
+def test_a_page_of_an_origin_the_server_refuses_stops_reconnecting(app_origin, make_server, driver):
+    srv = make_server()  # the test page's origin is not allowed
+    driver.get_log("browser")
+    driver.get(app_origin(srv.port))
+    _wait(driver, lambda: ["disconnected", 403] in [s[:2] for s in _t(driver)["states"]],
+          "the page was not told of the 403")
+    assert _t(driver)["states"][-1] == ["disconnected", 403, "origin not allowed"]
+    tried = srv.accepted
+    with pytest.raises(TimeoutException):
+        WebDriverWait(driver, 1.0, poll_frequency=0.05).until(lambda d: srv.accepted > tried)
+    assert driver.execute_script("return window.__errors") == []
+    assert_no_console_errors(driver, allowed=REFUSED)
     driver.get("about:blank")

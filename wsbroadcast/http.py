@@ -446,6 +446,11 @@ class HttpSession:
             # an allowed origin may read the answer: wsbroadcast.js tells a refused token this way
             cors = self._cors(req)
             try:
+                origin = _header(req.headers, b"origin")
+                if origin is not None and not cors:
+                    # told in an answer that page may read: wsbroadcast.js stops retrying on it
+                    raise HttpError(ErrorCode.FORBIDDEN_ORIGIN, "origin not allowed",
+                                    [("access-control-allow-origin", origin.strip())])
                 self._check_stats_access(req, url)
             except HttpError as err:
                 err.headers.extend(cors)

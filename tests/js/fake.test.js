@@ -302,6 +302,38 @@ test("a failed handshake with a token asks /stats why: 401 stops, anything else 
   c.close();
 });
 
+test("a failed handshake from a page the server refuses (403 forbidden_origin) stops the reconnects", async () => {
+  const net = fakeNetwork();
+  const fetch = () => Promise.resolve({ status: 403, json: () => Promise.resolve({ error: "forbidden_origin", message: "origin not allowed" }) });
+  const c = client(net, { fetch: fetch }).connect();
+  await waitFor(() => net.sockets.length === 1, "a socket");
+  net.sockets[0].drop(1006);
+  await waitFor(() => c.states.some((e) => e.code === 403), "the stop");
+  const last = c.states[c.states.length - 1];
+  assert.deepEqual([last.state, last.reason, last.reconnect], ["disconnected", "origin not allowed", false]);
+  await new Promise((r) => setTimeout(r, 50));   // ten times the back-off: nothing may be tried
+  assert.equal(net.sockets.length, 1);
+  await assert.rejects(c.publish("a", 1), (e) => e.code === "disconnected");
+  c.connect();   // asked to try again, it does
+  await waitFor(() => net.sockets.length === 2, "the new attempt");
+  c.close();
+});
+
+test("a failed probe (server away, or a 403 of another kind) keeps the back-off going", async () => {
+  const net = fakeNetwork();
+  let n = 0;
+  const fetch = () => (++n === 1 ? Promise.reject(new TypeError("Failed to fetch"))
+    : Promise.resolve({ status: 403, json: () => Promise.resolve({ error: "forbidden", message: "loopback only" }) }));
+  const c = client(net, { fetch: fetch }).connect();
+  await waitFor(() => net.sockets.length === 1, "a socket");
+  net.sockets[0].drop(1006);
+  await waitFor(() => net.sockets.length === 2, "a retry after a failed probe");
+  net.sockets[1].drop(1006);
+  await waitFor(() => net.sockets.length === 3, "a retry after a 403 forbidden");
+  assert.equal(n, 2);
+  c.close();
+});
+
 test("while offline the back-off waits for the online event", async () => {
   const net = fakeNetwork();
   const listeners = {};

@@ -312,14 +312,17 @@
       this._authRefused(code, reason);
       return;
     }
-    if (!wasOpen && (this.token || this.getToken) && this._fetch && this._statsUrl) {
+    if (!wasOpen && this._fetch && this._statsUrl) {
       this._probe(code, reason);
       return;
     }
     this._scheduleReconnect(code, reason, true);
   };
 
-  /** After a handshake that failed: ask GET /stats with the token whether it was refused (401). */
+  /**
+   * After a handshake that failed (a browser does not say why): ask GET /stats, with the token,
+   * whether the server refuses the token (401), the page's origin or the host name (403).
+   */
   P._probe = function (code, reason) {
     var self = this;
     var done = false;
@@ -329,7 +332,7 @@
       if (self._stopped || self._ws) return;
       if (status === 401) {
         self._authRefused(401, body && body.message || "unauthorized");
-      } else if (status === 403 && body && body.error === "forbidden_host") {
+      } else if (status === 403 && body && (body.error === "forbidden_host" || body.error === "forbidden_origin")) {
         self._stop(403, body.message || "forbidden_host");
       } else {
         self._scheduleReconnect(code, reason, true);
