@@ -148,9 +148,6 @@
         self._open();
       }
     };
-    if (this._window && this._window.addEventListener) {
-      this._window.addEventListener("online", this._onOnline);
-    }
   }
 
   var P = Client.prototype;
@@ -192,6 +189,9 @@
   // ---- connection lifecycle
   /** (Re)start connecting, e.g. after close() or after refused credentials and setToken(). */
   P.connect = function () {
+    if (this._stopped && this._window && this._window.addEventListener) {
+      this._window.addEventListener("online", this._onOnline);   // removed again by close()
+    }
     this._stopped = false;
     this._attempt = 0;
     this._clearTimer();
@@ -567,10 +567,13 @@
   P._onMessage = function (f) {
     var topic = f.topic, seq = f.seq;
     if (typeof topic !== "string" || typeof seq !== "number") return;
+    // positions are kept for the concrete topics subscribed (a pattern's topics are not
+    // resumed, and a connection delivers each message once): memory stays bounded
     var pos = this._positions[topic];
-    if (pos && seq <= pos.seq) return;                      // a duplicate
-    if (pos) pos.seq = seq;
-    else this._positions[topic] = { seq: seq, epoch: null };
+    if (pos) {
+      if (seq <= pos.seq) return;                           // a duplicate
+      pos.seq = seq;
+    }
     var msg = { topic: topic, seq: seq, data: f.data };
     this._emit("message", msg);
     for (var i = 0; i < this._order.length; i++) {
