@@ -94,3 +94,26 @@ async function backoffAgainst(port) {
   c.close();
   assert.deepEqual(delays.slice(0, 5), [10, 20, 40, 80, 80]);
 }
+
+test("presence on a real broker: presence(), presenceStats(), join and leave events", { skip }, async () => {
+  const a = wsb.connect(URL_, { minDelay: 20 });
+  const events = [];
+  a.on("join", (e) => events.push(["join", e.topic, e.client.conn]));
+  a.on("leave", (e) => events.push(["leave", e.topic, e.client.conn]));
+  await a.subscribe("node.room", null, { joinLeave: true }).ready;
+  const b = wsb.connect(URL_, { minDelay: 20 });
+  await b.subscribe("node.room").ready;
+  await waitFor(() => events.length === 1, "a join");
+  const p = await a.presence("node.room");
+  assert.equal(p.total, 2);
+  assert.equal(p.clients.length, 2);
+  assert.equal(p.clients[1].conn, events[0][2]);
+  assert.equal(typeof p.clients[0].joined, "number");
+  assert.deepEqual(await b.presenceStats("node.room"), { clients: 2, users: 0 });
+  await assert.rejects(a.presence("node.*"), (e) => e.code === "bad_topic");
+  b.close();
+  await waitFor(() => events.length === 2, "a leave");
+  assert.deepEqual(events[1], ["leave", "node.room", events[0][2]]);
+  assert.equal((await a.presence("node.room")).total, 1);
+  a.close();
+});

@@ -9,6 +9,8 @@
  *   client.on("state", function (ev) { ... });    // connecting / connected / disconnected
  *   client.subscribe("news.>", function (msg) { ... msg.topic, msg.seq, msg.data });
  *   client.publish("news.eu", { title: "hi" }).then(function (r) { ... r.seq, r.epoch });
+ *   client.subscribe("room.1", onMsg, { joinLeave: true });   // "join" / "leave" events
+ *   client.presence("room.1").then(function (p) { ... p.total, p.clients });
  *
  * It reconnects with jittered exponential back-off, resumes every concrete topic with
  * `since` + `epoch` (PROTOCOL.md section 6), drops duplicates by seq, and reports what
@@ -153,7 +155,9 @@
   var P = Client.prototype;
 
   // ---- events
-  /** Listen: "state" ({state, code, reason, reconnect, delay}), "subscribed" (an ack), "gap", "error", "message". */
+  /** Listen: "state" ({state, code, reason, reconnect, delay}), "subscribed" (an ack, or {topic, seq,
+   * epoch, granted: true} for a subscription granted by the token), "gap", "error", "message",
+   * "join" and "leave" ({topic, client: {conn, sub, joined}}; for subscriptions with joinLeave). */
   P.on = function (name, fn) {
     (this._listeners[name] || (this._listeners[name] = [])).push(fn);
     return this;
@@ -434,6 +438,7 @@
   P._sendSubscribe = function (sub) {
     var id = this._nextId++;
     var frame = { type: "subscribe", topic: sub.pattern, id: id };
+    if (sub.joinLeave) frame.join_leave = true;
     var pos = this._positions[sub.pattern];
     var since = null;
     if (!isPattern(sub.pattern) && pos) {
@@ -449,13 +454,15 @@
   /**
    * Subscribe to a topic or pattern; `onMessage({topic, seq, data})` gets every message, in seq
    * order per topic, each once. Returns {topic, ready (a Promise of the ack), unsubscribe()}.
+   * `options.joinLeave` (a concrete topic): the topic's joins and leaves come as events.
    */
-  P.subscribe = function (pattern, onMessage) {
+  P.subscribe = function (pattern, onMessage, options) {
     if (typeof pattern !== "string" || !pattern) throw new TypeError("wsbroadcast: subscribe needs a topic or pattern");
     var self = this;
     var sub = this._subs[pattern];
     if (!sub) {
-      sub = { pattern: pattern, handlers: [], status: "pending", ack: null };
+      sub = { pattern: pattern, handlers: [], status: "pending", ack: null,
+              joinLeave: !!(options && options.joinLeave) };
       sub.ready = handled(new Promise(function (resolve, reject) { sub.resolve = resolve; sub.reject = reject; }));
       this._subs[pattern] = sub;
       this._order.push(pattern);
@@ -549,9 +556,63 @@
       if (p.kind === "publish") {
         clearTimeout(p.timer);
         p.reject(WsbroadcastError(code, message));
+      } else if (p.kind === "presence") {
+        p.reject(WsbroadcastError(code, message));
       }
     }
     this._pending = {};
+  };
+
+  // ---- presence
+  /** Who is subscribed to `topic`: a Promise of {total, clients: [{conn, sub, joined}]} (1000 at most). */
+  P.presence = function (topic) {
+    return this._ask({ type: "presence", topic: topic });
+  };
+
+  /** How many are subscribed to `topic`: a Promise of {clients, users} (users: distinct subs). */
+  P.presenceStats = function (topic) {
+    return this._ask({ type: "presence_stats", topic: topic });
+  };
+
+  P._ask = function (frame) {
+    var self = this;
+    return new Promise(function (resolve, reject) {
+      if (!(self._ws && self._ws.readyState === OPEN)) {
+        reject(WsbroadcastError("disconnected", "not connected"));
+        return;
+      }
+      var id = self._nextId++;
+      frame.id = id;
+      self._pending[id] = { kind: "presence", resolve: resolve, reject: reject };
+      if (!self._send(frame)) {
+        delete self._pending[id];
+        reject(WsbroadcastError("disconnected", "not connected"));
+      }
+    });
+  };
+
+  P._onAnswer = function (f) {
+    var p = this._pending[f.id];
+    if (!p || p.kind !== "presence") return;
+    delete this._pending[f.id];
+    p.resolve(f.type === "presence" ? { total: f.total, clients: f.clients }
+                                     : { clients: f.clients, users: f.users });
+  };
+
+  P._onGranted = function (f) {       // a subscription granted by the token, on every connect
+    if (typeof f.topic !== "string") return;
+    var info = { topic: f.topic, granted: true };
+    if (typeof f.seq === "number") {
+      info.seq = f.seq;
+      info.epoch = f.epoch;
+      var pos = this._positions[f.topic];
+      if (pos && pos.epoch === f.epoch && f.seq > pos.seq) {
+        this._emit("gap", { topic: f.topic, since: pos.seq, seq: f.seq, epoch: f.epoch,
+                            previousEpoch: pos.epoch, epochChanged: false, granted: true });
+      }
+      this._positions[f.topic] = { seq: f.seq, epoch: f.epoch };
+    }
+    this._emit("subscribed", info);
   };
 
   // ---- receiving
@@ -562,6 +623,9 @@
     if (f.type === "message") this._onMessage(f);
     else if (f.type === "ack") this._onAck(f);
     else if (f.type === "error") this._onError(f);
+    else if (f.type === "join" || f.type === "leave") this._emit(f.type, { topic: f.topic, client: f.client });
+    else if (f.type === "presence" || f.type === "presence_stats") this._onAnswer(f);
+    else if (f.type === "subscribed") this._onGranted(f);
   };
 
   P._onMessage = function (f) {
@@ -629,6 +693,10 @@
     var err = WsbroadcastError(f.code, f.message);
     if (!p) { this._emit("error", err); return; }
     delete this._pending[f.id];
+    if (p.kind === "presence") {
+      p.reject(err);
+      return;
+    }
     if (p.kind === "publish") {
       clearTimeout(p.timer);
       p.reject(err);
