@@ -31,8 +31,6 @@ members (the writer's channel drained, no socket), the median of ``--repeat`` ru
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
-import importlib.util
 import json
 import os
 import socket
@@ -51,20 +49,9 @@ import httputil  # noqa: E402
 import wsraw  # noqa: E402
 from serverproc import ServerProcess  # noqa: E402
 
-
-def _bench_module():
-    """scripts/bench as a module (it builds the load generator)."""
-    loader = importlib.machinery.SourceFileLoader("wsb_bench", str(ROOT / "scripts" / "bench"))
-    spec = importlib.util.spec_from_loader("wsb_bench", loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
-
-
-def cpu_seconds(pid: int) -> float:
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_overload import cpu_seconds  # noqa: E402
+from bench_redis import load_bench  # noqa: E402
 
 
 class Churn:
@@ -199,7 +186,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(doc))
         return 0
 
-    exe = _bench_module().build(Path.home() / ".cache" / "wsbroadcast-bench")["loadgen"]
+    exe = load_bench().build(Path.home() / ".cache" / "wsbroadcast-bench")["loadgen"]
     phases = ["base", "churn", "listened"]
     total = args.repeat * len(phases) * (args.seconds + 0.5) + 30
     env = dict(os.environ, PYTHONPATH=args.tree)
