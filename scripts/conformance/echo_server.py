@@ -41,7 +41,7 @@ class EchoServer(Server):
 
     reader_class = EchoReader
 
-    def _on_open(self, conn: Any) -> None:
+    def _on_open(self, conn: Any, greeting: bytes = b"") -> None:
         pass
 
 
