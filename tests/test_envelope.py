@@ -519,8 +519,9 @@ def test_frame_splitter_refuses_non_minimal_lengths_like_wsproto(width):
 # ---------------------------------------------------------------- JSON depth and finite numbers
 
 def _reference_depth(text: str) -> int:
-    """The deepest bracket nesting outside strings, char by char: the most a JSON decoder
-    can recurse before it finishes or finds a fault (an unterminated string ends the text)."""
+    """The deepest bracket nesting outside strings, char by char, up to a backslash outside a
+    string (a fault a decoder stops at; so does an unterminated string): at least as deep as
+    any JSON decoder recurses before it finishes or finds a fault."""
     depth = deepest = 0
     in_string = escaped = False
     for ch in text:
@@ -533,6 +534,8 @@ def _reference_depth(text: str) -> int:
                 in_string = False
         elif ch == '"':
             in_string = True
+        elif ch == "\\":
+            break
         elif ch in "[{":
             depth += 1
             deepest = max(deepest, depth)
@@ -541,12 +544,39 @@ def _reference_depth(text: str) -> int:
     return deepest
 
 
+def _value_depth(value) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(_value_depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_value_depth, value.values()), default=0)
+    return 0
+
+
 @settings(max_examples=600, deadline=None)
-@given(st.one_of(st.text(alphabet='[]{}"\\ a,:1', max_size=200),
-                 st.integers(0, 80).map(lambda n: "[" * n + '"]' + "{" * n)),
+@given(st.one_of(st.text(alphabet='[]{}"\\ a,:1é', max_size=200),
+                 st.integers(0, 80).map(lambda n: "[" * n + '"]' + "{" * n),
+                 st.integers(0, 80).map(lambda n: '"\\\\"' + "[" * n),
+                 st.integers(0, 80).map(lambda n: '"\\""' + "[" * n)),
        st.sampled_from([0, 1, 2, 5, 64]))
-def test_depth_within_matches_a_char_by_char_scan(text, limit):
-    assert envelope.depth_within(text, limit) == (_reference_depth(text) <= limit)
+def test_depth_within_never_trusts_a_decoder_with_deeper_text(text, limit):
+    if envelope.depth_within(text, limit):
+        assert _reference_depth(text) <= limit
+
+
+deep_values = st.recursive(
+    st.one_of(st.text(alphabet='[]{}"\\x', max_size=5), st.integers()),
+    lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(alphabet='[{"\\', max_size=3), c, max_size=3)),
+    max_leaves=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(deep_values, st.integers(0, 40), st.sampled_from([0, 1, 3, 8, 64]))
+@example(['"', [[[[["\\"]]]]]], 0, 3)  # escaped quote, escaped backslash: then the nesting
+def test_depth_within_is_exact_on_json(value, wrap, limit):
+    for _ in range(wrap):
+        value = [value]
+    text = json.dumps(value, ensure_ascii=False)
+    assert envelope.depth_within(text, limit) == (_value_depth(value) <= limit)
 
 
 @pytest.mark.parametrize("depth", [envelope.MAX_DEPTH, envelope.MAX_DEPTH + 1, 5000])

@@ -5,8 +5,9 @@ Sans-I/O: text in, command objects out; values in, bytes out (PROTOCOL.md sectio
 
 from __future__ import annotations
 
+import itertools
 import json
-import re
+import operator
 from typing import Any, Dict, NamedTuple, Optional, Sequence, Union
 
 from .errors import ErrorCode, ProtocolError, TopicError
@@ -95,34 +96,62 @@ def encode_json(value: Any) -> str:
     return text
 
 
-# A JSON string, or an unterminated one running to the end (its text is invalid anyway):
-# it always matches from a quote, so stripping strings is linear in the text.
-_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
-_BRACKET_RUNS = re.compile(r"[\[{]+|[\]}]+")
+#: bytes kept to find the nesting: quotes and brackets (UTF-8 never has them inside a
+#: character), with '{' and '}' read as '[' and ']'
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[]{}')
+_AS_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_STEPS = bytes.maketrans(b"[]", b"\x02\x00")
+#: rounds of peeling leaves off before the rest is walked: most JSON is shallower than this
+_PEELS = 8
+
+
+def _max_depth(brackets: bytes) -> int:
+    """The deepest prefix nesting of a string of '[' and ']' (iterated at C speed)."""
+    if not brackets:
+        return 0
+    # after i steps of +1/-1 the depth is (2 * opens so far) - i
+    return max(0, max(map(operator.sub, itertools.accumulate(brackets.translate(_STEPS)),
+                          itertools.count(1))))
 
 
 def depth_within(text: str, limit: int = MAX_DEPTH) -> bool:
     """False when ``text`` nests arrays and objects more than ``limit`` deep; no recursion.
 
-    Brackets inside strings do not count. For invalid JSON the answer is never lower
-    than the depth a decoder reaches before it finds the fault, so a decoder can be
-    trusted with any text this accepts.
+    Exact for JSON (brackets inside strings do not count). Invalid text is never judged
+    shallower than the depth a decoder reaches before it finds the fault, so a decoder
+    can be trusted with any text this accepts. Cost: linear, at C speed.
     """
     if text.count("[") + text.count("{") <= limit:
         return True  # the common case: a count at C speed
-    if '"' in text:
-        text = _STRINGS.sub("", text)
-        if text.count("[") + text.count("{") <= limit:
+    if "\\" in text:
+        # escaped backslashes, then escaped quotes: what is left of a backslash no longer
+        # hides a quote (outside strings a backslash is a fault the decoder stops at)
+        text = text.replace("\\\\", "").replace('\\"', "")
+    skeleton = text.encode("utf-8", "surrogatepass").translate(_AS_BRACKETS, _NOT_STRUCTURE)
+    if b'"' in skeleton:
+        # two quotes in a row have no bracket outside strings between them: dropping them
+        # keeps every bracket in or out of strings as it was (and strings without brackets go)
+        skeleton = skeleton.replace(b'""', b"")
+        if b'"' in skeleton:
+            # between quotes: strings; an unterminated one runs to the end, where the decoder stops
+            skeleton = b"".join(skeleton.split(b'"')[::2])
+        if skeleton.count(b"[") <= limit:
             return True
-    depth = 0
-    for run in _BRACKET_RUNS.findall(text):
-        if run[0] in "[{":
-            depth += len(run)
-            if depth > limit:
-                return False
-        else:
-            depth -= len(run)
-    return True
+    # Peeling the innermost pairs off lowers the deepest nesting by exactly one per round
+    # (the deepest '[' is always followed by its ']'); text that closes more than it opened
+    # is invalid and may be judged deeper than it is, which is bad_json all the same.
+    rest, peeled = skeleton, 0
+    while True:
+        shorter = rest.replace(b"[]", b"")
+        if len(shorter) == len(rest):  # no pair left: some ']' then some '['
+            closes = len(rest) - len(rest.lstrip(b"]"))
+            deepest = max(0, len(rest) - 2 * closes)
+            break
+        rest, peeled = shorter, peeled + 1
+        if peeled == _PEELS:
+            deepest = _max_depth(rest)
+            break
+    return deepest + peeled <= limit
 
 
 def _reject_constant(name: str) -> Any:
@@ -154,14 +183,16 @@ _decode = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_
 # overflow a double): a hook on every integer would slow the common frames down
 _decode_checked = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float,
                                    parse_int=_finite_int).decode
-_DIGITS_ONLY = bytes(c if 48 <= c <= 57 else 32 for c in range(256))  # other bytes: a space
+_DIGITS_ONLY = bytes(48 if 48 <= c <= 57 else 32 for c in range(256))  # a digit: '0', others: ' '
 
 
 def _long_digit_run(text: str) -> bool:
     if len(text) <= 308:
         return False
-    runs = text.encode("utf-8", "surrogatepass").translate(_DIGITS_ONLY).split()
-    return max(map(len, runs), default=0) > 308
+    digits = text.encode("utf-8", "surrogatepass").translate(_DIGITS_ONLY)
+    if b"0" * 16 not in digits:  # most text: no run of 16 digits at all
+        return False
+    return max(map(len, digits.split())) > 308
 
 
 def parse_json(text: str, max_depth: int = MAX_DEPTH) -> Any:
