@@ -187,6 +187,18 @@ def sc_jwt_rsa(port: int, d: str) -> None:
     assert post(port, b'{"topic":"t","data":1}', "Authorization: Bearer %s\r\n" % token) == 200
 
 
+def sc_deflate(port: int, _d: str) -> None:
+    import zlib
+    c = wsraw.connect(port, headers=[("Sec-WebSocket-Extensions", "permessage-deflate")])
+    KEEP.append(c.sock)
+    for frame in ('{"type":"subscribe","topic":"z","id":1}',
+                  '{"type":"publish","topic":"z","id":2,"data":%s}' % nested(MAX_DEPTH - 1)):
+        z = zlib.compressobj(wbits=-15)
+        c.send_frame(0x1, (z.compress(frame.encode()) + z.flush(zlib.Z_SYNC_FLUSH))[:-4], rsv=4)
+    for _ in range(3):  # ack, ack, message (compressed or not: only their arrival matters)
+        assert c.recv_raw(timeout=10)[0] & 0x0F == 0x1
+
+
 def sc_traceback(port: int, _d: str) -> None:
     c = wsraw.connect(port)
     KEEP.append(c.sock)
@@ -203,6 +215,7 @@ SCENARIOS: Dict[str, Callable[[int, str], None]] = {
     "TLS (EC P-256) handshake + publish": sc_tls,
     "JWT HS256 + deep token header": sc_jwt,
     "JWT RS256 (public key)": sc_jwt_rsa,
+    "permessage-deflate: compressed frames": sc_deflate,
     "logged traceback in a reader": sc_traceback,
 }
 

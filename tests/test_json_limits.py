@@ -231,3 +231,25 @@ def test_non_finite_numbers_from_an_older_node_through_redis_are_sent_as_null(tm
         assert status == 200 and [r["data"] for r in rows] == [1, [None, None]]
         v1.close()
         assert proc.terminate() == 0
+
+
+def test_python_client_writes_and_reads_only_strict_json():
+    """The client refuses to send NaN or Infinity (the server would answer bad_json) and
+    reads a delivery whose data is nested as deep as the contract allows."""
+    from wsbroadcast import Client
+
+    with ServerProcess("--store", "memory", env=_env()) as proc:
+        client = Client.connect("ws://127.0.0.1:%d/ws" % proc.port)
+        try:
+            client.subscribe("t")
+            for bad in (float("inf"), float("-inf"), float("nan"), {"v": [float("inf")]}):
+                with pytest.raises(ValueError):
+                    client.publish("t", bad)
+            deepest = json.loads(nested(MAX_DEPTH - 1, "1"))  # 64 levels in the publish frame
+            seq, _ = client.publish("t", deepest)
+            got = client.recv(timeout=10)
+            assert got is not None and (got.seq, got.data) == (seq, deepest)
+            assert client.ping() >= 0
+        finally:
+            client.close()
+        assert proc.terminate() == 0
