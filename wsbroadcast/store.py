@@ -297,10 +297,13 @@ class MemoryStore(MessageStore):
     ``max_bytes`` bounds what messages and topics cost together (see
     :func:`message_cost`, :func:`topic_cost`): an append that goes over it evicts
     the oldest messages of all topics first, never one of its own. A topic left
-    without messages is forgotten by :meth:`trim_step` when its ``in_use`` says no
-    subscriber needs it; published again it starts at seq 1 under a new epoch
-    (each forgetting step starts a new *generation*: topics created after it get
-    ``<instance epoch>-<generation>``). :meth:`trim` never forgets a topic.
+    without messages is forgotten when ``in_use`` says no subscriber needs it: by
+    :meth:`trim_step`, and by an append over the budget (before it evicts a message)
+    once :attr:`in_use` is set. Published again it starts at seq 1 under a new epoch
+    (each step that forgets starts a new *generation*: topics created after it get
+    ``<instance epoch>-<generation>``). :meth:`trim` never forgets a topic; an
+    unknown topic asked for by :meth:`latest` is recorded, so that the epoch told to
+    a subscriber holds for its first publish.
 
     Count retention is immediate (the oldest message goes on append); age
     retention is applied by :meth:`trim` / :meth:`trim_step`, oldest first across
