@@ -25,12 +25,22 @@ def redis_url(tmp_path_factory):
         yield server.url
 
 
+_passed: dict = {}  # id(ws) -> frames that arrived before a presence answer, in order
+
+
 def ask(ws: wsraw.RawWS, topic: str, stats: bool = False) -> dict:
     ws.send_json({"type": "presence_stats" if stats else "presence", "topic": topic, "id": "q"})
     while True:
         reply = ws.recv_json(T)
         if reply.get("id") == "q":
             return reply
+        _passed.setdefault(id(ws), []).append(reply)
+
+
+def next_frame(ws: wsraw.RawWS) -> dict:
+    """The next frame that no presence answer was waited for past."""
+    passed = _passed.get(id(ws))
+    return passed.pop(0) if passed else ws.recv_json(T)
 
 
 def poll(ws: wsraw.RawWS, topic: str, want: int, timeout: float = T) -> dict:
@@ -102,4 +112,22 @@ def test_killed_node_leaves_presence_within_the_ttl(make_server, redis_url):
         poll(watcher, "lobby", 0, timeout=T)
         assert time.monotonic() - killed_at < 1.5 + 2.0 * SCALE
         member.close()
+    watcher.close()
+
+
+@pytest.mark.timeout(60)
+def test_client_killed_on_another_node_leaves_after_the_keepalive(make_server, redis_url):
+    a = make_server(redis_url=redis_url)
+    b = make_server(redis_url=redis_url, ping_interval=0.3 * SCALE, ping_timeout=0.3 * SCALE,
+                    close_timeout=0.5 * SCALE)
+    watcher = wsraw.connect(a.port)
+    assert wsraw.subscribe(watcher, "hall", 1, join_leave=True)["type"] == "ack"
+    stuck = wsraw.connect(b.port, rcvbuf=4096)  # answers no ping from now on
+    assert wsraw.subscribe(stuck, "hall", 1)["type"] == "ack"
+    assert watcher.recv_json(T)["type"] == "join"
+    assert poll(watcher, "hall", 2)["total"] == 2
+    left = next_frame(watcher)  # node B's keepalive ends it: a leave, then presence follows
+    assert left["type"] == "leave" and left["topic"] == "hall", left
+    assert poll(watcher, "hall", 1)["total"] == 1
+    stuck.close()
     watcher.close()

@@ -474,7 +474,7 @@ class Server:
             if greeting and tls is not None:
                 greeting = tls.encrypt(greeting)
             reader.run(upgrade.trailing, upgrade.refuse,
-                       on_open=lambda c: self._on_open(c, greeting),
+                       on_open=(lambda c: self._on_open(c, greeting)) if greeting else self._on_open,
                        closing=lambda: self.shutting_down, greeting=greeting)
         finally:
             if upgrade.refuse is None:
