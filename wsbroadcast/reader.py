@@ -61,8 +61,8 @@ class Reader:
         self._failed = False  # wsproto reported a protocol error or we refused the input
         self._close_requested = False  # this reader asked the writer for a close frame
         #: whole frames; ordinary text frames decoded without wsproto (the fast path)
-        # (deflate makes incompressible data a little larger: 5 bytes per 16 KiB block stored;
-        # the limit itself applies to the inflated size, as it is inflated)
+        # (deflated, incompressible data grows a little: at most about n/4096 + 13 bytes, zlib's
+        # deflateBound; the limit itself applies to the inflated size, as it is inflated)
         self.splitter = FrameSplitter(max_message_size,
                                       (max_message_size >> 10) + 64 if conn.deflate else 0)
 
