@@ -145,9 +145,10 @@ def inflate(data: bytes, bits: int = 15) -> bytes:
     return d.decompress(data + b"\x00\x00\xff\xff")
 
 
-def deflate(data: bytes, bits: int = 15) -> bytes:
-    """``data`` as a client's compressed message payload (RFC 7692 7.2.1)."""
-    c = zlib.compressobj(6, zlib.DEFLATED, -bits)
+def deflate(data: bytes, bits: int = 15, level: int = 6) -> bytes:
+    """``data`` as a client's compressed message payload (RFC 7692 7.2.1); level 0: stored
+    blocks, a few bytes longer than ``data``."""
+    c = zlib.compressobj(level, zlib.DEFLATED, -bits)
     out = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
     assert out.endswith(b"\x00\x00\xff\xff")
     return out[:-4]
