@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from typing import Callable, List, Optional, Sequence
 
 _LISTEN = re.compile(r"listening on wss?://[^:]+:(\d+)/")

@@ -12,17 +12,22 @@ import re
 from typing import Any, List
 
 import pytest
-
 from browserutil import (  # noqa: F401  (driver is a fixture)
-    ARTIFACTS, NETWORK_ERROR, ROOT, WAIT, assert_no_console_errors, driver,
+    ARTIFACTS,
+    NETWORK_ERROR,
+    ROOT,
+    WAIT,
+    assert_no_console_errors,
+    driver,
 )
 from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 import wsraw
-from httputil import publish_ok
 from conftest import SCALE
+from httputil import publish_ok
+
 from wsbroadcast import Server
 from wsbroadcast.auth import mint_token
 from wsbroadcast.store import SqliteStore
@@ -238,7 +243,7 @@ def test_refused_publish_shows_code_and_message(make_server, pages):
 @pytest.mark.timeout(60)
 def test_page_reconnects_after_restart_and_shows_what_it_missed(tmp_path, pages, driver):
     db = str(tmp_path / "history.db")
-    settings = dict(store=db, close_timeout=2.0 * SCALE)
+    settings = {"store": db, "close_timeout": 2.0 * SCALE}
     srv = Server("127.0.0.1", 0, **settings).start()
     port = srv.port
     srv2 = None

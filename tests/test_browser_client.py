@@ -16,16 +16,20 @@ import threading
 from typing import Any, Dict, Iterator, List
 
 import pytest
-
 from browserutil import (  # noqa: F401  (driver is a fixture)
-    ARTIFACTS, NETWORK_ERROR, ROOT, WAIT, assert_no_console_errors, driver,
+    ARTIFACTS,
+    NETWORK_ERROR,
+    ROOT,
+    WAIT,
+    assert_no_console_errors,
+    driver,
 )
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import SCALE
+
 from wsbroadcast import Server
-from wsbroadcast.auth import mint_token
 from wsbroadcast.auth import mint_token
 from wsbroadcast.store import SqliteStore
 
@@ -124,7 +128,7 @@ def _subscribed(driver: Any) -> bool:
 def _restart(serve: Any, db: str, driver: Any, gap_expected: bool) -> None:
     """Subscribe, restart the server on the same port and store, check what the page got."""
     origin = serve.origin
-    settings: Dict[str, Any] = dict(store=db, allowed_origins=(origin,), close_timeout=2.0 * SCALE)
+    settings: Dict[str, Any] = {"store": db, "allowed_origins": (origin,), "close_timeout": 2.0 * SCALE}
     srv = Server("127.0.0.1", 0, **settings).start()
     port = srv.port
     srv2 = None

@@ -14,6 +14,7 @@ import httputil
 import wsraw
 from conftest import SCALE
 from serverproc import ServerProcess
+
 from wsbroadcast import Client, cli
 from wsbroadcast.config import Config
 

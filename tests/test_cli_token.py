@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 import wsraw
 from serverproc import ServerProcess
+
 from wsbroadcast.auth import mint_token
 
 pytestmark = pytest.mark.timeout(60)

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from conftest import SCALE
+
 from wsbroadcast import Client, HandshakeRefused, Server
 from wsbroadcast.auth import mint_token
 

@@ -12,6 +12,7 @@ import pytest
 import threadutil
 import wsraw
 from conftest import SCALE
+
 from wsbroadcast import Client
 from wsbroadcast.errors import ClientError, ErrorCode, ProtocolError
 

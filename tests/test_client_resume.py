@@ -15,9 +15,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 
 from conftest import SCALE
-from serverproc import ServerProcess
 from httputil import history
 from httputil import publish as http_publish
+from serverproc import ServerProcess
 from wsraw import wait_for
 
 from wsbroadcast import Server

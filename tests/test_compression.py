@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import urllib.request
 import zlib
 
@@ -13,6 +12,7 @@ import pytest
 
 import wsraw
 from serverproc import ServerProcess
+
 from wsbroadcast import Client, ConfigError, Server
 from wsbroadcast.deflate import Compressors, negotiate
 

@@ -11,8 +11,21 @@ from hypothesis import strategies as st
 
 from wsbroadcast import envelope, wsframe
 from wsbroadcast.envelope import (
-    PLAIN, SEED_TOPIC, V1, Invalid, Ping, Publish, Subscribe, Unsubscribe, ack_text, encode_json,
-    error_text, has_id, message_text, parse_client_frame, pong_text,
+    PLAIN,
+    SEED_TOPIC,
+    V1,
+    Invalid,
+    Ping,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+    ack_text,
+    encode_json,
+    error_text,
+    has_id,
+    message_text,
+    parse_client_frame,
+    pong_text,
 )
 from wsbroadcast.errors import ErrorCode
 
@@ -349,8 +362,15 @@ def test_close_frame_truncation_keeps_whole_characters(code, reason):
 # ---------------------------------------------------------------- the reader's frame splitter
 
 from wsproto import ConnectionType, WSConnection  # noqa: E402
-from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping as WsPing, Pong as WsPong, \
-    Request, TextMessage  # noqa: E402
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Request,  # noqa: E402
+    TextMessage,
+)
+from wsproto.events import Ping as WsPing
+from wsproto.events import Pong as WsPong
 
 SPLIT_MAX = 4096
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 import wsraw
+
 from wsbroadcast.connection import TokenBucket
 
 pytestmark = pytest.mark.timeout(60)

@@ -27,8 +27,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import pytest
 
 import wsraw
-from httputil import healthz
 from conftest import SCALE
+from httputil import healthz
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -321,7 +321,7 @@ def _parse_close(payload: bytes) -> int:
     try:
         payload[2:].decode("utf-8")
     except UnicodeDecodeError:
-        raise Verdict("close reason is not UTF-8: %r" % payload)
+        raise Verdict("close reason is not UTF-8: %r" % payload) from None
     return struct.unpack("!H", payload[:2])[0]
 
 
@@ -340,13 +340,13 @@ def judge(c: wsraw.RawWS, cut: bool, probe: str) -> Tuple[str, Optional[int], Li
             continue
         except (ConnectionResetError, ConnectionError, OSError) as exc:
             if not cut:
-                raise Verdict("TCP closed without a close frame on complete input: %r" % (exc,))
+                raise Verdict("TCP closed without a close frame on complete input: %r" % (exc,)) from None
             return EOF, None, notes + pongs
         if op == 0x1:
             try:
                 obj = json.loads(payload.decode("utf-8"))
             except (UnicodeDecodeError, ValueError):
-                raise Verdict("text frame that is not JSON: %r" % payload[:200])
+                raise Verdict("text frame that is not JSON: %r" % payload[:200]) from None
             if isinstance(obj, dict) and obj.get("type") == "error":
                 if not (isinstance(obj.get("code"), str) and isinstance(obj.get("message"), str)):
                     raise Verdict("malformed error frame %r" % obj)
@@ -392,7 +392,7 @@ def run_case(port: int, rng: random.Random, gen, label: str) -> str:
             outcome, code, notes = judge(c, cut, probe)
         except Verdict as v:
             raise AssertionError("%s [%s, kind %s]: %s; sent %d bytes: %s" % (
-                label, gen.__name__, kind, v, len(data), data[:300].hex()))
+                label, gen.__name__, kind, v, len(data), data[:300].hex())) from None
         ok = False
         for e in expect:
             if e == ANY:
@@ -487,7 +487,7 @@ def test_fuzz_live_server(make_server):
         assert time.monotonic() < deadline, "fuzzing took too long"
         healthy.round_trip()
         target = progress[0] + 8
-        assert wsraw.wait_for(lambda: progress[0] >= target or not any(t.is_alive() for t in threads),
+        assert wsraw.wait_for(lambda target=target: progress[0] >= target or not any(t.is_alive() for t in threads),
                               timeout=30 * SCALE), "no fuzz progress at %d cases" % progress[0]
     for t in threads:
         t.join(5)

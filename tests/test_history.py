@@ -17,11 +17,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
-from conftest import SCALE
 import wsraw
-from serverproc import ServerProcess
+from conftest import SCALE
 from httputil import history, http_json
 from httputil import publish as http_publish
+from serverproc import ServerProcess
 from wsraw import RawWS, connect, expect_pong_next, subscribe, wait_for
 
 from wsbroadcast.store import SqliteStore

@@ -196,7 +196,8 @@ def test_keep_alive_after_a_refused_post_body(make_server):
     srv = make_server(max_message_size=100)
     s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
     try:
-        post = b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        post = (b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n")
         healthz = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         for body, code in ((b"not j", "bad_json"), (b'{"topic":"a.>","data":1}', "bad_topic"),
                            (b'{"data":1}', "bad_request")):

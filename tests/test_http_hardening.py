@@ -15,6 +15,7 @@ import pytest
 
 import wsraw
 from serverproc import ServerProcess
+
 from wsbroadcast import Server
 
 pytestmark = pytest.mark.timeout(60)
@@ -114,7 +115,8 @@ def _post(head_lines, body=b"0\r\n\r\n", version=b"1.1"):
     b"GET /history?topic=t HTTP/1.1\r\nHost: localhost\r\nX-API-Key: a\r\nX-API-Key: b\r\n\r\n" + HIDDEN,
     upgrade_request(extra=b"Sec-WebSocket-Key: " + KEY + b"\r\n") + HIDDEN,
 ], ids=["te-cl", "chunked-gzip", "gzip-chunked", "identity", "empty-te", "te-twice", "te-on-1.0",
-        "chunk-bare-lf", "chunk-bad-size", "cl-twice", "cl-list", "obs-fold-space", "obs-fold-tab", "bare-lf", "one-bare-lf", "host-twice",
+        "chunk-bare-lf", "chunk-bad-size", "cl-twice", "cl-list", "obs-fold-space", "obs-fold-tab", "bare-lf",
+        "one-bare-lf", "host-twice",
         "origin-twice", "api-key-twice", "ws-key-twice"])
 def test_ambiguous_framing_is_400_and_closes(server, raw):
     status, headers, body = answer_then_eof(server.port, raw)

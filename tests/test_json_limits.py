@@ -154,7 +154,8 @@ def test_non_finite_numbers_are_bad_json_and_nothing_invalid_is_sent(tmp_path):
                 assert (reply["type"], reply["code"]) == ("error", "bad_json"), (text[:60], reply)
             reply = answer(plain, '{"reading":%s}' % number)  # the seed's form
             assert (reply["type"], reply["code"]) == ("error", "bad_json"), (number[:20], reply)
-            for body in ('{"topic":"broadcast","data":%s}' % number, '{"topic":"broadcast","data":{"v":[%s]}}' % number):
+            for body in ('{"topic":"broadcast","data":%s}' % number,
+                         '{"topic":"broadcast","data":{"v":[%s]}}' % number):
                 status, answer_body = post(port, body)
                 assert (status, answer_body["error"]) == (400, "bad_json"), body[:60]
         # the finite edge is served, and what is sent is exactly what a strict parser reads back

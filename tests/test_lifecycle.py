@@ -14,6 +14,7 @@ import threadutil
 import wsraw
 from conftest import SCALE
 from serverproc import ServerProcess
+
 from wsbroadcast import Client, Server
 
 

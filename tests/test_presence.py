@@ -10,7 +10,9 @@ import pytest
 import wsraw
 from conftest import SCALE
 from httputil import http_json
-from tokens import SECRET, token as make_token
+from tokens import SECRET
+from tokens import token as make_token
+
 from wsbroadcast.presence import MAX_LISTED, Member, PresenceTable, merge
 
 

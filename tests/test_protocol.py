@@ -10,6 +10,7 @@ import simple_websocket
 
 import threadutil
 import wsraw
+
 from wsbroadcast import Client
 from wsbroadcast.errors import TopicError
 
@@ -134,7 +135,7 @@ def test_per_topic_order_under_four_concurrent_publishers(server):
         per_publisher.setdefault(m.data["p"], []).append(m.data["i"])
     for t in topics:
         assert seen[t] == list(range(1, len(seen[t]) + 1))
-    for k, order in per_publisher.items():
+    for order in per_publisher.values():
         assert order == list(range(n))  # each publisher's own order is kept too
     for c in pubs + [sub]:
         c.close()

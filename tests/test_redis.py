@@ -9,12 +9,12 @@ from typing import Any, Callable, List, Tuple
 
 import pytest
 
-from conftest import SCALE
-from redis_server import RedisServer, require_redis_server
 import httputil
 import threadutil
 import wsraw
+from conftest import SCALE
 from httputil import health_status
+from redis_server import RedisServer, require_redis_server
 from wsraw import connect, wait_for
 
 require_redis_server()

@@ -25,8 +25,9 @@ import tokens
 import wsraw
 from httputil import publish_raw as publish_http
 from httputil import request
-from tokens import OTHER_SECRET, SECRET, b64, expired_token, hs256_with_key, token, unsigned_token
 from serverproc import ServerProcess
+from tokens import OTHER_SECRET, SECRET, b64, expired_token, hs256_with_key, token, unsigned_token
+
 from wsbroadcast import Client
 
 pytestmark = pytest.mark.timeout(30)

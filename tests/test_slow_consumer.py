@@ -14,6 +14,7 @@ import wsraw
 from conftest import SCALE
 from httputil import metric
 from serverproc import ServerProcess
+
 from wsbroadcast import Client
 
 PAYLOAD = "p" * 4096
@@ -177,7 +178,7 @@ def test_peer_that_leaves_with_bytes_unsent_is_reset_at_once(make_server):
     stuck = stuck_subscriber(srv.port, "flood")
     # fill the kernel's buffers and leave bytes in the outbox, short of the slow-consumer limit
     conn = next(iter(srv.hub._conns.values()))  # white box: to know the precondition holds
-    for i in range(1, 200):
+    for _ in range(1, 200):
         srv.publish("flood", PAYLOAD)
         assert srv.writer.sync(10 * SCALE)
         if conn.out_bytes > 16 * 1024:

@@ -11,6 +11,7 @@ import pytest
 import wsraw
 from httputil import http_json, request
 from tokens import SECRET, token
+
 from wsbroadcast import Server
 from wsbroadcast.stats import TopicRates
 

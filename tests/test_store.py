@@ -648,7 +648,7 @@ def test_memory_store_matches_list_model(
     clock = FakeClock(0.0)
     store = MemoryStore(history_size, history_ttl, clock=clock)
     model: Dict[str, List[Tuple[int, str, float]]] = {t: [] for t in _TOPICS}
-    last: Dict[str, int] = {t: 0 for t in _TOPICS}
+    last: Dict[str, int] = dict.fromkeys(_TOPICS, 0)
     epoch = store.latest("a")[1]
 
     for name, dt, items in ops:

@@ -16,7 +16,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from wsbroadcast.errors import TopicError
 from wsbroadcast.topics import (
-    MAX_TOPIC_BYTES, SubjectTree, is_wildcard, iter_patterns, pattern_matches, validate_pattern,
+    MAX_TOPIC_BYTES,
+    SubjectTree,
+    is_wildcard,
+    iter_patterns,
+    pattern_matches,
+    validate_pattern,
     validate_topic,
 )
 

@@ -20,6 +20,7 @@ from werkzeug.serving import make_server  # noqa: E402
 
 import wsraw  # noqa: E402
 from conftest import SCALE  # noqa: E402
+
 from wsbroadcast.wsgi import Broker  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -229,7 +230,7 @@ def test_stuck_client_on_mounted_route_is_closed_without_stalling_others(mounted
         if i % 32 == 0:
             # the fast subscriber keeps up: never more than 64 messages (512 KiB) behind
             t0 = time.monotonic()
-            assert wsraw.wait_for(lambda: len(got) >= i - 32 or failure, timeout=10 * SCALE), \
+            assert wsraw.wait_for(lambda i=i: len(got) >= i - 32 or failure, timeout=10 * SCALE), \
                 "the fast subscriber stalled at %d of %d" % (len(got), i)
             worst = max(worst, time.monotonic() - t0)
     reader.join(30 * SCALE)
@@ -251,7 +252,7 @@ def test_stuck_client_on_mounted_route_is_closed_without_stalling_others(mounted
 
 @pytest.mark.timeout(30)
 def test_shutdown_closes_mounted_connections_and_joins_threads(mounted):
-    before = {t for t in threading.enumerate()}
+    before = set(threading.enumerate())
     broker, port = mounted()
     url = "ws://127.0.0.1:%d/live" % port
     clients = [wsraw.connect(port, path="/live") for _ in range(3)]

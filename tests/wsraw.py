@@ -352,7 +352,7 @@ class CloseWatcher:
     what it received before (a reset counts as a close)."""
 
     def __init__(self, socks: List[socket.socket]) -> None:
-        self._got = {s: b"" for s in socks}
+        self._got = dict.fromkeys(socks, b"")
         self.closed: dict = {}
         self._sel = selectors.DefaultSelector()
         for s in socks:

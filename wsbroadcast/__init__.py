@@ -1,9 +1,22 @@
 """wsbroadcast: a threaded, synchronous WebSocket publish/subscribe broker."""
 
+from typing import Any
+
 from .config import Config
 from .errors import (
-    AuthError, BrokerUnavailable, ClientError, CloseCode, ConfigError, ConnectionClosed, ErrorCode,
-    HandshakeRefused, ProtocolError, ServerClosed, StoreError, TopicError, WsBroadcastError,
+    AuthError,
+    BrokerUnavailable,
+    ClientError,
+    CloseCode,
+    ConfigError,
+    ConnectionClosed,
+    ErrorCode,
+    HandshakeRefused,
+    ProtocolError,
+    ServerClosed,
+    StoreError,
+    TopicError,
+    WsBroadcastError,
 )
 from .server import Server
 
@@ -16,7 +29,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # the client imports simple-websocket only when used
+def __getattr__(name: str) -> Any:  # the client imports simple-websocket only when used
     if name == "Client":
         from .client import Client
         return Client

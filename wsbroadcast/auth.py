@@ -38,9 +38,9 @@ from typing import (
 )
 
 import jwt
-from jwt.utils import base64url_decode
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from jwt.utils import base64url_decode
 
 from .envelope import parse_json
 from .errors import AuthError, ConfigError, TopicError
@@ -396,7 +396,7 @@ class Authenticator:
             key, algorithms = self._public_key, list(self._public_algorithms)
         else:
             raise AuthError("token algorithm not accepted")
-        options: Dict[str, Any] = {"verify_aud": self.audience is not None}
+        options: Any = {"verify_aud": self.audience is not None}  # PyJWT's Options TypedDict
         require = []
         if self.audience is not None:
             require.append("aud")

@@ -153,8 +153,8 @@ HEALTH_INTERVAL = 1.0
 RECONNECT_MIN = 0.1
 
 #: redis-py >= 5 takes ``protocol`` (and 8 defaults to 3)
-_HAS_PROTOCOL = "protocol" in inspect.signature(redis.Connection.__init__).parameters \
-    or "protocol" in inspect.signature(getattr(redis.connection, "AbstractConnection", redis.Connection).__init__).parameters
+_HAS_PROTOCOL = "protocol" in inspect.signature(redis.Connection.__init__).parameters or "protocol" in (
+    inspect.signature(getattr(redis.connection, "AbstractConnection", redis.Connection).__init__).parameters)
 
 _GLOB_SPECIALS = "\\*?[]"
 
@@ -242,8 +242,8 @@ class RedisBroker(Broker):
         self._snapshot: Any = None  # the hub's members, for a resync (takes the hub lock)
         self._presence_wake = threading.Event()
         self._presence_thread: Optional[threading.Thread] = None
-        common = dict(socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
-                      retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        common: Dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": connect_timeout,
+                                  "retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
         if _HAS_PROTOCOL:
             common["protocol"] = 2  # RESP2 replies everywhere (redis-py 8 defaults to RESP3)
         # commands (publish, reads, refills): a bounded pool, waits at most the socket timeout
@@ -339,7 +339,7 @@ class RedisBroker(Broker):
         try:
             pipe = self._redis.pipeline(transaction=True)
             pipe.hsetnx(meta, "epoch", secrets.token_hex(8))
-            pipe.hmget(meta, "seq", "epoch")
+            pipe.hmget(meta, ["seq", "epoch"])
             _, (seq, epoch) = pipe.execute()
         except _UNAVAILABLE as exc:
             raise self._failed("latest", exc) from exc
@@ -378,12 +378,13 @@ class RedisBroker(Broker):
             if len(batch) < ask or bound.full:
                 break
             seq = out[-1].seq
-            count = max(1, bound.left // max(1, (max_bytes - bound.left) // len(out)))
+            left = bound.left if bound.left is not None else max_bytes  # set: max_bytes is given
+            count = max(1, left // max(1, (max_bytes - left) // len(out)))
         return out
 
     def _xrange(self, topic: str, seq: int, count: int) -> Sequence[Any]:
         try:
-            raw = self._redis.xrange(self._stream(topic), "%d-0" % (max(seq, 0) + 1), "+", count=count)
+            raw: Any = self._redis.xrange(self._stream(topic), "%d-0" % (max(seq, 0) + 1), "+", count=count)
         except _UNAVAILABLE as exc:
             raise self._failed("history read", exc) from exc
         except RedisError as exc:
@@ -393,7 +394,7 @@ class RedisBroker(Broker):
 
     def oldest(self, topic: str) -> int:
         try:
-            raw = self._redis.xrange(self._stream(topic), "-", "+", count=1)
+            raw: Any = self._redis.xrange(self._stream(topic), "-", "+", count=1)
         except _UNAVAILABLE as exc:
             raise self._failed("history read", exc) from exc
         except RedisError as exc:
@@ -501,7 +502,7 @@ class RedisBroker(Broker):
         key = self.key_prefix + "presence:" + topic
         own = str(self.node).encode()
         try:
-            raw = self._redis.hgetall(key)
+            raw: Any = self._redis.hgetall(key)
             by_node: Dict[bytes, List[Tuple[bytes, bytes]]] = {}
             for conn, text in raw.items():
                 node = conn.split(b"-", 1)[0]
@@ -510,10 +511,10 @@ class RedisBroker(Broker):
             if not by_node:
                 return []
             nodes = list(by_node)
-            alive = self._redis.mget([self.key_prefix.encode() + b"node:" + n for n in nodes])
+            alive: Any = self._redis.mget([self.key_prefix.encode() + b"node:" + n for n in nodes])
             dead = [c for n, a in zip(nodes, alive) if a is None for c, _t in by_node[n]]
             if dead:
-                self._redis.hdel(key, *dead)
+                self._redis.hdel(key, *dead)  # type: ignore[arg-type]  # bytes field names
         except _UNAVAILABLE as exc:
             raise self._failed("presence", exc) from exc
         except RedisError as exc:
@@ -915,7 +916,7 @@ class RedisBroker(Broker):
         """Hand back what was published on ``topics`` beyond their last seq (after a fence)."""
         pipe = self._redis.pipeline(transaction=False)
         for topic in topics:
-            pipe.hmget(self._meta(topic), "seq", "epoch")
+            pipe.hmget(self._meta(topic), ["seq", "epoch"])
         answers = pipe.execute()
         for topic, (seq_b, epoch_b) in zip(topics, answers):
             if epoch_b is None:

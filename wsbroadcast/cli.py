@@ -74,7 +74,8 @@ def _serve_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                            "dropped, or the newcomer gets 503; both limits are lowered to fit ulimit -n",
                            d.max_pending))
     g.add_argument("--max-connections-per-ip", type=int, default=d.max_connections_per_ip, metavar="N",
-                   help=_d("open WebSocket connections per client address (1013); pending ones: this plus 8 (503); 0: no limit",
+                   help=_d("open WebSocket connections per client address (1013); "
+                           "pending ones: this plus 8 (503); 0: no limit",
                            d.max_connections_per_ip))
     g.add_argument("--thread-stack-size", type=int, default=_STACK_SIZE, metavar="BYTES",
                    help=_d("stack size of each connection thread (small lets ~20,000 fit; 0: Python's)",
@@ -196,7 +197,7 @@ def _token(args: argparse.Namespace) -> int:
             secret = load_secret(args.secret, args.secret_file)
             if not secret:
                 return _fail("token", "give --secret, --secret-file, --private-key or $WSBROADCAST_SECRET")
-            key, algorithm = secret, args.algorithm or "HS256"
+            key, algorithm = secret.encode("utf-8"), args.algorithm or "HS256"
         text = mint_token(key, algorithm=algorithm, sub=args.sub, subscribe=args.subscribe,
                           publish=args.publish, lifetime=args.lifetime or None)
     except OSError as exc:

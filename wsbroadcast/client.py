@@ -13,6 +13,7 @@ message once and in order; ``on_reconnect`` and ``on_gap`` tell it what happened
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import queue
@@ -80,7 +81,7 @@ class _SafeWebSocket(simple_websocket.Client):
         super().__init__(url, **kwargs)
 
     def handshake(self) -> None:
-        sock = self.sock
+        sock: socket.socket = self.sock  # set by simple-websocket's connect()
         try:
             sock.settimeout(self._handshake_timeout)
             sock.sendall(self.ws.send(Request(host=self.host, target=self.path,
@@ -98,7 +99,7 @@ class _SafeWebSocket(simple_websocket.Client):
             raise
         self.subprotocol = event.subprotocol
         self.connected = True
-        self.sock = _LockedSocket(sock)
+        self.sock: Any = _LockedSocket(sock)
         self._send_lock = threading.Lock()  # guards: the wsproto object when sending
 
     def _next_event(self) -> Any:
@@ -124,12 +125,15 @@ class _SafeWebSocket(simple_websocket.Client):
                     break
         except (OSError, ClientError, LocalProtocolError, RemoteProtocolError):
             pass  # the status alone still says what happened
-        code, message = None, ""
+        code: Optional[str] = None
+        message = ""
         try:
             doc = parse_json(body.decode("utf-8"))
             if isinstance(doc, dict):
-                code = doc.get("error") if isinstance(doc.get("error"), str) else None
-                message = doc.get("message") if isinstance(doc.get("message"), str) else ""
+                if isinstance(doc.get("error"), str):
+                    code = doc["error"]
+                if isinstance(doc.get("message"), str):
+                    message = doc["message"]
         except ValueError:
             pass
         return HandshakeRefused(reject.status_code, code, message)
@@ -495,7 +499,8 @@ class Client:
                 logger.warning("server error: %s %s", obj.get("code"), obj.get("message"))
 
     def _deliver(self, obj: Dict[str, Any]) -> None:
-        topic, seq = obj.get("topic"), obj.get("seq")
+        topic: Any = obj.get("topic")
+        seq: Any = obj.get("seq")
         with self._lock:
             last = self._last.get(topic, 0)
             if isinstance(seq, int) and seq <= last:
@@ -507,8 +512,11 @@ class Client:
         callback = self.on_join if kind == "join" else self.on_leave
         if callback is None:
             return
+        topic, client = obj.get("topic"), obj.get("client")
+        if not (isinstance(topic, str) and isinstance(client, dict)):
+            return  # not an event this client understands
         try:
-            callback(obj.get("topic"), obj.get("client"))
+            callback(topic, client)
         except Exception:
             logger.exception("on_%s callback failed", kind)
 
@@ -570,7 +578,7 @@ class Client:
                 frame["since"] = since
                 if epoch is not None:
                     frame["epoch"] = epoch
-            self._send_async(frame, lambda reply, p=pattern, f=frame: self._resubscribed(p, f, reply))
+            self._send_async(frame, functools.partial(self._resubscribed, pattern, frame))
         if self.on_reconnect is not None:
             self.on_reconnect()
 
@@ -596,7 +604,7 @@ class Client:
                 with self._lock:
                     self._last[pattern] = 0
                 retry = {"type": "subscribe", "topic": pattern}
-                self._send_async(retry, lambda r, p=pattern, f=retry: self._resubscribed(p, f, r))
+                self._send_async(retry, functools.partial(self._resubscribed, pattern, retry))
                 if self.on_gap is not None:
                     self.on_gap(pattern, reply)
             else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 from .errors import ConfigError
 
@@ -58,7 +58,7 @@ class Config:
     memory_store_bytes: int = 256 * MIB
     # security
     secret: Optional[str] = None
-    public_key: Optional[str] = None
+    public_key: Optional[Union[str, bytes]] = None  # PEM text
     api_key: Optional[str] = None
     allowed_origins: Tuple[str, ...] = ()
     #: Host names served besides the loopback names (listening on loopback), or the only
@@ -82,7 +82,7 @@ class Config:
     def __post_init__(self) -> None:
         self.validate()
 
-    def replace(self, **changes: object) -> "Config":
+    def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed (checked like a new one)."""
         return dataclasses.replace(self, **changes)
 
@@ -159,8 +159,8 @@ class Range(NamedTuple):
         if value is None and self.optional:
             return
         flag = self.flag or "--" + name.replace("_", "-")
-        ok_type = (int,) if self.integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, ok_type):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (self.integer and not isinstance(value, int))):
             raise ConfigError("%s %r is not %s: give %s" % (
                 flag, value, "an integer" if self.integer else "a number", self.allowed()))
         if value == 0 and self.zero:

@@ -120,7 +120,7 @@ class Connection:
         self.last_seen = time.monotonic()  # read by the writer for keepalive
 
         # --- owned by the writer thread ---
-        self.out: List[bytes] = []  # frames not yet (fully) sent
+        self.out: List[Any] = []  # frames not yet (fully) sent (bytes; a memoryview once partly)
         self.head_sent = 0  # bytes of out[0] already sent
         self.out_bytes = 0  # unsent bytes in out (read by the replaying reader)
         self.replay_applied = 0  # replayed bytes taken from the channel into out

@@ -20,7 +20,7 @@ import re
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -33,12 +33,10 @@ from .deflate import Agreement, InboundDeflate, negotiate
 from .envelope import PLAIN, SUBPROTOCOL, V1, encode_json, parse_json
 from .errors import AuthError, BrokerUnavailable, ErrorCode, StoreError, TopicError
 from .hosts import is_loopback
-from .stats import stats_document
+from .metrics import stats_document
+from .serving import Served
 from .store import StoredMessage, data_bytes
 from .topics import is_wildcard, validate_pattern, validate_topic
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .server import Server
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +106,7 @@ class Upgrade:
 
     def __init__(self, ws: WSConnection, kind: str, claims: Any, trailing: bytes,
                  refuse: Optional[Tuple[int, str]] = None) -> None:
-        self.ws = ws
+        self.ws: Optional[WSConnection] = ws  # None once handed to the reader
         self.kind = kind
         self.claims = claims
         self.trailing = trailing
@@ -125,7 +123,7 @@ class _Timeout(Exception):
     pass
 
 
-def _header(headers: List[Tuple[bytes, bytes]], name: bytes) -> Optional[str]:
+def _header(headers: Sequence[Tuple[bytes, bytes]], name: bytes) -> Optional[str]:
     for k, v in headers:
         if k == name:
             return v.decode("latin-1")
@@ -199,7 +197,7 @@ def _load_static(name: str) -> bytes:
 class HttpSession:
     """Serves one TCP connection's HTTP requests until an upgrade or the end."""
 
-    def __init__(self, server: "Server", sock: socket.socket, addr: Tuple[str, int]) -> None:
+    def __init__(self, server: Served, sock: socket.socket, addr: Tuple[str, int]) -> None:
         self.server = server
         self.config = server.config
         self.sock = sock
@@ -646,7 +644,7 @@ class HttpSession:
         return upgrade
 
 
-def negotiate_upgrade(server: "Server", headers: List[Tuple[bytes, bytes]], target: bytes,
+def negotiate_upgrade(server: Served, headers: Sequence[Tuple[bytes, bytes]], target: bytes,
                       ip: str, scheme: Optional[str] = None) -> Tuple[Upgrade, bytes]:
     """The checks and handshake of a WebSocket upgrade request, without I/O.
 
@@ -672,7 +670,7 @@ def negotiate_upgrade(server: "Server", headers: List[Tuple[bytes, bytes]], targ
             raise HttpError(ErrorCode.UNAUTHORIZED, str(exc)) from None
         if claims.is_allow_all and claims.sub is None and not claims.channels:
             claims = None
-    offered = []
+    offered: List[str] = []
     for value in (v for k, v in headers if k == b"sec-websocket-protocol"):
         offered.extend(p.strip() for p in value.decode("latin-1").split(","))
     kind = V1 if SUBPROTOCOL in offered else PLAIN
@@ -681,7 +679,7 @@ def negotiate_upgrade(server: "Server", headers: List[Tuple[bytes, bytes]], targ
         raise HttpError(ErrorCode.BAD_REQUEST, "Sec-WebSocket-Key must be 16 bytes in base64")
     ws = WSConnection(ConnectionType.SERVER)
     try:
-        ws.initiate_upgrade_connection(headers, target)
+        ws.initiate_upgrade_connection(list(headers), target)
         events = list(ws.events())
     except (WsRemoteProtocolError, UnicodeError):  # wsproto decodes some headers as ASCII
         raise HttpError(ErrorCode.BAD_REQUEST, "invalid WebSocket handshake") from None

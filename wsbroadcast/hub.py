@@ -15,13 +15,28 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .broker import Broker, Publication
 from .connection import Connection
 from .envelope import (
-    NO_ID, SEED_TOPIC, Invalid, Ping, PresenceQuery, Publish, Subscribe, Unsubscribe, ack_text,
-    error_text, has_id, join_leave_text, message_head, message_text, pong_text, presence_stats_text,
-    presence_text, subscribed_text,
+    NO_ID,
+    SEED_TOPIC,
+    Invalid,
+    Ping,
+    PresenceQuery,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+    ack_text,
+    error_text,
+    has_id,
+    join_leave_text,
+    message_head,
+    message_text,
+    pong_text,
+    presence_stats_text,
+    presence_text,
+    subscribed_text,
 )
-from .broker import Broker, Publication
 from .errors import BrokerUnavailable, CloseCode, ErrorCode, StoreError
 from .logutil import RateLimitedLog
 from .presence import Member, PresenceTable, PresenceView, merge
@@ -146,7 +161,7 @@ class Hub:
                     if replay is not None:
                         for i, (other, upto, _e) in enumerate(replays):
                             if other.topic == replay[0].topic:  # one replay from the lowest since
-                                if replay[0].since < other.since:
+                                if (replay[0].since or 0) < (other.since or 0):  # both set in a replay
                                     replays[i] = (replay[0], upto, _e)
                                 break
                         else:
@@ -166,7 +181,7 @@ class Hub:
                 self.writer.put(ops)
         for query in queries:
             self._answer_presence(conn, query)
-        for cmd, upto, epoch in replays:
+        for cmd, upto, _epoch in replays:
             self._replay(conn, cmd, upto)
 
     def _subscribe_early(self, commands: Sequence[Any]) -> List[str]:

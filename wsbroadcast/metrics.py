@@ -1,15 +1,16 @@
-"""Prometheus metrics of one server, read from the server's own counters at scrape time."""
+"""What one server's counters say, read at scrape time: Prometheus metrics and the ``GET /stats``
+document (the dashboard's source; rates are left to the reader, the difference of two answers)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Tuple
+import time
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .server import Server
+from .serving import Counted
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                     0.25, 0.5, 1.0, 2.5)
@@ -18,7 +19,7 @@ _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 class _ServerCollector:
     """Counters the hot paths keep as plain integers, exposed without per-event cost."""
 
-    def __init__(self, server: "Server") -> None:
+    def __init__(self, server: Counted) -> None:
         self.server = server
 
     def collect(self) -> Iterator[Metric]:
@@ -61,7 +62,7 @@ class _ServerCollector:
                                   "connections closed as slow consumers", value=stats.slow_consumers)
         codes = CounterMetricFamily("wsbroadcast_close_codes",
                                     "close frames sent, by close code", labels=["code"])
-        for code, n in sorted(list(stats.close_codes.items())):
+        for code, n in sorted(stats.close_codes.items()):
             codes.add_metric([str(code)], n)
         yield codes
         yield GaugeMetricFamily("wsbroadcast_writer_queue_depth",
@@ -71,7 +72,7 @@ class _ServerCollector:
 class Metrics:
     """The registry of one server and its exposition."""
 
-    def __init__(self, server: "Server") -> None:
+    def __init__(self, server: Counted) -> None:
         self.server = server
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_ServerCollector(server))  # type: ignore[arg-type]
@@ -88,3 +89,40 @@ class Metrics:
         for value in taken:
             observe(value)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def stats_document(server: Counted) -> Dict[str, Any]:
+    """The JSON document of ``GET /stats`` (PROTOCOL.md section 1, README)."""
+    writer = server.writer
+    wstats = writer.stats
+    hub = server.hub
+    health = server.broker.reason
+    pending = server.pending
+    turn_away = server._turn_away
+    status: Optional[str] = "ok"
+    if server.shutting_down:
+        status, health = "degraded", "shutting down"
+    elif health is not None:
+        status = "degraded"
+    doc: Dict[str, Any] = {
+        "time": round(time.time(), 3),
+        "uptime": round(time.monotonic() - server.started_at, 3) if server.started_at else 0.0,
+        "status": status,
+        "connections": len(hub),
+        "pending_connections": len(pending) if pending is not None else 0,
+        "connections_accepted": server.accepted,
+        "websockets_accepted": server.upgraded,
+        "turned_away": turn_away.refused if turn_away is not None else 0,
+        "subscriptions": hub.subscriptions,
+        "messages_in": hub.received,
+        "messages_out": wstats.delivered,
+        "bytes_out": wstats.bytes_out,
+        "slow_consumer_closes": wstats.slow_consumers,
+        "close_codes": {str(code): n for code, n in sorted(wstats.close_codes.items())},
+        "writer": {"state": writer.state, "alive": writer.alive, "queue_depth": writer.depth()},
+        "store": server.broker.status(),
+        "topics": hub.topic_rates.top(),
+    }
+    if health is not None:
+        doc["reason"] = health
+    return doc

@@ -25,9 +25,10 @@ from .writer import ATTACH, CLOSE, DETACH, SEND, SEND_WIRE
 from .wsframe import FrameSplitter, pong_frame
 
 if TYPE_CHECKING:  # pragma: no cover
+    from wsproto import WSConnection
+
     from .hub import Hub
     from .writer import Writer
-    from wsproto import WSConnection
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Reader:
         #: frames one message may take (empty fragments cost a frame each, not a byte)
         self.max_message_frames = max_message_frames
         self.close_timeout = close_timeout
-        self._parts: List[str] = []  # the non-empty pieces of the message under way
+        self._parts: List[Any] = []  # the non-empty pieces (str, or bytes when binary) of the message under way
         self._size = 0  # its payload bytes so far
         self._frames = 0  # its complete frames so far
         self._failed = False  # wsproto reported a protocol error or we refused the input
@@ -164,20 +165,21 @@ class Reader:
         ws.receive_data(data)
         conn = self.conn
         finished = False
+        event: Any  # wsproto's Event subclasses, told apart by their type
         for event in ws.events():
             kind = type(event)
             if kind is TextMessage or kind is BytesMessage:
                 if conn.close_sent:
                     continue
-                data = event.data
+                msg: Any = event.data
                 if kind is BytesMessage:
                     if not self.accept_binary:
                         self._refuse(CloseCode.UNSUPPORTED_DATA, "binary messages are not accepted")
                         break
-                    data = bytes(data)  # wsproto 1.2 hands out bytearrays
-                    self._size += len(data)
+                    msg = bytes(msg)  # wsproto 1.2 hands out bytearrays
+                    self._size += len(msg)
                 else:
-                    self._size += len(data) if data.isascii() else len(data.encode("utf-8"))
+                    self._size += len(msg) if msg.isascii() else len(msg.encode("utf-8"))
                 if self._size > self.max_message_size:
                     self._refuse(CloseCode.MESSAGE_TOO_BIG, "message too big")
                     break
@@ -187,16 +189,16 @@ class Reader:
                         self._refuse(CloseCode.MESSAGE_TOO_BIG, "message in too many frames")
                         break
                 if not event.message_finished:
-                    if data:
-                        self._parts.append(data)
+                    if msg:
+                        self._parts.append(msg)
                     continue
                 if self._parts:
-                    self._parts.append(data)
-                    data = data[:0].join(self._parts)
+                    self._parts.append(msg)
+                    msg = msg[:0].join(self._parts)
                     self._parts = []
                 self._size = 0
                 self._frames = 0
-                self.on_message(data, commands)
+                self.on_message(msg, commands)
             elif kind is Ping:
                 self.writer.put(((SEND, conn, pong_frame(event.payload)),))
             elif kind is Pong:

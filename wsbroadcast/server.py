@@ -29,8 +29,8 @@ from .config import Config, human_bytes
 from .connection import Connection, TokenBucket
 from .envelope import PLAIN, encode_json
 from .errors import CloseCode, ConfigError, ServerClosed, StoreError, StoreInUse
-from .http import HttpSession, Upgrade, load_demo_page
 from .hosts import HostRule, is_loopback
+from .http import HttpSession, Upgrade, load_demo_page
 from .hub import Hub
 from .logutil import RateLimitedLog
 from .metrics import Metrics
@@ -277,7 +277,9 @@ class Server:
             self.pending = PendingTable(self.max_pending, pending_per_ip(cfg.max_connections_per_ip))
             self._turn_away = TurnAway(answer=self._ssl is None)
             sel = selectors.DefaultSelector()
-            sel.register(self._listener, selectors.EVENT_READ)
+            listener = self._listener
+            assert listener is not None  # bound above
+            sel.register(listener, selectors.EVENT_READ)
             sel.register(self._wake_r, selectors.EVENT_READ)
             self._accept_thread = threading.Thread(target=self._accept_loop, args=(sel,),
                                                    name="wsbroadcast-accept", daemon=True)
@@ -466,6 +468,7 @@ class Server:
                       if cfg.max_publish_rate > 0 else None),
                 expires=getattr(claims, "exp", None), tls=tls,
                 deflate=upgrade.deflate.server_bits if upgrade.deflate is not None else 0)
+            assert upgrade.ws is not None  # handed over once, here
             reader = self.reader_class(conn, upgrade.ws, self.hub, self.writer,
                                        cfg.max_message_size, cfg.close_timeout,
                                        max_message_frames=cfg.max_message_frames)

@@ -1,18 +1,14 @@
-"""The ``GET /stats`` document (the dashboard's source) and the busiest-topics counter.
+"""The busiest-topics counter of ``GET /stats`` (the document itself is built in ``metrics``).
 
-Everything here reads counters the server keeps anyway for ``/metrics``, plus a
-bounded per-topic publish count, so an answer costs a few microseconds and can be
-polled every second. Rates are left to the reader (the difference of two answers).
+A bounded per-topic publish count, fed by the hub, so that an answer costs a few
+microseconds and can be polled every second.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .server import Server
+from typing import Any, Dict, Iterable, List
 
 #: topics counted per window at most: a flood of distinct topics costs no more than this
 MAX_TOPICS = 1024
@@ -80,40 +76,3 @@ class TopicRates:
         span = max(span, 1.0)
         best = sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
         return [{"topic": t, "rate": round(c / span, 2)} for t, c in best]
-
-
-def stats_document(server: "Server") -> Dict[str, Any]:
-    """The JSON document of ``GET /stats`` (PROTOCOL.md section 1, README)."""
-    writer = server.writer
-    wstats = writer.stats
-    hub = server.hub
-    health = server.broker.reason
-    pending = server.pending
-    turn_away = server._turn_away
-    status: Optional[str] = "ok"
-    if server.shutting_down:
-        status, health = "degraded", "shutting down"
-    elif health is not None:
-        status = "degraded"
-    doc: Dict[str, Any] = {
-        "time": round(time.time(), 3),
-        "uptime": round(time.monotonic() - server.started_at, 3) if server.started_at else 0.0,
-        "status": status,
-        "connections": len(hub),
-        "pending_connections": len(pending) if pending is not None else 0,
-        "connections_accepted": server.accepted,
-        "websockets_accepted": server.upgraded,
-        "turned_away": turn_away.refused if turn_away is not None else 0,
-        "subscriptions": hub.subscriptions,
-        "messages_in": hub.received,
-        "messages_out": wstats.delivered,
-        "bytes_out": wstats.bytes_out,
-        "slow_consumer_closes": wstats.slow_consumers,
-        "close_codes": {str(code): n for code, n in sorted(list(wstats.close_codes.items()))},
-        "writer": {"state": writer.state, "alive": writer.alive, "queue_depth": writer.depth()},
-        "store": server.broker.status(),
-        "topics": hub.topic_rates.top(),
-    }
-    if health is not None:
-        doc["reason"] = health
-    return doc

@@ -851,7 +851,7 @@ class SqliteStore(MessageStore):
             raise
 
     def _load(self) -> str:
-        conn = self._writer
+        conn = self._conn()
         try:
             row = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
             if row is None:
@@ -874,7 +874,7 @@ class SqliteStore(MessageStore):
         if self._shared_reads or self._reader_failed or self._lost:
             with self._wlock:
                 self._check_open()
-                yield self._writer
+                yield self._conn()
             return
         with self._pool_lock:
             self._check_open()
@@ -892,7 +892,7 @@ class SqliteStore(MessageStore):
         if conn is None:
             with self._wlock:
                 self._check_open()
-                yield self._writer
+                yield self._conn()
             return
         keep = False
         try:
@@ -915,6 +915,13 @@ class SqliteStore(MessageStore):
         except sqlite3.Error:
             conn.close()
             raise
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        """The writer connection; StoreError when the store is not open."""
+        conn = self._writer
+        if conn is None:
+            raise StoreError("store is not open")
         return conn
 
     def _check_open(self) -> None:
@@ -940,7 +947,7 @@ class SqliteStore(MessageStore):
         """(epoch, last seq) of a topic from the cache or the table (under _wlock)."""
         meta = self._meta.get(topic)
         if meta is None:
-            row = self._writer.execute(
+            row = self._conn().execute(
                 "SELECT epoch, last_seq FROM topics WHERE topic = ?", (topic,)
             ).fetchone()
             if row is not None:
@@ -1012,7 +1019,7 @@ class SqliteStore(MessageStore):
             known: Set[str] = set()
             rows: List[Tuple[str, int, str, float]] = []
             out: List[Tuple[int, str]] = []
-            conn = self._writer
+            conn = self._conn()
             try:
                 for topic, data in items:
                     meta = pending.get(topic)
@@ -1091,7 +1098,7 @@ class SqliteStore(MessageStore):
                 return 0, False
             size = self.history_size
             ttl = self.history_ttl
-            conn = self._writer
+            conn = self._conn()
             removed = 0
             more = False
             try:

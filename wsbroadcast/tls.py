@@ -44,7 +44,7 @@ class TLSStream:
                 self.raw.settimeout(remaining)
                 data = self.raw.recv(65536)
                 if not data:
-                    raise ConnectionError("peer closed during the TLS handshake")
+                    raise ConnectionError("peer closed during the TLS handshake") from None
                 with self._lock:
                     self._in.write(data)
 

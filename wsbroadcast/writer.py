@@ -194,7 +194,7 @@ class Writer:
                 if timeout or self._n_waiting:
                     events = self._sel.select(timeout)
                 else:
-                    events = ()
+                    events = []
                 self._sleeping = False
                 for key, _mask in events:
                     conn = key.data
