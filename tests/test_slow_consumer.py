@@ -191,3 +191,38 @@ def test_peer_that_leaves_with_bytes_unsent_is_reset_at_once(make_server):
     assert_reset_after_buffered_data(stuck)
     assert wsraw.wait_for(lambda: len(srv.hub) == 0 and srv.thread_count() == 0, timeout=5 * SCALE)
     stuck.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_client_that_asks_and_never_reads_is_closed_as_a_slow_consumer(make_server):
+    """Answers (pongs) count against the outbox like messages: a ping loop that never reads ends in 1008."""
+    srv = make_server(max_outbox=64 * 1024, socket_sndbuf=32 * 1024, close_timeout=30 * SCALE)
+    c = wsraw.connect(srv.port, rcvbuf=4096)
+    ping = json.dumps({"type": "ping", "id": "x" * 1000})
+    for _ in range(400):  # ~400 KB of pongs asked for, far past the kernel buffers and the outbox
+        try:
+            c.send_texts(*[ping] * 10)
+        except OSError:
+            break  # closed by the server meanwhile
+        if srv.writer.stats.slow_consumers:
+            break
+    assert wsraw.wait_for(lambda: srv.writer.stats.slow_consumers == 1, timeout=10 * SCALE)
+    assert srv.writer.stats.close_codes.get(1008) == 1
+    c.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_replay_over_tls(make_server, tmp_path):
+    import certs
+    from wsbroadcast import Client
+
+    certfile, keyfile = certs.make_cert(str(tmp_path))
+    srv = make_server(certfile=certfile, keyfile=keyfile)
+    for i in range(1, 6):
+        srv.publish("r", i)
+    c = Client(srv.url, ssl_context=certs.client_context(certfile), reconnect=False).open()
+    try:
+        c.subscribe("r", since=0)
+        assert [c.recv(timeout=10 * SCALE).data for _ in range(5)] == [1, 2, 3, 4, 5]
+    finally:
+        c.close()
