@@ -214,6 +214,7 @@ def test_a_client_that_asks_and_never_reads_is_closed_as_a_slow_consumer(make_se
 @pytest.mark.timeout(60)
 def test_a_replay_over_tls(make_server, tmp_path):
     import certs
+
     from wsbroadcast import Client
 
     certfile, keyfile = certs.make_cert(str(tmp_path))
