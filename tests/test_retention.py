@@ -138,7 +138,7 @@ def test_ttl_trim_of_many_topics_runs_in_short_steps() -> None:
                 n += 1
             trim = healthz(srv.port)["trim"]
             assert trim["steps"] > 1, trim  # one big step would not be steps
-            assert trim["longest_hold_ms"] < 250 * SCALE, trim  # a few ms unloaded
+            assert trim["longest_cpu_ms"] < 100 * SCALE, trim  # about 2 ms; preemption aside
             assert worst < 2.0 * SCALE, worst
         finally:
             ws.close()
