@@ -212,6 +212,27 @@ def test_page_and_plain_clients_see_each_other_without_a_click(make_server, page
 
 
 @pytest.mark.timeout(60)
+def test_disconnect_and_connect_buttons_resume_where_the_page_was(make_server, pages):
+    srv = make_server()
+    page = pages(srv.http_url + "/")
+    page.wait_connected()
+    page.subscribe("demo")
+    srv.publish("demo", "first")
+    page.wait_message("demo", 1, "first")
+    page.driver.find_element(By.ID, "disconnect-btn").click()
+    page.wait(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "disconnected",
+              message="the page did not disconnect")
+    assert page.driver.find_element(By.ID, "status").text == "offline"
+    assert wsraw.wait_for(lambda: len(srv.hub) == 0)
+    srv.publish("demo", "while disconnected")
+    page.driver.find_element(By.ID, "connect-btn").click()
+    page.wait_connected()
+    page.wait_message("demo", 2, "while disconnected")  # resumed from #1, not from the latest
+    assert page.messages("demo") == [(1, "first"), (2, "while disconnected")]
+    assert page.lines("error") == []
+
+
+@pytest.mark.timeout(60)
 def test_refused_publish_shows_code_and_message(make_server, pages):
     srv = make_server()
     page = pages(srv.http_url + "/")
