@@ -228,7 +228,7 @@ def test_join_leave_in_order_with_messages_and_only_to_listeners(auth_server):
 
 @pytest.mark.timeout(60)
 def test_listener_that_stops_reading_is_a_slow_consumer(make_server):
-    srv = make_server(secret=SECRET, max_outbox=16384, socket_sndbuf=4096)
+    srv = make_server(secret=SECRET, max_outbox=16384, socket_sndbuf=4096, close_timeout=0.5 * SCALE)
     port = srv.port
     stuck = connect(port, sub="stuck", rcvbuf=4096)
     assert wsraw.subscribe(stuck, "room", 1, join_leave=True)["type"] == "ack"
@@ -245,6 +245,33 @@ def test_listener_that_stops_reading_is_a_slow_consumer(make_server):
     assert srv.writer.stats.slow_consumers == 1
     poll_subs(watcher, "room", [])  # the stuck listener is gone (churn ended unsubscribed)
     churn.close()
+
+
+@pytest.mark.timeout(60)
+def test_join_behind_a_running_replay_keeps_its_place(make_server):
+    srv = make_server(secret=SECRET, max_outbox=16384, socket_sndbuf=4096)
+    big = "x" * 4000
+    for i in range(100):
+        srv.publish("hist", [i, big])
+    listener = connect(srv.port, sub="lis", rcvbuf=4096)
+    listener.send_json({"type": "subscribe", "topic": "hist", "id": 1, "since": 0, "join_leave": True})
+    # it does not read yet: the replay waits for room, its live part is buffered meanwhile
+    assert wsraw.wait_for(lambda: srv.hub._replaying == 1, 10 * SCALE)
+    actor = connect(srv.port, sub="act")
+    for frame in ({"type": "publish", "topic": "hist", "data": "live1", "id": "p1"},
+                  {"type": "subscribe", "topic": "hist", "id": "s"},
+                  {"type": "publish", "topic": "hist", "data": "live2", "id": "p2"}):
+        actor.send_json(frame)
+        assert actor.recv_json()["type"] == "ack"
+    assert srv.hub._replaying == 1  # all of that happened during the replay
+    got = []
+    while not got or got[-1].get("data") != "live2":
+        got.append(listener.recv_json(20 * SCALE))
+    assert got[0]["type"] == "ack" and got[0]["seq"] == 100
+    assert [g["seq"] for g in got[1:101]] == list(range(1, 101))
+    assert [(g["type"], g.get("data")) for g in got[101:]] == [
+        ("message", "live1"), ("join", None), ("message", "live2")], got[101:]
+    assert got[102]["client"]["sub"] == "act"
 
 
 def test_granted_subscriptions_come_first_and_see_every_later_message(auth_server):
