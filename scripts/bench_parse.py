@@ -39,14 +39,16 @@ ORDINARY = {
         {"name": "item%d" % i, "v": i, "tags": ["x", "y"]} for i in range(100)]}),
 }
 WORST = {
-    # the bracket walk: 64 deep, then empty pairs (one Python step per run of brackets)
-    "1 MiB: depth 64 then [] pairs": "[" * 64 + "[]," * (MIB // 3 - 64) + "[]" + "]" * 64,
+    # the depth check's longest path: 63 deep, then empty pairs (64 levels in all)
+    "1 MiB: depth 63 then [] pairs": "[" * 63 + "[]," * (MIB // 3 - 64) + "[]" + "]" * 63,
+    "1 MiB: depth 64, 9 deep many times": "[" * 55 + ",".join(["[" * 9 + "]" * 9] * (MIB // 19)) + "]" * 55,
     # string stripping: brackets inside strings
     "1 MiB: strings full of [": "[" + ",".join(['"' + "[" * 100 + '"'] * (MIB // 103)) + "]",
-    # the digit-run scan, and integers through the checking decoder
+    # the digit-run scan, and integers through the checking decoder; floats without and with exponents
     "1 MiB: integers of 308 digits": "[" + ",".join(["1" * 308] * (MIB // 309)) + "]",
     "1 MiB: small integers": json.dumps(list(range(150000)))[:MIB].rsplit(",", 1)[0] + "]",
     "1 MiB: floats": json.dumps([i * 1.5 + 0.25 for i in range(80000)]),
+    "1 MiB: floats with exponents": json.dumps([i * 1.5e-300 for i in range(40000)]),
 }
 
 
