@@ -10,7 +10,7 @@ import platform
 import signal
 import sys
 import threading
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from . import __version__
 from .config import Config, human_bytes, parse_size
@@ -105,6 +105,10 @@ def _serve_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     r.add_argument("--redis", metavar="URL",
                    help="share seqs, history and fan-out with other nodes through Redis "
                         "(redis://host:port/db; needs pip install 'wsbroadcast[redis]'); replaces --store")
+    r.add_argument("--workers", type=int, default=1, metavar="N",
+                   help=_d("broker processes on the one port, e.g. one per core (SO_REUSEPORT: the "
+                           "kernel spreads connections); they share everything through --redis, which "
+                           "they need; a worker that dies is restarted", 1))
     r.add_argument("--presence-ttl", type=float, default=d.presence_ttl, metavar="SECONDS",
                    help=_d("with --redis: how soon the members of a node that died without a "
                            "goodbye leave every presence answer", d.presence_ttl))
@@ -232,45 +236,70 @@ def _return_large_blocks() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .auth import install_redaction_on_handlers, load_secret
-    from .errors import ConfigError
-    from .server import Server, check_listen
+    from .auth import install_redaction_on_handlers
+    from .server import check_listen
+    from .workers import Supervisor
 
     try:
-        public_key = None
-        if args.public_key:
-            try:
-                with open(args.public_key, "rb") as f:
-                    public_key = f.read()
-            except OSError as exc:
-                raise ConfigError("cannot read the public key %s: %s; give a PEM file with --public-key"
-                                  % (args.public_key, exc.strerror or exc)) from exc
-        secret = load_secret(args.secret, args.secret_file)
-        if args.api_key == "":
-            raise ConfigError("--api-key is empty: give a key, or leave the option out")
-        config = Config(
-            host=args.host, port=args.port, path=args.path,
-            max_message_size=args.max_message_size, max_message_frames=args.max_message_frames,
-            max_outbox=args.max_outbox, compression=args.compression,
-            compression_threshold=args.compression_threshold,
-            ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
-            handshake_timeout=args.handshake_timeout, close_timeout=args.close_timeout,
-            max_connections=args.max_connections, max_connections_per_ip=args.max_connections_per_ip,
-            max_pending=args.max_pending,
-            max_subscriptions=args.max_subscriptions, max_publish_rate=args.max_publish_rate,
-            publish_burst=args.publish_burst, store=args.store, history_size=args.history_size,
-            history_ttl=args.history_ttl, store_full_sync=args.full_sync,
-            memory_store_bytes=args.memory_store_bytes,
-            secret=secret,
-            public_key=public_key, api_key=args.api_key or os.environ.get("WSBROADCAST_API_KEY") or None,
-            allowed_origins=tuple(args.allowed_origin), allowed_hosts=tuple(args.allowed_host),
-            certfile=args.certfile, keyfile=args.keyfile, public_stats=args.public_stats,
-            redis_url=args.redis, presence_ttl=args.presence_ttl, thread_stack_size=args.thread_stack_size,
-        )
+        config = _serve_config(args)
         install_redaction_on_handlers()
-        check_listen(config.host, config.port)  # before the store file is created
-        server = Server(config.host, config.port, config=config)
+        if args.workers != 1:
+            supervisor = Supervisor(config, args.workers, _serve_one)
+        else:
+            check_listen(config.host, config.port)  # before the store file is created
     except ValueError as exc:  # ConfigError, or e.g. a --public-key that is not a PEM public key
+        logger.debug("start-up failed", exc_info=True)
+        return _fail("serve", str(exc))
+    if args.workers != 1:
+        return supervisor.run()
+    return _serve_one(config)
+
+
+def _serve_config(args: argparse.Namespace) -> Config:
+    """The Config of ``serve``'s options; ConfigError (a ValueError) on a mistake."""
+    from .auth import load_secret
+    from .errors import ConfigError
+
+    public_key = None
+    if args.public_key:
+        try:
+            with open(args.public_key, "rb") as f:
+                public_key = f.read()
+        except OSError as exc:
+            raise ConfigError("cannot read the public key %s: %s; give a PEM file with --public-key"
+                              % (args.public_key, exc.strerror or exc)) from exc
+    secret = load_secret(args.secret, args.secret_file)
+    if args.api_key == "":
+        raise ConfigError("--api-key is empty: give a key, or leave the option out")
+    return Config(
+        host=args.host, port=args.port, path=args.path,
+        max_message_size=args.max_message_size, max_message_frames=args.max_message_frames,
+        max_outbox=args.max_outbox, compression=args.compression,
+        compression_threshold=args.compression_threshold,
+        ping_interval=args.ping_interval, ping_timeout=args.ping_timeout,
+        handshake_timeout=args.handshake_timeout, close_timeout=args.close_timeout,
+        max_connections=args.max_connections, max_connections_per_ip=args.max_connections_per_ip,
+        max_pending=args.max_pending,
+        max_subscriptions=args.max_subscriptions, max_publish_rate=args.max_publish_rate,
+        publish_burst=args.publish_burst, store=args.store, history_size=args.history_size,
+        history_ttl=args.history_ttl, store_full_sync=args.full_sync,
+        memory_store_bytes=args.memory_store_bytes,
+        secret=secret,
+        public_key=public_key, api_key=args.api_key or os.environ.get("WSBROADCAST_API_KEY") or None,
+        allowed_origins=tuple(args.allowed_origin), allowed_hosts=tuple(args.allowed_host),
+        certfile=args.certfile, keyfile=args.keyfile, public_stats=args.public_stats,
+        redis_url=args.redis, presence_ttl=args.presence_ttl, thread_stack_size=args.thread_stack_size,
+    )
+
+
+def _serve_one(config: Config, ready: Optional[Callable[[], None]] = None) -> int:
+    """Run one broker until SIGTERM or SIGINT (``ready``: called once it listens); the exit code."""
+    from .errors import ConfigError
+    from .server import Server
+
+    try:
+        server = Server(config.host, config.port, config=config)
+    except ValueError as exc:
         logger.debug("start-up failed", exc_info=True)
         return _fail("serve", str(exc))
     _return_large_blocks()
@@ -291,6 +320,8 @@ def _serve(args: argparse.Namespace) -> int:
     logger.info("demo page at %s/ ; WebSocket at %s ; %s", server.http_url, server.url,
                 "redis: " + config.redis_url if config.redis_url else "store: " + config.store)
     sys.stderr.flush()
+    if ready is not None:
+        ready()
     while not stop.wait(0.5):
         pass
     server.shutdown()
@@ -311,8 +342,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     level = getattr(args, "log_level", "info")
+    several = getattr(args, "workers", 1) != 1  # each line says which process wrote it
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s" + ("[%(process)d]" if several else "")
+                        + ": %(message)s")
     return int(args.func(args) or 0)
 
 

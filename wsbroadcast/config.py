@@ -73,6 +73,9 @@ class Config:
     #: with Redis: how long a node's members outlive its last refresh (a node killed
     #: without a goodbye leaves every presence answer within this time)
     presence_ttl: float = 30.0
+    #: listen with SO_REUSEPORT: several processes bind the same port and the kernel
+    #: spreads new connections over them (``wsbroadcast serve --workers N``)
+    reuse_port: bool = False
     #: stack size of threads started from now on, process-wide (bytes; 0 = leave as is);
     #: ``wsbroadcast serve`` sets 256 KiB so that ~20,000 connection threads fit
     thread_stack_size: int = 0

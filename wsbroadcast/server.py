@@ -87,8 +87,15 @@ def _store_error(spec: str, exc: StoreError) -> ConfigError:
     return ConfigError("%s; give a writable SQLite file with --store, or --store memory" % problem)
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A non-blocking socket listening on (host, port); ConfigError saying what to change."""
+def listen_socket(host: str, port: int, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """A non-blocking socket listening on (host, port); ConfigError saying what to change.
+
+    ``reuse_port``: bound with SO_REUSEPORT, so that other processes of this user bind
+    the same port and the kernel spreads connections over their listeners.
+    ``listen=False``: bound only (holds the port, gets no connections).
+    """
+    if reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+        raise ConfigError("this system has no SO_REUSEPORT: run one process per port (leave out --workers)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -96,8 +103,11 @@ def listen_socket(host: str, port: int) -> socket.socket:
         raise _listen_error(host, port, exc) from exc
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(1024)
+        if listen:
+            sock.listen(1024)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
@@ -237,7 +247,7 @@ class Server:
             return self
         cfg = self.config
         if listen:
-            self._listener = listen_socket(cfg.host, cfg.port)
+            self._listener = listen_socket(cfg.host, cfg.port, reuse_port=cfg.reuse_port)
             self.host_rule = self.host_rule.with_loopback_only(
                 is_loopback(self._listener.getsockname()[0]))
         try:
