@@ -7,14 +7,20 @@ The page loads the browser client (``/wsbroadcast.js``, served from the package)
 to the app's WebSocket route ``/live`` and subscribes to ``news``; the form POSTs to ``/say``, a
 plain view that calls ``broker.publish()``. Every open page shows every post.
 
-One broker per process: run it on a threaded server with one process (Werkzeug
-``threaded=True``, or ``gunicorn --worker-class gthread --workers 1 --threads 100``).
+One broker per process, on a threaded server (Werkzeug ``threaded=True``, gunicorn's
+``gthread`` worker). Several gunicorn workers share one Redis (the brokers number,
+keep and fan out every message there), so a client on any worker gets every post::
+
+    WSBROADCAST_REDIS=redis://127.0.0.1:6379/0 .venv/bin/gunicorn --chdir examples \
+        --worker-class gthread --workers 4 --threads 100 --bind 127.0.0.1:5000 'flask_app:from_environment()'
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
 from typing import Optional
 
 from flask import Flask, Response, jsonify, redirect, request, url_for
@@ -24,50 +30,9 @@ from wsbroadcast.wsgi import Broker
 
 TOPIC = "news"
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>wsbroadcast in Flask</title>
-<link rel="icon" href="data:,">
-<style>
- body { font: 15px/1.4 system-ui, sans-serif; max-width: 40rem; margin: 2rem auto; padding: 0 1rem; }
- #status[data-state=connected] { color: #1f8a4c; } #status { color: #b42318; }
- #messages { list-style: none; padding: 0; } #messages li { border-bottom: 1px solid #ddd; padding: 4px 0; }
-</style></head>
-<body>
-<h1>Live news <small id="status" data-state="connecting">connecting</small></h1>
-<form id="say" method="post" action="/say">
-  <input name="text" id="text" autocomplete="off" required placeholder="say something">
-  <button id="send">Post</button>
-</form>
-<ul id="messages"></ul>
-<script src="/wsbroadcast.js"></script>
-<script>
-(function () {
-  "use strict";
-  // reconnect, resume (since + epoch) and dedupe are wsbroadcast.js's, served by the app below
-  var status = document.getElementById("status"), list = document.getElementById("messages");
-  function setStatus(s) { status.textContent = s; status.setAttribute("data-state", s); }
-  var client = wsbroadcast.connect((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/live");
-  client.on("state", function (e) {
-    setStatus(e.state === "connected" ? "subscribing" : e.state === "connecting" ? "connecting" : "reconnecting");
-  });
-  client.on("subscribed", function () { setStatus("connected"); });   // live from here on
-  client.subscribe("news", function (m) {
-    var li = document.createElement("li");
-    li.className = "msg";
-    li.setAttribute("data-seq", m.seq);
-    li.textContent = "#" + m.seq + " " + m.data;
-    list.insertBefore(li, list.firstChild);
-  });
-  document.getElementById("say").addEventListener("submit", function (ev) {
-    ev.preventDefault();   // post without leaving the page; the update comes back over the WebSocket
-    var form = ev.target;
-    fetch(form.action, {method: "POST", body: new FormData(form), headers: {Accept: "application/json"}})
-      .then(function () { form.reset(); });
-  });
-})();
-</script>
-</body></html>
-"""
+#: the page (shared with the Django example, which adds its CSRF field to the form)
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "news_page.html"), encoding="utf-8") as _f:
+    PAGE = _f.read()
 
 
 def create_app(broker: Broker, ws_rule: str = "/live") -> Flask:
@@ -96,14 +61,30 @@ def create_app(broker: Broker, ws_rule: str = "/live") -> Flask:
     return app
 
 
+def from_environment() -> Flask:
+    """The app with a broker of its own, for a WSGI server such as gunicorn (one per worker).
+
+    ``$WSBROADCAST_REDIS`` (redis://HOST:PORT/DB): the broker shares seqs, history and
+    fan-out through it with the other workers; without it, history is in memory and
+    only one worker may run.
+    """
+    # the broker's log lines (ready, Redis lost and back, slow consumers), with the worker's pid
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    broker = Broker(store="memory", redis_url=os.environ.get("WSBROADCAST_REDIS") or None).start()
+    broker.shutdown_on_signal()  # gunicorn stops a worker with SIGTERM: 1001 to its clients at once
+    atexit.register(broker.shutdown)  # and the shutdown is over before the worker exits
+    return create_app(broker)
+
+
 def main(argv: Optional[list] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--store", default="memory", help='"memory" or a SQLite file')
+    parser.add_argument("--redis", metavar="URL", help="share seqs, history and fan-out through Redis")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    broker = Broker(store=args.store).start()
+    broker = Broker(store=args.store, redis_url=args.redis).start()
     try:
         # threaded: every WebSocket holds its request thread; no reloader, no debugger
         create_app(broker).run(args.host, args.port, threaded=True, use_reloader=False, debug=False)

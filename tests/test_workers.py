@@ -8,9 +8,9 @@ import re
 import signal
 import time
 
-import fleet
 import pytest
 
+import fleet
 import wsraw
 from redis_server import RedisServer
 from serverproc import ServerProcess, run_serve

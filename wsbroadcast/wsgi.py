@@ -34,6 +34,8 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import os
+import signal
 import socket
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
@@ -175,6 +177,28 @@ class Broker(Server):
         """Start the writer and retention threads (no listening socket unless ``listen``)."""
         super().start(listen=listen)
         return self
+
+    def shutdown_on_signal(self, signum: int = signal.SIGTERM) -> None:
+        """Shut down (1001 to every client) when the process gets ``signum``, then do as before.
+
+        For WSGI servers whose workers stop on a signal but wait for running requests
+        first (gunicorn's ``gthread`` worker on SIGTERM waits up to its graceful
+        timeout, and every WebSocket is a running request): the connections end at
+        once, and the server's own handler still runs. Call it from the main thread
+        once the server has set up its signals (gunicorn: when the app is loaded).
+        """
+        previous = signal.getsignal(signum)
+
+        def on_signal(number: int, frame: Any) -> None:
+            # shutdown() waits for the connections to close: not in a signal handler
+            threading.Thread(target=self.shutdown, name="wsbroadcast-shutdown", daemon=True).start()
+            if callable(previous):
+                previous(number, frame)
+            elif previous == signal.SIG_DFL:
+                signal.signal(number, signal.SIG_DFL)
+                os.kill(os.getpid(), number)
+
+        signal.signal(signum, on_signal)
 
     # ------------------------------------------------------------------ the endpoint
     def serve(self, environ: Dict[str, Any]) -> Tuple[Optional[HttpError], str]:
