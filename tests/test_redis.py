@@ -230,7 +230,9 @@ def test_refill_after_a_lost_pubsub_message(rs, brokers):
     a.publish([("g", "4")])
     pubs = sink.wait(4)
     assert [(p.seq, p.data) for p in pubs] == [(1, "1"), (2, "2"), (3, "3"), (4, "4")]
-    assert b.refilled == 2
+    # 2 and 3 came by refill; so does 4 when the refill reads the stream before 4's PUBLISH
+    # arrives (seen on a loaded machine); either way each was handed back once, in order
+    assert b.refilled in (2, 3), b.refilled
 
 
 def test_channel_and_pattern_hand_back_once(rs, brokers):
