@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 
 import pytest
@@ -37,9 +38,23 @@ def test_workers_need_redis():
     assert done.stderr.strip().splitlines() == [
         "wsbroadcast serve: --workers 2 needs --redis URL: the workers share seqs, history and "
         "fan-out through Redis, and a store of their own would number each topic 2 ways"]
-    done = run_serve("--workers", "0", "--redis", "redis://127.0.0.1:1/0")
-    assert done.returncode == 2 and "--workers 0 is out of range" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    for count in ("0", "1025"):  # 1 is one broker without a supervisor; 1024 is the most
+        done = run_serve("--workers", count, "--redis", "redis://127.0.0.1:1/0")
+        assert done.returncode == 2 and "--workers %s is out of range" % count in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_workers_refuse_a_port_another_process_shares():
+    """A port held by another SO_REUSEPORT listener is in use: the workers must not join it."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen(8)
+        port = other.getsockname()[1]
+        done = run_serve("--workers", "2", "--redis", "redis://127.0.0.1:1/0", "--port", str(port))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "wsbroadcast serve: port %d is in use (another server?); pick one with --port" % port]
 
 
 def test_worker_start_up_mistake_reported_once(tmp_path):
@@ -74,6 +89,9 @@ def test_two_workers_share_everything_and_survive_a_kill(tmp_path):
         assert wsraw.wait_for(lambda: len(fleet.children(proc.pid)) == 2, 20 * SCALE), proc.lines
         assert any("died (killed by SIGKILL); restarting it" in line and str(killed[0]) in line
                    for line in proc.lines), proc.lines
+        (new,) = set(fleet.children(proc.pid)) - set(pids)
+        assert wsraw.wait_for(lambda: any("[%d]: listening on" % new in line for line in proc.lines),
+                              20 * SCALE), proc.lines
         for s in subs:
             s.stopping = True
         started = time.monotonic()
