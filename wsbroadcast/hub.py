@@ -136,11 +136,9 @@ class Hub:
         ops: List[tuple] = []
         replays: List[Tuple[Subscribe, int, str]] = []
         queries: List[PresenceQuery] = []
-        early = self._subscribe_early(commands) if not self.broker.delivers_locally else ()
+        early = self._subscribe_early(commands)
         with self.lock:
-            for pattern in early:
-                if pattern not in self._interest:  # refused, or nobody kept it
-                    self.broker.interest(pattern, False)
+            self._drop_early_locked(early)
             if not conn.registered:
                 return
             pubs: List[Publish] = []
@@ -188,9 +186,12 @@ class Hub:
         """With a shared broker, make new wildcard interest effective before acking it.
 
         A pattern's ack carries no seq to recover from, so the broker's subscription
-        must be in place before the ack says the client is subscribed.
+        must be in place before the ack says the client is subscribed. A local broker
+        needs none of this: nothing is done and nothing returned.
         """
-        early = []
+        early: List[str] = []
+        if self.broker.delivers_locally:
+            return early
         for cmd in commands:
             if type(cmd) is Subscribe and is_wildcard(cmd.topic) and cmd.topic not in self._interest:
                 self.broker.interest(cmd.topic, True)
@@ -199,6 +200,12 @@ class Hub:
             if not self.broker.wait_subscribed(pattern, 2.0):
                 logger.warning("broker subscription to %s not confirmed in time", pattern)
         return early
+
+    def _drop_early_locked(self, early: Sequence[str]) -> None:
+        """Withdraw the early interest in patterns that no subscription kept (refused, or gone)."""
+        for pattern in early:
+            if pattern not in self._interest:
+                self.broker.interest(pattern, False)
 
     def subscribe_seed(self, conn: Connection) -> None:
         """The automatic subscription of a plain connection to the seed topic (no ack)."""
@@ -217,12 +224,10 @@ class Hub:
         the client can see the connection open is delivered to it.
         """
         cmds = [Subscribe(p, None, None, None) for p in dict.fromkeys(patterns)]
-        early = self._subscribe_early(cmds) if not self.broker.delivers_locally else ()
+        early = self._subscribe_early(cmds)
         ops: List[tuple] = [(SEND_WIRE, conn, greeting)] if greeting else []
         with self.lock:
-            for pattern in early:
-                if pattern not in self._interest:
-                    self.broker.interest(pattern, False)
+            self._drop_early_locked(early)
             if conn.registered:
                 for cmd in cmds:
                     self._grant_locked(conn, cmd.topic, ops)
@@ -247,9 +252,7 @@ class Hub:
                 NO_ID, ErrorCode.UNAVAILABLE, "granted subscription to %s: %s" % (pattern, exc)))))
             return
         self._insert(conn, pattern, latest, ops)
-        if not self.broker.delivers_locally and pattern not in conn.floors:
-            conn.floors[pattern] = (latest, epoch)
-            self._floored += 1
+        self._floor_locked(conn, pattern, latest, epoch)
         ops.append((SEND, conn, _frame(subscribed_text(pattern, latest, epoch))))
 
     def publish(self, topic: str, data_json: str) -> Tuple[int, str]:
@@ -394,10 +397,7 @@ class Hub:
         self._insert(conn, pattern, latest, ops)
         if cmd.join_leave or self.presence.listened:
             self._listen(pattern, conn, cmd.join_leave)
-        if not self.broker.delivers_locally and pattern not in conn.floors:
-            # publications up to the ack's seq may still be on their way: not for this one
-            conn.floors[pattern] = (latest, epoch)
-            self._floored += 1
+        self._floor_locked(conn, pattern, latest, epoch)
         ops.append((SEND, conn, _frame(ack_text(cmd.id, pattern, latest, epoch, recovered))))
         if replay_from is None or latest == 0:
             return None
@@ -408,6 +408,13 @@ class Hub:
             self._replaying += 1
         conn.replays[pattern] = [[], 0]
         return (cmd._replace(since=replay_from), latest, epoch)
+
+    def _floor_locked(self, conn: Connection, pattern: str, latest: int, epoch: str) -> None:
+        """With a shared broker, drop deliveries of ``pattern`` up to the seq just told to
+        ``conn`` (publications up to it may still be on their way: not for this one)."""
+        if not self.broker.delivers_locally and pattern not in conn.floors:
+            conn.floors[pattern] = (latest, epoch)
+            self._floored += 1
 
     def _insert(self, conn: Connection, pattern: str, acked: Optional[int],
                 ops: List[tuple]) -> None:
