@@ -252,26 +252,23 @@ class Server:
                 is_loopback(self._listener.getsockname()[0]))
         try:
             limits = plan_limits(cfg.max_connections, cfg.max_pending if listen else 0, open_fds())
+            if limits.raised_from:
+                logger.info("open-file limit raised from %d to %d for the connection limits",
+                            limits.raised_from, limits.nofile)
+            if limits.note:
+                logger.warning("%s", limits.note)
+            self.max_connections = limits.max_connections
+            self.max_pending = limits.max_pending
+            if self.store is not None:
+                try:
+                    self.store.open()
+                except StoreError as exc:
+                    raise _store_error(getattr(self.store, "path", cfg.store), exc) from exc
         except ConfigError:
-            if self._listener is not None:
+            if self._listener is not None:  # not started: the port is free again
                 self._listener.close()
                 self._listener = None
             raise
-        if limits.raised_from:
-            logger.info("open-file limit raised from %d to %d for the connection limits",
-                        limits.raised_from, limits.nofile)
-        if limits.note:
-            logger.warning("%s", limits.note)
-        self.max_connections = limits.max_connections
-        self.max_pending = limits.max_pending
-        if self.store is not None:
-            try:
-                self.store.open()
-            except StoreError as exc:
-                if self._listener is not None:
-                    self._listener.close()
-                    self._listener = None
-                raise _store_error(getattr(self.store, "path", cfg.store), exc) from exc
         self._started = True
         self.started_at = time.monotonic()
         if cfg.thread_stack_size:
