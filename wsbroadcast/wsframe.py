@@ -20,19 +20,23 @@ _pack_16 = struct.Struct("!BBH").pack
 _pack_64 = struct.Struct("!BBQ").pack
 
 
+def _head(b0: int, n: int) -> bytes:
+    """The header of an unmasked frame whose first byte is ``b0``, with ``n`` payload bytes."""
+    if n < 126:
+        return bytes((b0, n))
+    if n < 65536:
+        return _pack_16(b0, 126, n)
+    return _pack_64(b0, 127, n)
+
+
 def frame(opcode: int, payload: bytes) -> bytes:
     """One final, unmasked frame carrying ``payload`` (``opcode`` may carry RSV1)."""
-    n = len(payload)
-    b0 = 0x80 | opcode
-    if n < 126:
-        return bytes((b0, n)) + payload
-    if n < 65536:
-        return _pack_16(b0, 126, n) + payload
-    return _pack_64(b0, 127, n) + payload
+    return _head(0x80 | opcode, len(payload)) + payload
 
 
 def text_frame(payload: bytes) -> bytes:
     """A text frame; ``payload`` must be valid UTF-8."""
+    # _head inlined: the writer frames every delivered message here
     n = len(payload)
     if n < 126:
         return bytes((0x81, n)) + payload
@@ -43,14 +47,7 @@ def text_frame(payload: bytes) -> bytes:
 
 def text_frame_of(*parts: bytes) -> bytes:
     """A text frame whose payload is ``parts`` joined (one copy of them in all)."""
-    n = sum(len(p) for p in parts)
-    if n < 126:
-        head = bytes((0x81, n))
-    elif n < 65536:
-        head = _pack_16(0x81, 126, n)
-    else:
-        head = _pack_64(0x81, 127, n)
-    return b"".join((head,) + parts)
+    return b"".join((_head(0x81, sum(len(p) for p in parts)),) + parts)
 
 
 def compressed_text_frame(data: bytes) -> bytes:
