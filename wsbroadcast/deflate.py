@@ -143,15 +143,6 @@ class Compressors:
         return compressed_text_frame(self.compress(payload, bits))
 
 
-def text_payload(frame: bytes) -> Optional[bytes]:
-    """The payload of a final, uncompressed, unmasked text frame, or None for any other frame."""
-    if len(frame) < 2 or frame[0] != 0x81:
-        return None
-    n = frame[1] & 0x7F
-    head = 2 if n < 126 else (4 if n == 126 else 10)
-    return frame[head:]
-
-
 # ---------------------------------------------------------------- receiving
 class InboundDeflate(Extension):
     """wsproto's side of a negotiated permessage-deflate: inflates what the client sends.

@@ -26,11 +26,11 @@ import time
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Set
 
 from .connection import Connection
-from .deflate import Compressors, text_payload
+from .deflate import Compressors
 from .envelope import message_text
 from .errors import CloseCode
 from .logutil import RateLimitedLog
-from .wsframe import close_frame, ping_frame, text_frame
+from .wsframe import close_frame, ping_frame, text_frame, text_payload
 
 logger = logging.getLogger(__name__)
 

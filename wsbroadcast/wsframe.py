@@ -7,6 +7,7 @@ the writer thread sends these bytes as they are, without touching wsproto.
 from __future__ import annotations
 
 import struct
+from typing import Optional
 
 OP_TEXT = 0x1
 OP_BINARY = 0x2
@@ -48,6 +49,15 @@ def text_frame(payload: bytes) -> bytes:
 def text_frame_of(*parts: bytes) -> bytes:
     """A text frame whose payload is ``parts`` joined (one copy of them in all)."""
     return b"".join((_head(0x81, sum(len(p) for p in parts)),) + parts)
+
+
+def text_payload(frame: bytes) -> Optional[bytes]:
+    """The payload of a final, uncompressed, unmasked text frame, or None for any other frame."""
+    if len(frame) < 2 or frame[0] != 0x81:
+        return None
+    n = frame[1] & 0x7F
+    head = 2 if n < 126 else (4 if n == 126 else 10)
+    return frame[head:]
 
 
 def compressed_text_frame(data: bytes) -> bytes:
