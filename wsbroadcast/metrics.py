@@ -4,7 +4,7 @@ document (the dashboard's source; rates are left to the reader, the difference o
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Tuple
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -96,18 +96,13 @@ def stats_document(server: Counted) -> Dict[str, Any]:
     writer = server.writer
     wstats = writer.stats
     hub = server.hub
-    health = server.broker.reason
+    reason = server.degraded_reason()  # as /healthz says it
     pending = server.pending
     turn_away = server._turn_away
-    status: Optional[str] = "ok"
-    if server.shutting_down:
-        status, health = "degraded", "shutting down"
-    elif health is not None:
-        status = "degraded"
     doc: Dict[str, Any] = {
         "time": round(time.time(), 3),
         "uptime": round(time.monotonic() - server.started_at, 3) if server.started_at else 0.0,
-        "status": status,
+        "status": "ok" if reason is None else "degraded",
         "connections": len(hub),
         "pending_connections": len(pending) if pending is not None else 0,
         "connections_accepted": server.accepted,
@@ -123,6 +118,6 @@ def stats_document(server: Counted) -> Dict[str, Any]:
         "store": server.broker.status(),
         "topics": hub.topic_rates.top(),
     }
-    if health is not None:
-        doc["reason"] = health
+    if reason is not None:
+        doc["reason"] = reason
     return doc

@@ -571,14 +571,17 @@ class Server:
             raise ServerClosed("server is shutting down")
         return self.hub.publish(topic, encode_json(data))
 
+    def degraded_reason(self) -> Optional[str]:
+        """Why the server is degraded (one line for /healthz and /stats), None while it is not."""
+        if self.shutting_down:
+            return "shutting down"
+        if not self.writer.alive:
+            return "the writer thread is not running"
+        return self.broker.reason
+
     def health(self) -> Dict[str, Any]:
         """The /healthz document: status "ok", or "degraded" with the reason (PROTOCOL.md 1)."""
-        if self.shutting_down:
-            reason: Optional[str] = "shutting down"
-        elif not self.writer.alive:
-            reason = "the writer thread is not running"
-        else:
-            reason = self.broker.reason
+        reason = self.degraded_reason()
         doc: Dict[str, Any] = {"status": "ok" if reason is None else "degraded"}
         if reason is not None:
             doc["reason"] = reason

@@ -35,6 +35,8 @@ class Counted(Protocol):
     pending: Optional[PendingTable]
     _turn_away: Optional[TurnAway]
 
+    def degraded_reason(self) -> Optional[str]: ...
+
 
 class Served(Counted, Protocol):
     """The server as one HTTP connection (or WebSocket handshake) uses it."""
