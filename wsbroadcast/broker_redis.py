@@ -292,6 +292,12 @@ class RedisBroker(Broker):
     def _stream(self, topic: str) -> str:
         return self.key_prefix + "stream:" + topic
 
+    def _presence_key(self, topic: str) -> str:
+        return self.key_prefix + "presence:" + topic
+
+    def _node_key(self, node: str) -> str:
+        return self.key_prefix + "node:" + node
+
     def _name(self, pattern: str) -> str:
         """The Redis channel (topic) or glob (wildcard pattern) of a pattern."""
         if pattern.startswith(_JL):
@@ -467,7 +473,7 @@ class RedisBroker(Broker):
         node = self.node
         pipe = self._redis.pipeline(transaction=False)
         for op, topic, conn, text in items:
-            key = self.key_prefix + "presence:" + topic
+            key = self._presence_key(topic)
             if op == "sync":
                 pipe.hset(key, conn, text)
             elif op == "set":
@@ -477,7 +483,7 @@ class RedisBroker(Broker):
                 pipe.hdel(key, conn)
                 pipe.publish(self._jl_prefix + topic, "L|%s|%s" % (node, text))
         if refresh:
-            pipe.set(self.key_prefix + "node:" + str(node), "1", px=int(self.presence_ttl * 1000))
+            pipe.set(self._node_key(node), "1", px=int(self.presence_ttl * 1000))
         try:
             pipe.execute()
         except (RedisError, OSError) as exc:
@@ -499,7 +505,7 @@ class RedisBroker(Broker):
             self._presence_wake.clear()
 
     def presence(self, topic: str) -> List[Tuple[int, List[str], List[Member]]]:
-        key = self.key_prefix + "presence:" + topic
+        key = self._presence_key(topic)
         own = str(self.node).encode()
         try:
             raw: Any = self._redis.hgetall(key)
@@ -511,7 +517,8 @@ class RedisBroker(Broker):
             if not by_node:
                 return []
             nodes = list(by_node)
-            alive: Any = self._redis.mget([self.key_prefix.encode() + b"node:" + n for n in nodes])
+            node_b = self._node_key("").encode()  # the field's node as it is, any bytes
+            alive: Any = self._redis.mget([node_b + n for n in nodes])
             dead = [c for n, a in zip(nodes, alive) if a is None for c, _t in by_node[n]]
             if dead:
                 self._redis.hdel(key, *dead)  # type: ignore[arg-type]  # bytes field names
@@ -585,7 +592,7 @@ class RedisBroker(Broker):
             with self._send_lock:
                 self._send_presence(False)
             try:
-                self._redis.delete(self.key_prefix + "node:" + str(self.node))
+                self._redis.delete(self._node_key(self.node))
             except (RedisError, OSError):
                 pass
         with self._cond:
