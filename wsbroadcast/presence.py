@@ -7,6 +7,7 @@ lock; a shared broker adds the members of other nodes when an answer is built.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from .envelope import client_text
@@ -119,13 +120,7 @@ class PresenceTable:
         entry = self._topics.get(topic)
         if entry is None:
             return [], []
-        members = entry.members
-        if len(members) <= MAX_LISTED:
-            listed = list(members.values())
-        else:
-            it = iter(members.values())
-            listed = [next(it) for _ in range(MAX_LISTED)]
-        return listed, list(entry.users)
+        return list(itertools.islice(entry.members.values(), MAX_LISTED)), list(entry.users)
 
     def count(self, topic: str) -> int:
         entry = self._topics.get(topic)
