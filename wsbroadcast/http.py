@@ -261,14 +261,21 @@ class HttpSession:
     def respond(self, status: int, body: bytes, content_type: str = "application/json",
                 headers: Optional[List[Tuple[str, str]]] = None, head: bool = False) -> None:
         """Send one complete response."""
-        hdrs = [("content-type", content_type), ("content-length", str(len(body))),
-                ("cache-control", "no-store")]
-        if headers:
-            hdrs.extend(headers)
-        if self.server.shutting_down:
-            hdrs.append(("connection", "close"))
+        hdrs = self._headers(content_type, len(body), headers)
         self._send(h11.Response(status_code=status, headers=hdrs, reason=_REASONS.get(status, b"")),
                    h11.Data(data=b"" if head else body), h11.EndOfMessage())
+
+    def _headers(self, content_type: str, length: int,
+                 extra: Optional[List[Tuple[str, str]]] = None) -> List[Tuple[str, str]]:
+        """The headers of an answer: its body's type and length, no caching, ``extra``,
+        and ``Connection: close`` while the server shuts down."""
+        hdrs = [("content-type", content_type), ("content-length", str(length)),
+                ("cache-control", "no-store")]
+        if extra:
+            hdrs.extend(extra)
+        if self.server.shutting_down:
+            hdrs.append(("connection", "close"))
+        return hdrs
 
     def error(self, err: HttpError, head: bool = False) -> None:
         """Send the JSON error answer of ``err``."""
@@ -589,10 +596,7 @@ class HttpSession:
         Only about one chunk is encoded at a time; a client that takes nothing for a
         handshake timeout, or not the whole answer within a few, is dropped (OSError).
         """
-        hdrs = [("content-type", "application/json"), ("content-length", str(length)),
-                ("cache-control", "no-store")]
-        if self.server.shutting_down:
-            hdrs.append(("connection", "close"))
+        hdrs = self._headers("application/json", length)
         timeout = self.config.handshake_timeout
         deadline = time.monotonic() + _ANSWER_TIMEOUTS * timeout
 
