@@ -46,6 +46,8 @@ class Flag:
     __slots__ = ("_lock", "_set")
 
     def __init__(self, value: bool = False) -> None:
+        # _lock guards nothing: it is the flag itself, held while the flag is clear, so
+        # that wait() blocks acquiring it until set() releases it
         self._lock = threading.Lock()
         self._set = True
         if not value:
