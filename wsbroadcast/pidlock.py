@@ -39,9 +39,11 @@ class PidLock:
 
     @property
     def held(self) -> bool:
+        """True while this object holds the lock."""
         return self._fd is not None
 
     def acquire(self) -> None:
+        """Take the lock and write this pid in the file (LockHeld when another has it)."""
         if self._fd is not None or fcntl is None:
             return
         while True:
@@ -75,6 +77,7 @@ class PidLock:
         self._fd = fd
 
     def release(self) -> None:
+        """Remove the file and let go of the lock (idempotent)."""
         fd, self._fd = self._fd, None
         if fd is None:
             return

@@ -59,6 +59,7 @@ class PresenceTable:
         return len(self._topics)
 
     def get(self, topic: str) -> Optional[TopicPresence]:
+        """The entry of ``topic``, None when it has no member or listener."""
         return self._topics.get(topic)
 
     def join(self, topic: str, member: Member) -> TopicPresence:
@@ -123,6 +124,7 @@ class PresenceTable:
         return list(itertools.islice(entry.members.values(), MAX_LISTED)), list(entry.users)
 
     def count(self, topic: str) -> int:
+        """How many members ``topic`` has on this node."""
         entry = self._topics.get(topic)
         return 0 if entry is None else len(entry.members)
 

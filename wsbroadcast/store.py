@@ -99,6 +99,7 @@ class ByteBound:
         return self.left is not None and self.left <= 0
 
     def admit(self, data: str) -> bool:
+        """Count a message of text ``data`` in, or say False when it does not fit."""
         if self.left is not None:
             size = data_bytes(data)
             if size > self.left and self.taken:
