@@ -134,7 +134,7 @@ class Hub:
             self.writer.put(((CLOSE, conn, CloseCode.POLICY_VIOLATION, "token expired"),))
             return
         ops: List[tuple] = []
-        replays: List[Tuple[Subscribe, int, str]] = []
+        replays: Dict[str, Tuple[Subscribe, int]] = {}  # topic -> (subscribe, its ack's seq)
         queries: List[PresenceQuery] = []
         early = self._subscribe_early(commands)
         with self.lock:
@@ -157,13 +157,11 @@ class Hub:
                 if kind is Subscribe:
                     replay = self._subscribe_locked(conn, cmd, ops)
                     if replay is not None:
-                        for i, (other, upto, _e) in enumerate(replays):
-                            if other.topic == replay[0].topic:  # one replay from the lowest since
-                                if (replay[0].since or 0) < (other.since or 0):  # both set in a replay
-                                    replays[i] = (replay[0], upto, _e)
-                                break
-                        else:
-                            replays.append(replay)
+                        other = replays.get(cmd.topic)
+                        if other is None:
+                            replays[cmd.topic] = replay
+                        elif (replay[0].since or 0) < (other[0].since or 0):  # both set in a replay
+                            replays[cmd.topic] = (replay[0], other[1])  # one replay from the lowest since
                 elif kind is Unsubscribe:
                     self._unsubscribe_locked(conn, cmd.topic, ops)
                     ops.append((SEND, conn, _frame(ack_text(cmd.id, cmd.topic))))
@@ -179,7 +177,7 @@ class Hub:
                 self.writer.put(ops)
         for query in queries:
             self._answer_presence(conn, query)
-        for cmd, upto, _epoch in replays:
+        for cmd, upto in replays.values():
             self._replay(conn, cmd, upto)
 
     def _subscribe_early(self, commands: Sequence[Any]) -> List[str]:
@@ -356,7 +354,9 @@ class Hub:
 
     # ------------------------------------------------------------------ subscribe
     def _subscribe_locked(self, conn: Connection, cmd: Subscribe,
-                          ops: List[tuple]) -> Optional[Tuple[Subscribe, int, str]]:
+                          ops: List[tuple]) -> Optional[Tuple[Subscribe, int]]:
+        """Subscribe ``conn`` and queue the ack; (the subscribe from where to replay, the
+        ack's seq) when stored messages are to be replayed after the lock is let go."""
         pattern = cmd.topic
         if not self._allowed(conn, "subscribe", pattern):
             ops.append((SEND, conn, _frame(error_text(
@@ -403,11 +403,11 @@ class Hub:
             return None
         if pattern in conn.replays:
             # a replay of this topic is pending in this batch: it covers this one too
-            return (cmd._replace(since=replay_from), latest, epoch)
+            return (cmd._replace(since=replay_from), latest)
         if not conn.replays:
             self._replaying += 1
         conn.replays[pattern] = [[], 0]
-        return (cmd._replace(since=replay_from), latest, epoch)
+        return (cmd._replace(since=replay_from), latest)
 
     def _floor_locked(self, conn: Connection, pattern: str, latest: int, epoch: str) -> None:
         """With a shared broker, drop deliveries of ``pattern`` up to the seq just told to
