@@ -32,13 +32,12 @@ class _ServerCollector:
         yield CounterMetricFamily("wsbroadcast_websockets_accepted",
                                   "WebSocket upgrades accepted", value=srv.upgraded)
         pending = srv.pending
-        turn_away = srv._turn_away
         yield GaugeMetricFamily("wsbroadcast_connections_pending",
                                 "connections accepted and not upgraded (handshakes, HTTP)",
                                 value=len(pending) if pending is not None else 0)
         yield CounterMetricFamily("wsbroadcast_connections_turned_away",
                                   "connections answered 503 for want of room (or of a descriptor)",
-                                  value=turn_away.refused if turn_away is not None else 0)
+                                  value=srv.turned_away)
         yield CounterMetricFamily("wsbroadcast_connections_evicted",
                                   "idle pending connections dropped to make room",
                                   value=pending.evicted if pending is not None else 0)
@@ -98,7 +97,6 @@ def stats_document(server: Counted) -> Dict[str, Any]:
     hub = server.hub
     reason = server.degraded_reason()  # as /healthz says it
     pending = server.pending
-    turn_away = server._turn_away
     doc: Dict[str, Any] = {
         "time": round(time.time(), 3),
         "uptime": round(time.monotonic() - server.started_at, 3) if server.started_at else 0.0,
@@ -107,7 +105,7 @@ def stats_document(server: Counted) -> Dict[str, Any]:
         "pending_connections": len(pending) if pending is not None else 0,
         "connections_accepted": server.accepted,
         "websockets_accepted": server.upgraded,
-        "turned_away": turn_away.refused if turn_away is not None else 0,
+        "turned_away": server.turned_away,
         "subscriptions": hub.subscriptions,
         "messages_in": hub.received,
         "messages_out": wstats.delivered,

@@ -571,6 +571,11 @@ class Server:
             raise ServerClosed("server is shutting down")
         return self.hub.publish(topic, encode_json(data))
 
+    @property
+    def turned_away(self) -> int:
+        """Connections answered 503 for want of room (or of a descriptor) since start."""
+        return self._turn_away.refused if self._turn_away is not None else 0
+
     def degraded_reason(self) -> Optional[str]:
         """Why the server is degraded (one line for /healthz and /stats), None while it is not."""
         if self.shutting_down:

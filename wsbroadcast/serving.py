@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Protocol, Tuple
 
-from .admission import PendingTable, TurnAway
+from .admission import PendingTable
 from .auth import Authenticator
 from .broker import Broker
 from .config import Config
@@ -33,7 +33,9 @@ class Counted(Protocol):
     accepted: int
     upgraded: int
     pending: Optional[PendingTable]
-    _turn_away: Optional[TurnAway]
+
+    @property
+    def turned_away(self) -> int: ...
 
     def degraded_reason(self) -> Optional[str]: ...
 
