@@ -209,9 +209,36 @@ def test_keep_alive_after_a_refused_post_body(make_server):
         status, _h, answer = _on(s, post % len(body) + body)
         assert status == 200 and json.loads(answer)["seq"] == 1
         # a body over the limit is not read: 413, then the connection ends
-        status, _h, answer = _on(s, post % 300 + b"x" * 300)
+        status, headers, answer = _on(s, post % 300 + b"x" * 300)
         assert (status, json.loads(answer)["error"]) == (413, "too_large")
+        assert headers.get("connection") == "close"
         assert wsraw.RawWS(s, None).at_eof(timeout=5)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_client_still_sending_a_body_over_the_limit_reads_its_413(make_server, framing):
+    """The server stops reading at the limit but does not reset the answer away."""
+    srv = make_server(max_message_size=1000)
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        head = (b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                + (b"Content-Length: %d\r\n\r\n" % (4 << 20) if framing == "content-length"
+                   else b"Transfer-Encoding: chunked\r\n\r\n"))
+        piece = b"x" * 65536 if framing == "content-length" else b"10000\r\n" + b"x" * 65536 + b"\r\n"
+        s.sendall(head)
+        sent = 0
+        s.settimeout(0.2)
+        try:  # keep sending until the server stops taking the body (its window fills up)
+            while sent < (4 << 20):
+                sent += s.send(piece)
+        except (socket.timeout, OSError):
+            pass
+        status, headers, answer = wsraw.read_response(s, timeout=10)
+        assert (status, json.loads(answer)["error"]) == (413, "too_large")
+        assert headers.get("connection") == "close"
     finally:
         s.close()
 

@@ -502,15 +502,17 @@ class HttpSession:
     def _read_body(self, req: h11.Request, deadline: float) -> bytes:
         limit = self.config.max_message_size
         length = _header(req.headers, b"content-length")
+        # a body over the limit is not read: the answer says Connection: close and the
+        # connection ends with a lingering close, so the client gets the 413 (not a reset)
         if length is not None and length.isdigit() and int(length) > limit:
-            raise HttpError(ErrorCode.TOO_LARGE, "body over %d bytes" % limit)
+            raise HttpError(ErrorCode.TOO_LARGE, "body over %d bytes" % limit, close=True)
         # one buffer, not a list of pieces: a body in tiny chunks would cost ~40 bytes a piece
         body = bytearray()
         while True:
             event = self._next(deadline)
             if isinstance(event, h11.Data):
                 if len(body) + len(event.data) > limit:
-                    raise HttpError(ErrorCode.TOO_LARGE, "body over %d bytes" % limit)
+                    raise HttpError(ErrorCode.TOO_LARGE, "body over %d bytes" % limit, close=True)
                 body += event.data
             elif isinstance(event, h11.EndOfMessage):
                 return bytes(body)
