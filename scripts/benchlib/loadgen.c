@@ -520,13 +520,13 @@ int main(int argc, char **argv) {
     printf("{\"mode\":\"%s\",\"subs\":%d,\"stuck\":%d,\"established\":%d,\"est_subs\":%d,\"est_stuck\":%d,"
            "\"publisher\":%s,\"connect_s\":%.3f,\"prefill_s\":%.3f,\"seconds\":%.3f,\"sent\":%llu,\"msgs_per_s\":%.1f,"
            "\"deliveries\":%llu,\"deliveries_per_s\":%.1f,\"lat_count\":%llu,\"lat_p50_us\":%.0f,"
-           "\"lat_p99_us\":%.0f,\"lat_max_us\":%llu,\"sub_min\":%llu,\"sub_max\":%llu,\"closed_subs\":%d,"
+           "\"lat_p99_us\":%.0f,\"lat_p999_us\":%.0f,\"lat_max_us\":%llu,\"sub_min\":%llu,\"sub_max\":%llu,\"closed_subs\":%d,"
            "\"stuck_open_at_end\":%d,\"stalls\":%llu,\"errors\":%llu,\"connect_failed\":%llu,"
            "\"closed_unexpected\":%llu,\"parse_errors\":%llu,\"deflate_subs\":%llu,\"inflated\":%llu,"
            "\"wire_bytes\":%llu,\"cpu_s\":%.3f}\n",
            mode, nsubs, nstuck, established, est_subs, est_stuck, pub_ok ? "true" : "false", connect_s, (tm - ts) / 1e9, secs,
            (unsigned long long)sent, sent / secs, (unsigned long long)deliveries, deliveries / secs,
-           (unsigned long long)hcount, hpct(0.50), hpct(0.99), (unsigned long long)hmax,
+           (unsigned long long)hcount, hpct(0.50), hpct(0.99), hpct(0.999), (unsigned long long)hmax,
            (unsigned long long)smin, (unsigned long long)smax, closed_subs, stuck_open,
            (unsigned long long)stalls, (unsigned long long)errors, (unsigned long long)connect_failed,
            (unsigned long long)closed_unexpected, (unsigned long long)parse_errors,
