@@ -8,6 +8,12 @@
  * subscribers parse frames, count deliveries and record latency (now - t) into a
  * histogram.  The publisher's own deliveries are read and discarded (not counted).
  *
+ * --tls: every connection speaks TLS first (OpenSSL, non-blocking, no certificate
+ * verification: the loopback bench uses a throw-away self-signed certificate);
+ * frames and the stuck reader's receive buffer are as without TLS, and
+ * "wire_bytes" counts decrypted bytes.  Built without OpenSSL (-DNO_TLS) the
+ * flag is refused.
+ *
  * --deflate: every connection offers permessage-deflate (RFC 7692); compressed
  * messages are inflated by a per-connection inflater (context takeover, as the
  * server answered) or, when the server answered server_no_context_takeover, only
@@ -41,10 +47,14 @@
 #include <time.h>
 #include <unistd.h>
 #include <zlib.h>
+#ifndef NO_TLS
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#endif
 #include "wsutil.h"
 
 enum { K_SUB, K_PUB, K_STUCK };
-enum { S_CONNECTING, S_HANDSHAKE, S_OPEN, S_CLOSED };
+enum { S_CONNECTING, S_TLS, S_HANDSHAKE, S_OPEN, S_CLOSED };  /* S_TLS: the TLS handshake (--tls) */
 
 typedef struct conn {
     int fd, kind, state, want_out, retries;
@@ -53,6 +63,7 @@ typedef struct conn {
     uint64_t received;
     int deflate, no_takeover;  /* permessage-deflate negotiated; server_no_context_takeover */
     z_stream *zs;
+    void *ssl;  /* the SSL object with --tls (void: builds without OpenSSL too) */
 } conn;
 
 /* options */
@@ -65,7 +76,7 @@ static double window_max_msgs = 1000;
 static double prefill_max = 15;
 static const char *mode = "tput", *path = "/";
 static int stuck_rcvbuf = 4096;
-static int want_deflate = 0, json_payload = 0;
+static int want_deflate = 0, json_payload = 0, use_tls = 0;
 static uint64_t deflate_conns, wire_bytes, inflated;
 static unsigned char zbuf[1 << 20];
 
@@ -112,11 +123,102 @@ static void set_events(conn *c, uint32_t ev) {
     epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &e);
 }
 
+/* ---- TLS (--tls): every socket read and write of a connection goes through io_recv/io_send ---- */
+#ifndef NO_TLS
+static SSL_CTX *tls_ctx;
+static uint64_t tls_errors_printed;
+
+static void tls_init(void) {
+    tls_ctx = SSL_CTX_new(TLS_client_method());
+    if (!tls_ctx) { ERR_print_errors_fp(stderr); exit(1); }
+    SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL);  /* loopback bench, self-signed certificate */
+    /* a partial SSL_write reports what it sent, like send(); a retry may pass a moved (grown) buffer */
+    SSL_CTX_set_mode(tls_ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+}
+
+static int tls_start(conn *c) {
+    SSL *s = SSL_new(tls_ctx);
+    if (!s || !SSL_set_fd(s, c->fd)) { if (s) SSL_free(s); return -1; }
+    SSL_set_connect_state(s);
+    c->ssl = s;
+    return 0;
+}
+
+static void tls_free(conn *c) {
+    if (c->ssl) { SSL_free((SSL *)c->ssl); c->ssl = NULL; }
+}
+
+static void tls_report(const char *what, int err) {
+    if (tls_errors_printed++ < 3) {
+        fprintf(stderr, "loadgen: TLS %s failed (SSL error %d, errno %d)\n", what, err, errno);
+        ERR_print_errors_fp(stderr);
+    }
+    ERR_clear_error();
+}
+
+/* Advance the TLS handshake: 1 done, 0 waiting (events set), -1 failed. */
+static int tls_step(conn *c) {
+    SSL *s = (SSL *)c->ssl;
+    int r = SSL_do_handshake(s);
+    if (r == 1) return 1;
+    int e = SSL_get_error(s, r);
+    if (e == SSL_ERROR_WANT_READ) { set_events(c, EPOLLIN); return 0; }
+    if (e == SSL_ERROR_WANT_WRITE) { set_events(c, EPOLLOUT); return 0; }
+    tls_report("handshake", e);
+    return -1;
+}
+
+/* SSL_read/SSL_write results in recv()/send() terms: -1 with errno EAGAIN when it must wait */
+static ssize_t tls_result(conn *c, int r, const char *what) {
+    if (r > 0) return r;
+    int e = SSL_get_error((SSL *)c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) { errno = EAGAIN; return -1; }
+    if (e == SSL_ERROR_ZERO_RETURN || (e == SSL_ERROR_SYSCALL && errno == 0)) { ERR_clear_error(); return 0; }
+    if (e != SSL_ERROR_SYSCALL) tls_report(what, e);
+    ERR_clear_error();
+    if (!errno || errno == EAGAIN) errno = EIO;
+    return -1;
+}
+
+/* up to n decrypted bytes: as many whole records as are readable (SSL_read gives one at a time) */
+static ssize_t io_recv(conn *c, unsigned char *buf, size_t n) {
+    if (!c->ssl) return recv(c->fd, buf, n, 0);
+    size_t got = 0;
+    while (got < n) {
+        errno = 0;
+        int want = n - got > (1 << 30) ? 1 << 30 : (int)(n - got);
+        ssize_t r = tls_result(c, SSL_read((SSL *)c->ssl, buf + got, want), "read");
+        if (r > 0) { got += (size_t)r; continue; }
+        if (got) break;  /* report what arrived; the error (or EOF) shows on the next call */
+        return r;
+    }
+    return (ssize_t)got;
+}
+
+static ssize_t io_send(conn *c, const char *buf, size_t n) {
+    if (!c->ssl) return send(c->fd, buf, n, MSG_NOSIGNAL);
+    errno = 0;
+    return tls_result(c, SSL_write((SSL *)c->ssl, buf, n > (1 << 30) ? 1 << 30 : (int)n), "write");
+}
+
+/* decrypted bytes held inside the TLS layer, which epoll cannot see */
+static int io_pending(conn *c) { return c->ssl && SSL_pending((SSL *)c->ssl) > 0; }
+#else
+static void tls_init(void) {}
+static int tls_start(conn *c) { (void)c; return -1; }
+static void tls_free(conn *c) { (void)c; }
+static int tls_step(conn *c) { (void)c; return -1; }
+static ssize_t io_recv(conn *c, unsigned char *buf, size_t n) { return recv(c->fd, buf, n, 0); }
+static ssize_t io_send(conn *c, const char *buf, size_t n) { return send(c->fd, buf, n, MSG_NOSIGNAL); }
+static int io_pending(conn *c) { (void)c; return 0; }
+#endif
+
 static void conn_close(conn *c, int unexpected) {
     if (c->state == S_CLOSED) return;
     if (c->state == S_OPEN && c->kind == K_SUB) live_subs--;
     if (unexpected) closed_unexpected++;
     epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    tls_free(c);
     close(c->fd);
     c->fd = -1;
     c->state = S_CLOSED;
@@ -150,7 +252,7 @@ static void queue_out(conn *c, const char *d, size_t n) {
 /* returns 0 ok (maybe partial), -1 error */
 static int flush_out(conn *c) {
     while (c->outoff < c->outlen) {
-        ssize_t w = send(c->fd, c->out + c->outoff, c->outlen - c->outoff, MSG_NOSIGNAL);
+        ssize_t w = io_send(c, c->out + c->outoff, c->outlen - c->outoff);
         if (w > 0) { c->outoff += (size_t)w; continue; }
         if (w < 0 && errno == EINTR) continue;
         if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
@@ -292,8 +394,8 @@ static long parse_frames(conn *c, unsigned char *b, size_t len, int64_t now) {
 
 static unsigned char rbuf[1 << 18];
 
-static void on_readable(conn *c, int64_t now) {
-    ssize_t r = recv(c->fd, rbuf, sizeof rbuf, 0);
+static void on_readable_once(conn *c, int64_t now) {
+    ssize_t r = io_recv(c, rbuf, sizeof rbuf);
     if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) { conn_close(c, 1); return; }
     if (r < 0) return;
     bytes_in += (uint64_t)r;
@@ -340,16 +442,35 @@ static void on_readable(conn *c, int64_t now) {
     }
 }
 
+static void on_readable(conn *c, int64_t now) {
+    on_readable_once(c, now);
+    /* what TLS decrypted beyond rbuf waits inside OpenSSL, where epoll cannot see it */
+    while (c->state != S_CLOSED && !(c->kind == K_STUCK && c->state == S_OPEN) && io_pending(c))
+        on_readable_once(c, now);
+}
+
+/* the TCP connection (or the TLS handshake) is up: send the WebSocket upgrade */
+static void begin_upgrade(conn *c) {
+    c->state = S_HANDSHAKE;
+    send_handshake(c);
+    if (flush_out(c) < 0) { errors++; conn_close(c, 1); return; }
+    set_events(c, EPOLLIN | (c->outlen ? EPOLLOUT : 0));
+}
+
 static void on_event(conn *c, uint32_t ev, int64_t now) {
     if (c->state == S_CLOSED) return;
     if (c->state == S_CONNECTING) {
         int err = 0; socklen_t l = sizeof err;
         getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &l);
         if (err || (ev & (EPOLLERR | EPOLLHUP))) { connect_failed++; conn_close(c, 0); return; }
-        c->state = S_HANDSHAKE;
-        send_handshake(c);
-        if (flush_out(c) < 0) { errors++; conn_close(c, 1); return; }
-        set_events(c, EPOLLIN | (c->outlen ? EPOLLOUT : 0));
+        if (!use_tls) { begin_upgrade(c); return; }
+        c->state = S_TLS;
+        if (tls_start(c) < 0) { errors++; conn_close(c, 1); return; }
+    }
+    if (c->state == S_TLS) {  /* whichever event came: the next handshake step */
+        int r = tls_step(c);
+        if (r < 0) { errors++; conn_close(c, 1); }
+        else if (r > 0) begin_upgrade(c);
         return;
     }
     if (ev & EPOLLOUT) { if (flush_out(c) < 0) { conn_close(c, 1); return; }
@@ -382,10 +503,15 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--max-msgs")) { max_msgs = atoll(v); i++; }
         else if (!strcmp(a, "--deflate")) { want_deflate = 1; }
         else if (!strcmp(a, "--json")) { json_payload = 1; }
+        else if (!strcmp(a, "--tls")) { use_tls = 1; }
         else { fprintf(stderr, "unknown option %s\n", a); return 2; }
     }
     if (!port || msgsize < 40 || nsubs < 0) { fprintf(stderr, "usage: loadgen --port P [--mode tput|rate|idle] [--subs N] ...\n"); return 2; }
     signal(SIGPIPE, SIG_IGN);
+#ifdef NO_TLS
+    if (use_tls) { fprintf(stderr, "loadgen: built without OpenSSL; install libssl-dev for --tls\n"); return 2; }
+#endif
+    if (use_tls) tls_init();
     int idle = !strcmp(mode, "idle"), tput = !strcmp(mode, "tput");
     int npub = idle ? 0 : 1;
     nconns = nsubs + nstuck + npub;
@@ -405,7 +531,7 @@ int main(int argc, char **argv) {
     int64_t deadline = t0 + (int64_t)(connect_timeout * 1e9);
     while (done < nconns && now_ns() < deadline) {
         int pending = 0;
-        for (int i = 0; i < next; i++) if (conns[i].state == S_CONNECTING || conns[i].state == S_HANDSHAKE) pending++;
+        for (int i = 0; i < next; i++) if (conns[i].state == S_CONNECTING || conns[i].state == S_TLS || conns[i].state == S_HANDSHAKE) pending++;
         while (next < nconns && pending < max_pending) {
             conn *c = &conns[next++];
             if (start_connect(c) == 0) pending++;
@@ -517,14 +643,14 @@ int main(int argc, char **argv) {
     int stuck_open = 0;
     for (int i = 0; i < nconns; i++) if (conns[i].kind == K_STUCK && conns[i].state == S_OPEN) stuck_open++;
     struct rusage ru; getrusage(RUSAGE_SELF, &ru);
-    printf("{\"mode\":\"%s\",\"subs\":%d,\"stuck\":%d,\"established\":%d,\"est_subs\":%d,\"est_stuck\":%d,"
+    printf("{\"mode\":\"%s\",\"tls\":%s,\"subs\":%d,\"stuck\":%d,\"established\":%d,\"est_subs\":%d,\"est_stuck\":%d,"
            "\"publisher\":%s,\"connect_s\":%.3f,\"prefill_s\":%.3f,\"seconds\":%.3f,\"sent\":%llu,\"msgs_per_s\":%.1f,"
            "\"deliveries\":%llu,\"deliveries_per_s\":%.1f,\"lat_count\":%llu,\"lat_p50_us\":%.0f,"
            "\"lat_p99_us\":%.0f,\"lat_p999_us\":%.0f,\"lat_max_us\":%llu,\"sub_min\":%llu,\"sub_max\":%llu,\"closed_subs\":%d,"
            "\"stuck_open_at_end\":%d,\"stalls\":%llu,\"errors\":%llu,\"connect_failed\":%llu,"
            "\"closed_unexpected\":%llu,\"parse_errors\":%llu,\"deflate_subs\":%llu,\"inflated\":%llu,"
            "\"wire_bytes\":%llu,\"cpu_s\":%.3f}\n",
-           mode, nsubs, nstuck, established, est_subs, est_stuck, pub_ok ? "true" : "false", connect_s, (tm - ts) / 1e9, secs,
+           mode, use_tls ? "true" : "false", nsubs, nstuck, established, est_subs, est_stuck, pub_ok ? "true" : "false", connect_s, (tm - ts) / 1e9, secs,
            (unsigned long long)sent, sent / secs, (unsigned long long)deliveries, deliveries / secs,
            (unsigned long long)hcount, hpct(0.50), hpct(0.99), hpct(0.999), (unsigned long long)hmax,
            (unsigned long long)smin, (unsigned long long)smax, closed_subs, stuck_open,
