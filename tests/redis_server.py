@@ -15,7 +15,7 @@ import shutil
 import socket
 import subprocess
 import time
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 REDIS_SERVER = os.environ.get("WSBROADCAST_REDIS_SERVER") or shutil.which("redis-server")
 
@@ -33,6 +33,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def info(port: int, section: str) -> Dict[str, Any]:
+    """``INFO section`` of the server on 127.0.0.1:port (redis-py; OSError or RedisError if it does not answer)."""
+    import redis
+
+    client = redis.Redis(port=port, socket_timeout=2.0, socket_connect_timeout=2.0)
+    try:
+        return client.info(section)
+    finally:
+        client.close()
 
 
 class RedisServer:
@@ -108,6 +119,26 @@ class RedisServer:
     def restart(self) -> "RedisServer":
         self.stop()
         return self.start()
+
+    def info(self, section: str) -> Dict[str, Any]:
+        """``INFO section`` as a dict."""
+        return info(self.port, section)
+
+    def wait_in_sync(self, timeout: float = 10.0) -> None:
+        """As a replica: wait until its link to the primary is up and the first sync is done."""
+        from redis.exceptions import RedisError
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                rep = self.info("replication")
+                if rep.get("master_link_status") == "up" and not rep.get("master_sync_in_progress"):
+                    return
+            except (OSError, RedisError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("replica on port %d did not sync in %.0f s:\n%s" % (self.port, timeout, self.log()))
+            time.sleep(0.02)
 
     def log(self) -> str:
         try:

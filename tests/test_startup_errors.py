@@ -106,7 +106,19 @@ def test_redis_without_the_extra(cwd):
 
 def test_redis_bad_url(cwd):
     assert_one_line_error(run_serve(cwd, "--port", "0", "--redis", "http://x"), cwd, "--redis",
-                          "redis://HOST:PORT/DB")
+                          "redis://HOST:PORT/DB", "redis+sentinel://")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_redis_malformed_sentinel_url(cwd, workers):
+    # refused before any worker is forked, and the password is not printed
+    line = assert_one_line_error(
+        run_serve(cwd, "--port", "0", "--workers", workers,
+                  "--redis", "redis+sentinel://:s3cret@127.0.0.1:1,127.0.0.1:2?db=0"),
+        cwd, "--redis", "no master name", ":***@127.0.0.1:1")
+    assert "s3cret" not in line
+    assert_one_line_error(run_serve(cwd, "--port", "0", "--redis", "redis://127.0.0.1:1/0?wait_replicas=two"),
+                          cwd, "--redis", "wait_replicas 'two'")
 
 
 @pytest.mark.parametrize("path, needle", [("missing-secret", "cannot read the secret file"),

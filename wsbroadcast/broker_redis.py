@@ -67,7 +67,6 @@ import socket
 import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -75,12 +74,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError
 
 from .broker import Broker, Handler, Publication
 from .envelope import parse_json, strict_text
 from .errors import BrokerUnavailable, StoreError
 from .logutil import RateLimitedLog
 from .presence import MAX_LISTED, Member
+from .redis_url import parse_redis_url, redact
 from .store import ByteBound, StoredMessage
 from .topics import is_wildcard, pattern_matches
 
@@ -170,20 +171,11 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in _GLOB_SPECIALS else c for c in text)
 
 
-def _redact(url: str) -> str:
-    """The URL without its password."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.hostname or ""
-        if parts.port:
-            netloc += ":%d" % parts.port
-        user = parts.username or ""
-        netloc = "%s:***@%s" % (user, netloc)
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    except ValueError:
-        return "<redis url>"
+def _reason(exc: BaseException) -> str:
+    """What went wrong, for logs and errors (a Sentinel's error lists every connection's settings)."""
+    if isinstance(exc, MasterNotFoundError):
+        return "no Sentinel named a primary (unreachable, or the failover is not over)"
+    return str(exc)
 
 
 def _text(value: Any) -> str:
@@ -219,12 +211,16 @@ class RedisBroker(Broker):
         if reconnect_max <= 0:
             raise ValueError("reconnect_max must be > 0")
         self.url = url
+        self.target = parse_redis_url(url)  # ConfigError (a ValueError) when malformed
+        self._where = redact(url)
         self.history_size = history_size
         self.history_ttl = history_ttl
         self.key_prefix = key_prefix
         self.reconnect_max = float(reconnect_max)
         self.socket_timeout = socket_timeout
         self._ttl_ms = -1 if history_ttl is None else int(history_ttl * 1000)
+        # a publish's WAIT blocks its connection up to wait_timeout_ms: its answer is due after that
+        cmd_timeout = socket_timeout + (self.target.wait_timeout_ms / 1000.0 if self.target.wait_replicas else 0)
         self._ch_prefix = key_prefix + "ch:"
         self._ch_prefix_b = self._ch_prefix.encode("utf-8")
         self._jl_prefix = key_prefix + "jl:"
@@ -246,13 +242,12 @@ class RedisBroker(Broker):
                                   "retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
         if _HAS_PROTOCOL:
             common["protocol"] = 2  # RESP2 replies everywhere (redis-py 8 defaults to RESP3)
-        # commands (publish, reads, refills): a bounded pool, waits at most the socket timeout
-        self._pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=socket_timeout, **common)
+        # commands (publish, reads, refills): a bounded pool, waits at most the socket timeout;
+        # the subscription connection (the listener thread's, one at a time) is made by _sub_pool
+        self._pool, self._sub_pool, self._close_pools = self.target.open_pools(
+            common, max_connections=max_connections, timeout=socket_timeout, command_timeout=cmd_timeout)
         self._redis = redis.Redis(connection_pool=self._pool)
         self._script = self._redis.register_script(_PUBLISH_LUA)
-        # makes the subscription connection (the listener thread's, one at a time)
-        self._sub_pool = redis.ConnectionPool.from_url(url, **common)
         self._handler: Optional[Handler] = None
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
@@ -310,9 +305,9 @@ class RedisBroker(Broker):
     # ------------------------------------------------------------------ commands
     def _failed(self, what: str, exc: BaseException) -> BrokerUnavailable:
         if self._cmd_ok:
-            logger.warning("redis %s: %s failed: %s", _redact(self.url), what, exc)
+            logger.warning("redis %s: %s failed: %s", self._where, what, _reason(exc))
         self._cmd_ok = False
-        return BrokerUnavailable("redis is unavailable: %s" % exc)
+        return BrokerUnavailable("redis is unavailable: %s" % _reason(exc))
 
     def publish(self, items: Sequence[Tuple[str, str]]) -> List[Tuple[int, str]]:
         if not items:
@@ -331,12 +326,24 @@ class RedisBroker(Broker):
             keys.append(self._stream(topic))
             args.append(self._ch_prefix + topic)
             args.append(data)
+        wait = self.target.wait_replicas
         try:
-            res = self._script(keys=keys, args=args)
+            if wait:
+                # WAIT on the connection that ran the script: its writes reached `wait` replicas
+                pipe = self._redis.pipeline(transaction=False)
+                self._script(keys=keys, args=args, client=pipe)
+                pipe.execute_command("WAIT", wait, self.target.wait_timeout_ms)
+                res, replicas = pipe.execute()
+            else:
+                res = self._script(keys=keys, args=args)
         except _UNAVAILABLE as exc:
             raise self._failed("publish", exc) from exc
         except (RedisError, UnicodeError) as exc:
             raise StoreError("cannot store messages in redis: %s" % exc) from exc
+        if wait and int(replicas) < wait:
+            raise self._failed("publish", RedisTimeoutError(
+                "%d of the %d replica(s) asked for (wait_replicas) had it within %d ms"
+                % (int(replicas), wait, self.target.wait_timeout_ms)))
         self._cmd_ok = True
         return [(int(res[i]), _text(res[i + 1])) for i in range(0, len(res), 2)]
 
@@ -487,7 +494,7 @@ class RedisBroker(Broker):
         try:
             pipe.execute()
         except (RedisError, OSError) as exc:
-            _presence_log.warning("redis %s: presence not written: %s", _redact(self.url), exc)
+            _presence_log.warning("redis %s: presence not written: %s", self._where, _reason(exc))
             with self._pending_lock:
                 self._resync = True  # written again in full once redis answers
 
@@ -553,7 +560,7 @@ class RedisBroker(Broker):
     def status(self) -> dict:
         return {
             "kind": "redis",
-            "url": _redact(self.url),
+            "url": self._where,
             "healthy": self.healthy,
             "subscribed": self._listener_up,
             "subscriptions": len(self._active_names),
@@ -599,9 +606,10 @@ class RedisBroker(Broker):
             self._cond.notify_all()
         self._pool.disconnect()
         self._sub_pool.disconnect()
+        self._close_pools()
         self._wake_r.close()
         self._wake_w.close()
-        logger.info("redis broker %s closed", _redact(self.url))
+        logger.info("redis broker %s closed", self._where)
 
     # ------------------------------------------------------------------ listener
     def _run(self) -> None:
@@ -617,7 +625,7 @@ class RedisBroker(Broker):
                 self._on_connected()
                 self._listener_up = True
                 if failures:
-                    logger.info("redis %s: subscription connection is back", _redact(self.url))
+                    logger.info("redis %s: subscription connection is back", self._where)
                     self.reconnects += 1
                 failures = 0
                 delay = RECONNECT_MIN
@@ -627,9 +635,9 @@ class RedisBroker(Broker):
                 if not self._stop.is_set():
                     if failures == 0:
                         logger.warning("redis %s: subscription lost: %s; reconnecting",
-                                       _redact(self.url), exc)
+                                       self._where, _reason(exc))
                     else:
-                        logger.debug("redis reconnect failed: %s", exc)
+                        logger.debug("redis reconnect failed: %s", _reason(exc))
                     failures += 1
             except Exception:
                 self._listener_up = False

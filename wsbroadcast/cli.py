@@ -103,8 +103,13 @@ def _serve_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                    help="sync the store to disk on every commit (survives power loss, slower)")
     r = p.add_argument_group("scale-out")
     r.add_argument("--redis", metavar="URL",
-                   help="share seqs, history and fan-out with other nodes through Redis "
-                        "(redis://host:port/db; needs pip install 'wsbroadcast[redis]'); replaces --store")
+                   help="share seqs, history and fan-out with other nodes through Redis: "
+                        "redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS, unix:///PATH?db=DB), or "
+                        "redis+sentinel://HOST:PORT,HOST:PORT/MASTER?db=DB to follow the primary that "
+                        "Sentinel names through its failovers; add ?wait_replicas=1&wait_timeout_ms=500 "
+                        "to ack a publish only once a replica has it (with appendfsync always on the "
+                        "primary, an acked message survives a failover); needs pip install "
+                        "'wsbroadcast[redis]'; replaces --store")
     r.add_argument("--workers", type=int, default=1, metavar="N",
                    help=_d("broker processes on the one port, e.g. one per core (SO_REUSEPORT: the "
                            "kernel spreads connections); they share everything through --redis, which "
@@ -269,6 +274,13 @@ def _serve_config(args: argparse.Namespace) -> Config:
             raise ConfigError("cannot read the public key %s: %s; give a PEM file with --public-key"
                               % (args.public_key, exc.strerror or exc)) from exc
     secret = load_secret(args.secret, args.secret_file)
+    if args.redis is not None:
+        from .redis_url import parse_redis_url
+
+        try:
+            parse_redis_url(args.redis)  # checked here: before --workers forks or a store is made
+        except ConfigError as exc:
+            raise ConfigError("--redis: %s" % exc) from exc
     if args.api_key == "":
         raise ConfigError("--api-key is empty: give a key, or leave the option out")
     return Config(

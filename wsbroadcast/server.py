@@ -173,8 +173,8 @@ class Server:
                 self.broker: Broker = RedisBroker(cfg.redis_url, history_size=cfg.history_size,
                                                   history_ttl=cfg.history_ttl,
                                                   presence_ttl=cfg.presence_ttl)
-            except ValueError as exc:
-                raise ConfigError("--redis %s: %s; give redis://HOST:PORT/DB" % (cfg.redis_url, exc)) from exc
+            except ValueError as exc:  # ConfigError from the URL: it says what to give
+                raise ConfigError("--redis: %s" % exc) from exc
         else:
             # opened (created, locked) by start(), once the port is bound
             self.store = message_store if message_store is not None else open_store(
