@@ -212,7 +212,7 @@ def test_inflated_size_limit_at_and_past_the_edge(make_server):
 @pytest.mark.parametrize("frame, code", [
     (wsraw.encode_frame(0x9, b"x", rsv=4), 1002),  # RSV1 on a control frame
     (wsraw.encode_frame(0x1, b"\xff\xff\xff\xff", rsv=4), 1007),  # not deflate data
-])
+], ids=["rsv1-on-a-control-frame", "not-deflate-data"])
 def test_bad_compressed_frames(make_server, frame, code):
     srv = make_server()
     ws = wsraw.connect(srv.port, headers=[OFFER], cls=wsraw.DeflateWS)
