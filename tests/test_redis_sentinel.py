@@ -6,12 +6,18 @@ Every process is a private redis-server on a free loopback port (tests/redis_ser
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
+import threadutil
+import wsraw
 from conftest import SCALE
-from redis_server import RedisServer, require_redis_server
+from httputil import health_status
+from redis_server import RedisServer, SentinelSet, require_redis_server
+from wsraw import connect, wait_for
 
 require_redis_server()
 
@@ -59,3 +65,137 @@ def test_wait_replicas_acks_at_the_replica_count_and_refuses_past_it(pair):
     finally:
         ok.close()
         short.close()
+
+
+# --------------------------------------------------------------------------- failover
+
+TOPICS = ("fo.a", "fo.b")
+
+
+@pytest.fixture
+def sentinel_set(tmp_path):
+    """A primary, two replicas and three Sentinels (down after 1 s), all stopped at the end.
+
+    Two replicas: after a failover the new primary still has one, so that WAIT 1 can succeed.
+    """
+    with SentinelSet(str(tmp_path), replicas=2, sentinels=3) as ss:
+        yield ss
+
+
+class Publisher:
+    """Publishes 0, 1, 2, ... on one topic over a WebSocket until stopped; keeps every answer."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.ws = connect(port)
+        self.topic = topic
+        self.acked: List[Tuple[int, int]] = []  # (seq, data)
+        self.unavailable: List[int] = []  # data refused with "unavailable"
+        self.acked_at: List[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            self.ws.send_json({"type": "publish", "topic": self.topic, "data": i, "id": i})
+            reply = self.ws.recv_json(T)
+            assert reply.get("id") == i, reply
+            if reply["type"] == "ack":
+                assert reply["topic"] == self.topic
+                self.acked.append((reply["seq"], i))
+                self.acked_at.append(time.monotonic())
+            else:
+                assert (reply["type"], reply["code"]) == ("error", "unavailable"), reply
+                self.unavailable.append(i)
+                self.stop.wait(0.02)  # pace the retries while there is no primary
+            i += 1
+
+    def acked_since(self, when: float) -> int:
+        return sum(1 for t in self.acked_at if t >= when)
+
+
+def read_until_markers(ws, markers: Dict[str, int], replies: Optional[Dict[str, dict]] = None,
+                       ) -> Dict[str, List[Tuple[int, object]]]:
+    """Every message up to each topic's marker seq: {topic: [(seq, data), ...]}; other frames
+    go to ``replies`` by id (or fail the test)."""
+    got: Dict[str, List[Tuple[int, object]]] = {t: [] for t in markers}
+    deadline = time.monotonic() + 3 * T
+    while any(not got[t] or got[t][-1][0] < markers[t] for t in markers):
+        msg = ws.recv_json(max(0.01, deadline - time.monotonic()))
+        if msg.get("type") == "message":
+            got[msg["topic"]].append((msg["seq"], msg["data"]))
+        else:
+            assert replies is not None and msg.get("id") not in replies, msg
+            replies[msg["id"]] = msg
+    return got
+
+
+@pytest.mark.timeout(90)
+def test_failover_broker_follows_the_new_primary_and_loses_no_acked_message(sentinel_set, make_server):
+    ss = sentinel_set
+    url = ss.url("wait_replicas=1&wait_timeout_ms=%d" % (1000 * SCALE))
+    a, b = make_server(redis_url=url), make_server(redis_url=url)
+    for srv in (a, b):
+        srv.broker.reconnect_max = 0.5  # the default (5 s) would only make the test longer
+    subs = []
+    for port in (b.port, b.port, a.port):
+        ws = connect(port)
+        for t in TOPICS:
+            assert wsraw.subscribe(ws, t, t, T)["type"] == "ack"
+        subs.append(ws)
+    leaver = connect(a.port)  # leaves during the failover and resumes on the other node
+    epochs = {t: wsraw.subscribe(leaver, t, t, T)["epoch"] for t in TOPICS}
+    pubs = [Publisher(a.port, t) for t in TOPICS]
+    threads = [threadutil.start(p.run, name="test-pub-" + p.topic) for p in pubs]
+    try:
+        assert wait_for(lambda: all(len(p.acked) >= 20 for p in pubs), timeout=T)
+        seen: Dict[str, int] = dict.fromkeys(TOPICS, 0)
+        for _ in range(20):
+            msg = leaver.recv_json(T)
+            seen[msg["topic"]] = msg["seq"]
+        leaver.close()
+
+        old = ss.primary.port
+        ss.primary.kill()
+        killed = time.monotonic()
+        ss.wait_for(lambda: ss.primary_port() not in (None, old), killed + 3 * T, "no replica was promoted")
+        assert wait_for(lambda: all(p.acked_since(killed) >= 20 for p in pubs), timeout=3 * T), \
+            [(len(p.acked), len(p.unavailable)) for p in pubs]
+    finally:
+        for p in pubs:
+            p.stop.set()
+        for th in threads:
+            th.finish(2 * T)
+    assert any(p.unavailable for p in pubs), "no publish met the failover"
+    markers = {t: a.publish(t, "marker")[0] for t in TOPICS}
+
+    for p in pubs:  # each publisher's acks: in order, one seq each
+        seqs = [s for s, _ in p.acked]
+        assert seqs == sorted(set(seqs)), seqs
+    for ws in subs:
+        got = read_until_markers(ws, markers)
+        for p in pubs:
+            msgs = got[p.topic]
+            # no duplicate and no gap: every seq once, in order, up to the marker
+            assert [s for s, _ in msgs] == list(range(1, markers[p.topic] + 1))
+            delivered = dict(msgs)
+            assert all(delivered[s] == d for s, d in p.acked), "an acked message was lost or replaced"
+        ws.close()
+
+    # the leaver resumes on the other node from its last seq: recovered, nothing twice, nothing missing
+    back = connect(b.port)
+    acks: Dict[str, dict] = {}
+    for t in TOPICS:
+        back.send_json({"type": "subscribe", "topic": t, "id": t, "since": seen[t], "epoch": epochs[t]})
+    got = read_until_markers(back, markers, acks)
+    for t in TOPICS:
+        ack = acks[t]
+        assert (ack["type"], ack["epoch"], ack.get("recovered")) == ("ack", epochs[t], True), ack
+    for t in TOPICS:
+        assert [s for s, _ in got[t]] == list(range(seen[t] + 1, markers[t] + 1))
+    back.close()
+
+    # every acked message is in the new primary's history
+    for p in pubs:
+        stored = {m.seq: m.data for m in b.broker.since(p.topic, 0, 10000)}
+        assert all(stored.get(s) == str(d) for s, d in p.acked)
+    assert wait_for(lambda: health_status(a.port) == "ok" and health_status(b.port) == "ok", timeout=T)

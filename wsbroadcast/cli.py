@@ -106,7 +106,7 @@ def _serve_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                    help="share seqs, history and fan-out with other nodes through Redis: "
                         "redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS, unix:///PATH?db=DB), or "
                         "redis+sentinel://HOST:PORT,HOST:PORT/MASTER?db=DB to follow the primary that "
-                        "Sentinel names through its failovers; add ?wait_replicas=1&wait_timeout_ms=500 "
+                        "Sentinel names through its failovers; add ?wait_replicas=1&wait_timeout_ms=1000 "
                         "to ack a publish only once a replica has it (with appendfsync always on the "
                         "primary, an acked message survives a failover); needs pip install "
                         "'wsbroadcast[redis]'; replaces --store")

@@ -15,7 +15,7 @@ OPTIONS of wsbroadcast (taken out before the rest reaches redis-py):
   (Redis ``WAIT N T`` after the publish); fewer in time and the publisher gets
   ``unavailable``. With the primary on ``appendfsync always`` and N >= 1, an acked
   message survives the loss of the primary and a failover to a replica.
-- ``wait_timeout_ms=T`` (default 500, 1 to 60000): how long a publish waits for them.
+- ``wait_timeout_ms=T`` (default 1000, 1 to 60000): how long a publish waits for them.
 
 OPTIONS passed on to redis-py: see ``PASSED_OPTIONS``. Anything else is refused, since
 redis-py would hand an unknown option to the connection, which fails only at connect time.
@@ -39,7 +39,7 @@ FORMS = ("redis://HOST:PORT/DB, rediss://HOST:PORT/DB, unix:///PATH?db=DB or "
 SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
-DEFAULT_WAIT_TIMEOUT_MS = 500
+DEFAULT_WAIT_TIMEOUT_MS = 1000
 MAX_WAIT_TIMEOUT_MS = 60000
 #: replicas a publish may wait for (more than any real deployment has)
 MAX_WAIT_REPLICAS = 100
