@@ -70,8 +70,8 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterError, ReadOnlyError, RedisClusterException, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError
@@ -159,7 +159,9 @@ _HAS_PROTOCOL = "protocol" in inspect.signature(redis.Connection.__init__).param
 
 _GLOB_SPECIALS = "\\*?[]"
 
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+#: errors meaning "not now" (a cluster's too: a shard failing over, a slot moving)
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError,
+                ClusterError, TryAgainError, RedisClusterException)
 #: a wanted "pattern" standing for the join/leave channel of the topic that follows it
 _JL = "\0jl\0"
 #: presence writes queued at most while Redis does not take them (then a full resync)
@@ -242,12 +244,7 @@ class RedisBroker(Broker):
                                   "retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
         if _HAS_PROTOCOL:
             common["protocol"] = 2  # RESP2 replies everywhere (redis-py 8 defaults to RESP3)
-        # commands (publish, reads, refills): a bounded pool, waits at most the socket timeout;
-        # the subscription connection (the listener thread's, one at a time) is made by _sub_pool
-        self._pool, self._sub_pool, self._close_pools = self.target.open_pools(
-            common, max_connections=max_connections, timeout=socket_timeout, command_timeout=cmd_timeout)
-        self._redis = redis.Redis(connection_pool=self._pool)
-        self._script = self._redis.register_script(_PUBLISH_LUA)
+        self._connect(common, max_connections, cmd_timeout)
         self._handler: Optional[Handler] = None
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
@@ -279,6 +276,21 @@ class RedisBroker(Broker):
         self.reconnects = 0
         self.refilled = 0
         self.duplicates = 0
+
+    def _connect(self, common: Dict[str, Any], max_connections: int, command_timeout: float) -> None:
+        """Make the command client (``_redis``, ``_script``) and the subscription connection factory."""
+        # commands (publish, reads, refills): a bounded pool, waits at most the socket timeout;
+        # the subscription connection (the listener thread's, one at a time) is made by _sub_pool
+        self._pool, self._sub_pool, self._close_pools = self.target.open_pools(
+            common, max_connections=max_connections, timeout=self.socket_timeout, command_timeout=command_timeout)
+        self._redis = redis.Redis(connection_pool=self._pool)
+        self._script = self._redis.register_script(_PUBLISH_LUA)
+
+    def _disconnect(self) -> None:
+        """Close every connection of the command client and the subscription factory."""
+        self._pool.disconnect()
+        self._sub_pool.disconnect()
+        self._close_pools()
 
     # ------------------------------------------------------------------ keys
     def _meta(self, topic: str) -> str:
@@ -485,10 +497,10 @@ class RedisBroker(Broker):
                 pipe.hset(key, conn, text)
             elif op == "set":
                 pipe.hset(key, conn, text)
-                pipe.publish(self._jl_prefix + topic, "J|%s|%s" % (node, text))
+                self._publish_jl(pipe, topic, "J|%s|%s" % (node, text))
             elif op == "del":
                 pipe.hdel(key, conn)
-                pipe.publish(self._jl_prefix + topic, "L|%s|%s" % (node, text))
+                self._publish_jl(pipe, topic, "L|%s|%s" % (node, text))
         if refresh:
             pipe.set(self._node_key(node), "1", px=int(self.presence_ttl * 1000))
         try:
@@ -497,6 +509,10 @@ class RedisBroker(Broker):
             _presence_log.warning("redis %s: presence not written: %s", self._where, _reason(exc))
             with self._pending_lock:
                 self._resync = True  # written again in full once redis answers
+
+    def _publish_jl(self, pipe: Any, topic: str, payload: str) -> None:
+        """Queue on ``pipe`` the publish of a join or leave of ``topic``."""
+        pipe.publish(self._jl_prefix + topic, payload)
 
     def _run_presence(self) -> None:
         interval = self.presence_ttl / 3
@@ -604,9 +620,7 @@ class RedisBroker(Broker):
                 pass
         with self._cond:
             self._cond.notify_all()
-        self._pool.disconnect()
-        self._sub_pool.disconnect()
-        self._close_pools()
+        self._disconnect()
         self._wake_r.close()
         self._wake_w.close()
         logger.info("redis broker %s closed", self._where)
@@ -620,7 +634,7 @@ class RedisBroker(Broker):
             try:
                 conn = self._new_sub_connection()
                 conn.connect()
-                self._redis.ping()  # the command side works too
+                self._ping()  # the command side works too
                 self._cmd_ok = True
                 self._on_connected()
                 self._listener_up = True
@@ -657,6 +671,10 @@ class RedisBroker(Broker):
                 break
             self._stop.wait(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, self.reconnect_max)
+
+    def _ping(self) -> None:
+        """Raise unless the command side answers."""
+        self._redis.ping()
 
     def _new_sub_connection(self) -> Any:
         # a connection of its own, outside any pool's count (the pool is only its factory)
@@ -908,10 +926,7 @@ class RedisBroker(Broker):
         start = self._last[topic]
         while start < upto:
             count = min(REFILL_PAGE, upto - start)
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.hget(self._meta(topic), "epoch")
-            pipe.xrange(self._stream(topic), "%d-0" % (start + 1), "%d-0" % upto, count=count)
-            stream_epoch, raw = pipe.execute()
+            stream_epoch, raw = self._epoch_and_range(topic, start, upto, count)
             if stream_epoch is None or _text(stream_epoch) != epoch:
                 return  # the stream moved on to another numbering; its messages will tell
             if not raw:
@@ -926,6 +941,14 @@ class RedisBroker(Broker):
         if self._last[topic] < upto:
             logger.info("topic %s: seqs %d..%d are no longer stored", topic, self._last[topic] + 1, upto)
             self._last[topic] = upto
+
+    def _epoch_and_range(self, topic: str, start: int, upto: int, count: int) -> Tuple[Any, Sequence[Any]]:
+        """In one step: the topic's epoch and its stored entries of seqs (start, upto], at most count."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hget(self._meta(topic), "epoch")
+        pipe.xrange(self._stream(topic), "%d-0" % (start + 1), "%d-0" % upto, count=count)
+        stream_epoch, raw = pipe.execute()
+        return stream_epoch, raw
 
     def _catch_up(self, topics: List[str], batch: List[Publication]) -> None:
         """Hand back what was published on ``topics`` beyond their last seq (after a fence)."""

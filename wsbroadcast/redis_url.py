@@ -8,6 +8,9 @@ Forms (``[user][:password]@`` is optional everywhere)::
     redis+sentinel://[user:password@]HOST[:PORT][,HOST[:PORT]...]/MASTER[?db=DB&OPTIONS]
         the primary that the Sentinels (port 26379) name MASTER; the password is the
         data nodes' (the Sentinels are reached without one)
+    redis+cluster://[user:password@]HOST[:PORT][,HOST[:PORT]...][/][?OPTIONS]
+        a Redis Cluster (rediss+cluster:// over TLS); the nodes listed are where its map is
+        first read (one reachable node is enough); a cluster has database 0 only
 
 OPTIONS of wsbroadcast (taken out before the rest reaches redis-py):
 
@@ -33,10 +36,11 @@ from .errors import ConfigError
 __all__ = ["RedisTarget", "RedisPools", "parse_redis_url", "redact", "FORMS"]
 
 #: the forms, as said in error messages and --help
-FORMS = ("redis://HOST:PORT/DB, rediss://HOST:PORT/DB, unix:///PATH?db=DB or "
-         "redis+sentinel://HOST:PORT,HOST:PORT/MASTER?db=DB")
+FORMS = ("redis://HOST:PORT/DB, rediss://HOST:PORT/DB, unix:///PATH?db=DB, "
+         "redis+sentinel://HOST:PORT,HOST:PORT/MASTER?db=DB or redis+cluster://HOST:PORT,HOST:PORT")
 
-SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster", "rediss+cluster")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_WAIT_TIMEOUT_MS = 1000
@@ -96,13 +100,16 @@ class RedisTarget:
     """A parsed ``--redis`` URL."""
 
     url: str
-    #: "redis" (one server: redis://, rediss://, unix://) or "sentinel"
+    #: "redis" (one server: redis://, rediss://, unix://), "sentinel" or "cluster"
     kind: str
     #: the URL for redis-py (one server), wsbroadcast's options taken out
     client_url: str = ""
     #: sentinel: the Sentinels' addresses and the master's name
     sentinels: Tuple[Tuple[str, int], ...] = ()
     service: str = ""
+    #: cluster: the nodes its map is first read from, and whether they speak TLS
+    nodes: Tuple[Tuple[str, int], ...] = ()
+    ssl: bool = False
     db: int = 0
     username: Optional[str] = None
     password: Optional[str] = None
@@ -240,6 +247,13 @@ def parse_redis_url(url: str) -> RedisTarget:
             if db is not None:
                 raise _fail(url, "the database is given twice (/DB and ?db=)")
             db = _int(url, "the database (/DB)", path, 0, 1 << 20)
+    if scheme in CLUSTER_SCHEMES:
+        if not netloc:
+            raise _fail(url, "no node address: give HOST:PORT,HOST:PORT of cluster nodes")
+        if path or db:
+            raise _fail(url, "a cluster has database 0 only (no /DB, no ?db=)")
+        nodes = tuple(_address(url, part, DEFAULT_PORT) for part in netloc.split(","))
+        return target("cluster", nodes=nodes, ssl=scheme.startswith("rediss"), options=options)
     if scheme != "redis+sentinel":
         query_out = urlencode(passed)
         base = url.partition("?")[0]

@@ -169,10 +169,13 @@ class Server:
             except ImportError as exc:
                 raise ConfigError("--redis needs the redis package: pip install 'wsbroadcast[redis]' "
                                   "(or pip install redis)") from exc
+            from .broker_cluster import ClusterBroker, is_cluster_url
+
+            cluster = is_cluster_url(cfg.redis_url)
             try:
-                self.broker: Broker = RedisBroker(cfg.redis_url, history_size=cfg.history_size,
-                                                  history_ttl=cfg.history_ttl,
-                                                  presence_ttl=cfg.presence_ttl)
+                self.broker: Broker = (ClusterBroker if cluster else RedisBroker)(
+                    cfg.redis_url, history_size=cfg.history_size, history_ttl=cfg.history_ttl,
+                    presence_ttl=cfg.presence_ttl)
             except ValueError as exc:  # ConfigError from the URL: it says what to give
                 raise ConfigError("--redis: %s" % exc) from exc
         else:
