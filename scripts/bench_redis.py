@@ -16,9 +16,18 @@ the messages of both publishers, half of them through the other node and Redis.
 Setups are interleaved and repeated (--repeat); medians are printed with the
 ratio redis/memory. A private redis-server runs on a free port in a temp dir.
 
+--workers-table instead compares ``serve --workers 1`` with ``serve --workers 2`` on one
+Redis: one load generator in tput mode (send as fast as the subscribers keep up) with
+--subs subscribers and one publisher on the one port (the kernel spreads the
+connections over the workers; the publisher's messages reach the other worker's
+subscribers through Redis). Printed: deliveries/s, and deliveries per CPU-second of
+the server (every worker process and the supervisor) and of redis-server, both
+measured over the load generator's measured window only (CPU sampled every 50 ms).
+
 The servers run on this interpreter (``python scripts/bench_redis.py``, with wsbroadcast[redis] installed).
 
   scripts/bench_redis.py [--subs 100] [--duration 3] [--rate 200] [--repeat 1]
+  scripts/bench_redis.py --workers-table [--subs 1000] [--duration 5] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -32,8 +41,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -142,6 +153,114 @@ def measure(setup: str, extra: List[str], count: int, exe: str, a: argparse.Name
             "p99_ms": lat["p99_ms"], "delivered": lat["delivered"]}
 
 
+class CpuSampler:
+    """CPU seconds of some processes (each with its descendants), sampled every 50 ms."""
+
+    def __init__(self, cpu_of: Callable[[int], float], pids: List[int]) -> None:
+        self.cpu_of = cpu_of
+        self.pids = pids
+        self.samples: List[Tuple[float, List[float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-cpu-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), [self.cpu_of(p) for p in self.pids]))
+            self._stop.wait(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def between(self, t0: float, t1: float) -> List[float]:
+        """CPU seconds each used from t0 to t1 (the nearest samples inside the window)."""
+        inside = [s for s in self.samples if t0 <= s[0] <= t1] or self.samples[-1:]
+        first, last = inside[0], inside[-1]
+        span = last[0] - first[0]
+        scale = (t1 - t0) / span if span > 0 else 1.0
+        return [(b - a) * scale for a, b in zip(first[1], last[1])]
+
+
+def run_workers(bench, exe: str, url: str, redis_pid: int, workers: int, a: argparse.Namespace) -> Dict[str, float]:
+    """One ``serve --workers N`` process tree, one tput load generator; its figures."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    node = ServerProcess("--log-level", "info", "--max-connections", "20000", "--workers", str(workers),
+                         "--redis", url, cwd=str(ROOT), env=env, timeout=60)
+    try:
+        deadline = time.monotonic() + 60
+        while not any("workers serving" in ln for ln in node.lines) and workers > 1:
+            if time.monotonic() > deadline or node.proc.poll() is not None:
+                raise SystemExit("serve --workers %d did not start:\n%s" % (workers, "\n".join(node.lines)))
+            time.sleep(0.05)
+        sampler = CpuSampler(bench.cpu_s, [node.pid, redis_pid])
+        launched = time.monotonic()
+        try:
+            (res,) = run_loadgens(exe, [node.port], [
+                "--mode", "tput", "--subs", str(a.subs), "--duration", str(a.duration),
+                "--warmup", str(a.warmup), "--connect-timeout", "60"], 60 + a.warmup + a.duration + 20)
+        finally:
+            sampler.stop()
+        pids = bench.proc_tree(node.pid)
+    finally:
+        node.terminate(30)
+    if "error" in res:
+        raise SystemExit("--workers %d: %s" % (workers, res["error"]))
+    start = launched + res["connect_s"] + res["prefill_s"]
+    server_cpu, redis_cpu = sampler.between(start, start + res["seconds"])
+    return {
+        "deliveries_per_s": res["deliveries_per_s"],
+        "per_server_cpu_s": res["deliveries"] / server_cpu if server_cpu > 0 else 0.0,
+        "per_redis_cpu_s": res["deliveries"] / redis_cpu if redis_cpu > 0 else 0.0,
+        "server_cores": server_cpu / res["seconds"],
+        "redis_cores": redis_cpu / res["seconds"],
+        "loadgen_cores": res["cpu_s"] / (res["connect_s"] + res["prefill_s"] + res["seconds"]),
+        "p99_ms": res["lat_p99_us"] / 1000.0,
+        "processes": float(len(pids)),
+        "closed": float(res.get("closed_subs", 0)),
+    }
+
+
+def workers_table(bench, exe: str, a: argparse.Namespace) -> int:
+    setups = [1, 2]
+    results: Dict[int, List[Dict[str, float]]] = {n: [] for n in setups}
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp, RedisServer(tmp) as rs:
+        assert rs.proc is not None
+        log("redis-server on %s" % rs.url)
+        for rep in range(a.repeat):
+            for n in (setups if rep % 2 == 0 else list(reversed(setups))):
+                res = run_workers(bench, exe, rs.url, rs.proc.pid, n, a)
+                log("--workers %d (run %d): %s" % (n, rep + 1, json.dumps(res)))
+                results[n].append(res)
+    med = {n: {k: statistics.median(r[k] for r in rs_) for k in rs_[0]} for n, rs_ in results.items()}
+    load = os.getloadavg()
+    print("serve --workers N on one Redis: %d subscribers and 1 publisher (tput mode) on one port, %.0f s "
+          "per run, %d CPUs, median of %d, load average before/after %.1f" % (
+              a.subs, a.duration, os.cpu_count() or 0, a.repeat, load[0]))
+    rows = [("setup", "deliveries/s", "per server CPU-s", "per redis CPU-s", "server cores",
+             "redis cores", "loadgen cores", "p99 ms")]
+    for n in setups:
+        m = med[n]
+        rows.append(("--workers %d" % n, "%.0f" % m["deliveries_per_s"], "%.0f" % m["per_server_cpu_s"],
+                     "%.0f" % m["per_redis_cpu_s"], "%.2f" % m["server_cores"], "%.2f" % m["redis_cores"],
+                     "%.2f" % m["loadgen_cores"], "%.1f" % m["p99_ms"]))
+    one, two = med[1], med[2]
+
+    def ratio(key: str) -> str:
+        return "%.2f" % (two[key] / one[key] if one[key] else 0)
+
+    rows.append(("2 / 1", ratio("deliveries_per_s"), ratio("per_server_cpu_s"), ratio("per_redis_cpu_s"),
+                 ratio("server_cores"), ratio("redis_cores"), "", ""))
+    print_rows(rows)
+    return 0
+
+
+def print_rows(rows: List[Tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--subs", type=int, default=100, help="subscribers in all (split over the nodes)")
@@ -153,10 +272,14 @@ def main() -> int:
                    help="first rate (msg/s per publisher) of the throughput search")
     p.add_argument("--step-duration", type=float, default=2.0, help="seconds per search step")
     p.add_argument("--max-steps", type=int, default=7)
+    p.add_argument("--workers-table", action="store_true",
+                   help="compare serve --workers 1 and --workers 2 on one Redis instead (use --subs 1000)")
     a = p.parse_args()
     bench = load_bench()
     exe = bench.build(Path.home() / ".cache" / "wsbroadcast-bench")["loadgen"]
     bench.raise_nofile()
+    if a.workers_table:
+        return workers_table(bench, exe, a)
     results: Dict[str, List[Dict[str, float]]] = {"memory, 1 node": [], "redis, 2 nodes": []}
     with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp, RedisServer(tmp) as rs:
         log("redis-server on %s" % rs.url)
@@ -180,9 +303,7 @@ def main() -> int:
     rows.append(("redis / memory", "%.2f" % (red["tput"] / mem["tput"] if mem["tput"] else 0), "",
                  "%.2f" % (red["p50_ms"] / mem["p50_ms"] if mem["p50_ms"] else 0),
                  "%.2f" % (red["p99_ms"] / mem["p99_ms"] if mem["p99_ms"] else 0), ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print_rows(rows)
     return 0
 
 
