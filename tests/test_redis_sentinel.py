@@ -67,6 +67,56 @@ def test_wait_replicas_acks_at_the_replica_count_and_refuses_past_it(pair):
         short.close()
 
 
+class Sink:
+    """A handler that records what a broker hands back."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.pubs: List[Tuple[int, str]] = []
+
+    def __call__(self, pubs) -> None:
+        with self.cond:
+            self.pubs.extend((p.seq, p.data) for p in pubs)
+            self.cond.notify_all()
+
+    def wait(self, n: int, timeout: float = T) -> List[Tuple[int, str]]:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while len(self.pubs) < n and time.monotonic() < deadline:
+                self.cond.wait(0.05)
+            return list(self.pubs)
+
+
+def test_a_message_is_shown_only_once_replicas_have_it(pair):
+    """Not published, counted by latest() or read by since() before its WAIT succeeded: a
+    failover to a replica that lacks it cannot take back what a subscriber already saw."""
+    primary, _replica = pair
+    query = "/0?wait_replicas=%d&wait_timeout_ms=%d"
+    ok = RedisBroker(primary.url.replace("/0", query % (1, 2000 * SCALE)))
+    short = RedisBroker(primary.url.replace("/0", query % (2, 50)))
+    watcher = RedisBroker(primary.url.replace("/0", query % (1, 2000 * SCALE)))
+    sink = Sink()
+    try:
+        watcher.start(sink)
+        watcher.interest("v", True, acked=0)
+        assert watcher.wait_subscribed("v")
+        ok.publish([("v", "1")])
+        assert sink.wait(1) == [(1, "1")]
+        with pytest.raises(BrokerUnavailable):
+            short.publish([("v", "2")])  # stored as seq 2; the replica may have it, but WAIT said no
+        assert watcher.latest("v")[0] == 1
+        assert [m.seq for m in watcher.since("v", 0, 10)] == [1]
+        # the next message shown brings seq 2 with it (its own WAIT covers everything before)
+        ok.publish([("v", "3")])
+        assert sink.wait(3) == [(1, "1"), (2, "2"), (3, "3")]
+        assert watcher.latest("v")[0] == 3
+        assert [m.data for m in watcher.since("v", 0, 10)] == ["1", "2", "3"]
+        assert sink.wait(4, timeout=0.2) == [(1, "1"), (2, "2"), (3, "3")]  # nothing twice
+    finally:
+        for b in (ok, short, watcher):
+            b.close()
+
+
 # --------------------------------------------------------------------------- failover
 
 TOPICS = ("fo.a", "fo.b")

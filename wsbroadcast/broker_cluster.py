@@ -202,6 +202,9 @@ class _Subscriptions:
 class ClusterBroker(RedisBroker):
     """Seqs, history and fan-out in a Redis Cluster: each topic lives on the shard owning its slot."""
 
+    #: its publish script PUBLISHes before the WAIT (readers see seq, not a release mark)
+    releases_after_wait = False
+
     def __init__(self, url: str, history_size: int = 1000, history_ttl: Optional[float] = None,
                  key_prefix: str = "wsb:", reconnect_max: float = 5.0, *, socket_timeout: float = 2.0,
                  connect_timeout: float = 1.0, max_connections: int = 16, presence_ttl: float = 30.0) -> None:

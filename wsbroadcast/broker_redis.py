@@ -5,7 +5,8 @@ Keys, for a topic T and the prefix P (default ``wsb:``):
 - ``P topic:T`` a hash with ``seq`` (the last seq) and ``epoch``. Both live in one
   key so that they are lost together: if Redis loses the hash (no persistence,
   FLUSHALL, eviction), the next publish starts seq 1 under a new epoch, never an
-  old epoch with restarted seqs.
+  old epoch with restarted seqs. With ``wait_replicas`` also ``pub``, the last seq
+  released (see below).
 - ``P stream:T`` a stream of the retained history; the entry id of seq S is
   ``S-0``, fields ``data`` (the JSON text) and ``time`` (Redis time, ms). When a
   topic gets a new epoch its old stream is deleted.
@@ -48,6 +49,15 @@ The listener reconnects with exponential backoff and jitter (up to
 ``reconnect_max`` seconds), resubscribes, and catches up every topic it knows.
 ``healthy`` is False from the first failure until the listener is back and the
 commands succeed again.
+
+With ``?wait_replicas=N`` in the URL (see redis_url.py) a publish is three steps: the
+script without its PUBLISH, then ``WAIT N T`` on the same connection, then (N replicas
+have the batch) a release script that raises ``pub`` and PUBLISHes; only then is it
+acked. ``latest`` answers ``pub`` and ``since`` reads no further, so nothing a client
+can see exists on the primary alone: a failover to a replica (Sentinel promotes the
+one with the most data) cannot take back a seq a subscriber saw, nor number it again.
+A seq stored whose WAIT failed is released with the next one shown (that one's WAIT
+covers every write before it), by the refill of the nodes that receive it.
 
 A publish whose answer is lost (a timeout after Redis ran the script) raises
 BrokerUnavailable although the message was stored: it is never acked, but it
@@ -107,7 +117,7 @@ for i = 1, #KEYS / 2 do
     -- a new numbering: whatever history is left belongs to the old one
     epoch = fresh
     redis.call('HSET', meta, 'epoch', epoch)
-    redis.call('HDEL', meta, 'seq')
+    redis.call('HDEL', meta, 'seq', 'pub')
     redis.call('DEL', stream)
   end
   local seq = redis.call('HINCRBY', meta, 'seq', 1)
@@ -140,6 +150,35 @@ for i = 1, #KEYS / 2 do
   out[#out + 1] = epoch
 end
 return out
+"""
+
+#: with wait_replicas: the publish script without its PUBLISH (stored, not yet shown); a
+#: topic's ``pub``, the last seq released, starts at the seq it had before
+_STORE_LUA = _PUBLISH_LUA.replace(
+    "  local seq = redis.call('HINCRBY', meta, 'seq', 1)\n",
+    "  if redis.call('HEXISTS', meta, 'pub') == 0 then\n"
+    "    redis.call('HSET', meta, 'pub', redis.call('HGET', meta, 'seq') or 0)\n"
+    "  end\n"
+    "  local seq = redis.call('HINCRBY', meta, 'seq', 1)\n").replace(
+    "  redis.call('PUBLISH', channel, seq .. '|' .. epoch .. '|' .. data)\n", "")
+
+#: with wait_replicas, once replicas have a batch: per item KEYS (meta hash), ARGV (channel,
+#: seq, epoch, data); raises the topic's ``pub`` to seq and publishes, unless the topic has
+#: had a new numbering since (its data was lost)
+_RELEASE_LUA = """
+for i = 1, #KEYS do
+  local meta = KEYS[i]
+  local seq = ARGV[4 * i - 2]
+  local epoch = ARGV[4 * i - 1]
+  if redis.call('HGET', meta, 'epoch') == epoch then
+    local pub = tonumber(redis.call('HGET', meta, 'pub') or '0')
+    if tonumber(seq) > pub then
+      redis.call('HSET', meta, 'pub', seq)
+    end
+    redis.call('PUBLISH', ARGV[4 * i - 3], seq .. '|' .. epoch .. '|' .. ARGV[4 * i])
+  end
+end
+return #KEYS
 """
 
 #: entries read from a stream per refill round trip
@@ -192,6 +231,9 @@ class RedisBroker(Broker):
     """Seqs, history and fan-out in one Redis server, shared by every node using it."""
 
     delivers_locally = False
+    #: with wait_replicas: publish releases (PUBLISH, ``pub``) only after WAIT, and readers stop
+    #: at ``pub``; a subclass publishing otherwise sets False
+    releases_after_wait = True
 
     def __init__(
         self,
@@ -245,6 +287,7 @@ class RedisBroker(Broker):
         if _HAS_PROTOCOL:
             common["protocol"] = 2  # RESP2 replies everywhere (redis-py 8 defaults to RESP3)
         self._connect(common, max_connections, cmd_timeout)
+        self._deferred = bool(self.target.wait_replicas) and self.releases_after_wait
         self._handler: Optional[Handler] = None
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
@@ -285,6 +328,8 @@ class RedisBroker(Broker):
             common, max_connections=max_connections, timeout=self.socket_timeout, command_timeout=command_timeout)
         self._redis = redis.Redis(connection_pool=self._pool)
         self._script = self._redis.register_script(_PUBLISH_LUA)
+        self._store = self._redis.register_script(_STORE_LUA)
+        self._release = self._redis.register_script(_RELEASE_LUA)
 
     def _disconnect(self) -> None:
         """Close every connection of the command client and the subscription factory."""
@@ -340,38 +385,50 @@ class RedisBroker(Broker):
             args.append(data)
         wait = self.target.wait_replicas
         try:
-            if wait:
-                # WAIT on the connection that ran the script: its writes reached `wait` replicas
+            if not wait:
+                res = self._script(keys=keys, args=args)
+            else:
+                # stored, then WAIT on the same connection (its writes reached `wait` replicas),
+                # then released: nothing is shown (published, counted by latest, read by since)
+                # that a failover to a replica could take back and number again
                 pipe = self._redis.pipeline(transaction=False)
-                self._script(keys=keys, args=args, client=pipe)
+                self._store(keys=keys, args=args, client=pipe)
                 pipe.execute_command("WAIT", wait, self.target.wait_timeout_ms)
                 res, replicas = pipe.execute()
-            else:
-                res = self._script(keys=keys, args=args)
+                if int(replicas) < wait:
+                    raise self._failed("publish", RedisTimeoutError(
+                        "%d of the %d replica(s) asked for (wait_replicas) had it within %d ms"
+                        % (int(replicas), wait, self.target.wait_timeout_ms)))
+                release: List[Any] = []
+                for i, item in enumerate(items):
+                    release.extend((self._ch_prefix + item[0], res[2 * i], res[2 * i + 1], item[1]))
+                self._release(keys=keys[::2], args=release)
         except _UNAVAILABLE as exc:
             raise self._failed("publish", exc) from exc
         except (RedisError, UnicodeError) as exc:
             raise StoreError("cannot store messages in redis: %s" % exc) from exc
-        if wait and int(replicas) < wait:
-            raise self._failed("publish", RedisTimeoutError(
-                "%d of the %d replica(s) asked for (wait_replicas) had it within %d ms"
-                % (int(replicas), wait, self.target.wait_timeout_ms)))
         self._cmd_ok = True
         return [(int(res[i]), _text(res[i + 1])) for i in range(0, len(res), 2)]
+
+    def _shown(self, seq: Any, pub: Any) -> int:
+        """The last seq of a topic that readers see: with wait_replicas the last released."""
+        if self._deferred and pub is not None:
+            return int(pub)
+        return int(seq) if seq is not None else 0
 
     def latest(self, topic: str) -> Tuple[int, str]:
         meta = self._meta(topic)
         try:
             pipe = self._redis.pipeline(transaction=True)
             pipe.hsetnx(meta, "epoch", secrets.token_hex(8))
-            pipe.hmget(meta, ["seq", "epoch"])
-            _, (seq, epoch) = pipe.execute()
+            pipe.hmget(meta, ["seq", "epoch", "pub"])
+            _, (seq, epoch, pub) = pipe.execute()
         except _UNAVAILABLE as exc:
             raise self._failed("latest", exc) from exc
         except RedisError as exc:
             raise StoreError("cannot read %r from redis: %s" % (topic, exc)) from exc
         self._cmd_ok = True
-        return (int(seq) if seq is not None else 0), _text(epoch)
+        return self._shown(seq, pub), _text(epoch)
 
     @staticmethod
     def _entries(topic: str, raw: Sequence[Any]) -> List[StoredMessage]:
@@ -408,8 +465,17 @@ class RedisBroker(Broker):
         return out
 
     def _xrange(self, topic: str, seq: int, count: int) -> Sequence[Any]:
+        raw: Any
         try:
-            raw: Any = self._redis.xrange(self._stream(topic), "%d-0" % (max(seq, 0) + 1), "+", count=count)
+            if self._deferred:  # up to the last released seq only
+                pipe = self._redis.pipeline(transaction=True)
+                pipe.hmget(self._meta(topic), ["seq", "pub"])
+                pipe.xrange(self._stream(topic), "%d-0" % (max(seq, 0) + 1), "+", count=count)
+                (last, pub), raw = pipe.execute()
+                shown = self._shown(last, pub)
+                raw = [e for e in raw if int(e[0].split(b"-", 1)[0]) <= shown]
+            else:
+                raw = self._redis.xrange(self._stream(topic), "%d-0" % (max(seq, 0) + 1), "+", count=count)
         except _UNAVAILABLE as exc:
             raise self._failed("history read", exc) from exc
         except RedisError as exc:
@@ -954,12 +1020,13 @@ class RedisBroker(Broker):
         """Hand back what was published on ``topics`` beyond their last seq (after a fence)."""
         pipe = self._redis.pipeline(transaction=False)
         for topic in topics:
-            pipe.hmget(self._meta(topic), ["seq", "epoch"])
+            pipe.hmget(self._meta(topic), ["seq", "epoch", "pub"])
         answers = pipe.execute()
-        for topic, (seq_b, epoch_b) in zip(topics, answers):
+        for topic, (seq_b, epoch_b, pub_b) in zip(topics, answers):
             if epoch_b is None:
                 continue  # nothing published under any epoch (yet)
-            latest = int(seq_b) if seq_b is not None else 0
+            stored = int(seq_b) if seq_b is not None else 0
+            latest = self._shown(seq_b, pub_b)
             epoch = _text(epoch_b)
             known = self._epochs.get(topic)
             last = self._last[topic]
@@ -969,10 +1036,10 @@ class RedisBroker(Broker):
                 logger.info("topic %s has a new epoch %s (was %s): a new numbering", topic, epoch, known)
                 self._epochs[topic] = epoch
                 last = self._last[topic] = 0
-            if latest < last:
+            if stored < last:
                 logger.warning("topic %s: redis is at seq %d, below the %d handed back "
-                               "(data lost without a new epoch)", topic, latest, last)
-                self._last[topic] = latest
+                               "(data lost without a new epoch)", topic, stored, last)
+                self._last[topic] = stored
             elif latest > last:
                 self._refill(topic, latest, epoch, batch)
 
