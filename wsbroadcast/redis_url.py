@@ -17,7 +17,8 @@ OPTIONS of wsbroadcast (taken out before the rest reaches redis-py):
 - ``wait_replicas=N`` (default 0): a publish is acked only once N replicas have it
   (Redis ``WAIT N T`` after the publish); fewer in time and the publisher gets
   ``unavailable``. With the primary on ``appendfsync always`` and N >= 1, an acked
-  message survives the loss of the primary and a failover to a replica.
+  message survives a crash of the primary and a failover to a replica; N = every
+  replica also covers a manual failover or a partition (README: Redis Sentinel).
 - ``wait_timeout_ms=T`` (default 1000, 1 to 60000): how long a publish waits for them.
 
 OPTIONS passed on to redis-py: see ``PASSED_OPTIONS``. Anything else is refused, since
