@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 import time
 from typing import Any, Dict, List, Tuple
 
@@ -306,3 +307,38 @@ def test_sqlite_ttl_trim_runs_in_steps_and_keeps_numbering(tmp_path) -> None:
         assert sum(n for n, _ in steps) == 600 and len(steps) >= 6
         assert [m.seq for m in store.since("t.0", 0, 10)] == [3]
         assert store.latest("t.5") == (2, store.epoch)  # SQLite keeps every topic's numbering
+
+
+def test_sqlite_count_trim_step_is_bounded_by_its_limit(tmp_path) -> None:
+    # a topic far past its size (a burst between two trim rounds) is trimmed in steps of
+    # about ``limit`` rows, the oldest first, each step a short hold of the store's lock
+    with SqliteStore(str(tmp_path / "h.db"), history_size=10) as store:
+        store.append_batch([("t", str(i)) for i in range(1000)])
+        store.append_batch([("u", str(i)) for i in range(15)])
+        steps = []
+        while True:
+            steps.append(store.trim_step(limit=100))
+            if not steps[-1][1]:
+                break
+        assert all(n <= 100 for n, _ in steps)
+        assert sum(n for n, _ in steps) == 990 + 5 and len(steps) >= 10
+        assert [m.seq for m in store.since("t", 0, 100)] == list(range(991, 1001))
+        assert [m.seq for m in store.since("u", 0, 100)] == list(range(6, 16))
+        assert store.oldest("t") == 991 and store.latest("t") == (1000, store.epoch)
+        assert store.trim_step(limit=100) == (0, False)
+
+
+def test_sqlite_trim_does_not_wait_for_the_hub_lock(make_server, tmp_path) -> None:
+    # the SQLite store never forgets a topic, so its trim needs only its own lock: a
+    # retention step goes on while the hub's lock is held (by a subscribe, a delivery)
+    srv = make_server(store=str(tmp_path / "h.db"), history_size=2)
+    srv.hub.publish("t", '"a"')
+    srv.hub.publish("t", '"b"')
+    srv.hub.publish("t", '"c"')
+    done: List[Tuple[bool, float]] = []
+    with srv.hub.lock:
+        worker = threading.Thread(target=lambda: done.append(srv.hub.trim_step(100)), name="test-trim")
+        worker.start()
+        worker.join(10 * SCALE)
+        assert done, "the trim step waited for the hub's lock"
+    assert [m.seq for m in srv.hub.history("t", 0, 10)] == [2, 3]

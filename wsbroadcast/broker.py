@@ -81,12 +81,18 @@ class Broker(abc.ABC):
         ``latest`` or ``trim``).
         """
 
+    @property
+    def trim_needs_lock(self) -> bool:
+        """Whether :meth:`trim` must be called with the hub's lock held (it may ask ``in_use``)."""
+        return True
+
     def trim(self, limit: int, in_use: InUse) -> Tuple[int, bool]:
         """One bounded step of retention: ``(messages removed, more to do)``.
 
-        Called with the hub's lock held, so ``in_use(topic)`` (is a subscriber relying
-        on its numbering?) cannot change meanwhile: a topic may be forgotten only when
-        it says no. About ``limit`` messages or topics are handled per call.
+        Called with the hub's lock held when :attr:`trim_needs_lock`, so ``in_use(topic)``
+        (is a subscriber relying on its numbering?) cannot change meanwhile: a topic may
+        be forgotten only when it says no; otherwise ``in_use`` must not be called.
+        About ``limit`` messages or topics are handled per call.
         """
         return 0, False
 
@@ -169,6 +175,10 @@ class LocalBroker(Broker):
     def interest(self, pattern: str, on: bool, acked: Optional[int] = None) -> None:
         if not on:
             self.store.release(pattern)
+
+    @property
+    def trim_needs_lock(self) -> bool:
+        return self.store.forgets_topics
 
     def trim(self, limit: int, in_use: InUse) -> Tuple[int, bool]:
         return self.store.trim_step(limit=limit, in_use=in_use)

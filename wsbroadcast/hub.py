@@ -579,10 +579,16 @@ class Hub:
 
     # ------------------------------------------------------------------ retention
     def trim_step(self, limit: int) -> Tuple[bool, float]:
-        """One bounded retention step under the lock: (more to do, seconds the lock was held).
+        """One bounded retention step: (more to do, seconds a lock was held).
 
-        Topics matched by no subscription (concrete or wildcard) may be forgotten.
+        Topics matched by no subscription (concrete or wildcard) may be forgotten: a
+        store that forgets topics is trimmed under the hub's lock; one that never
+        does (SQLite) only under its own, so that subscribes and deliveries go on.
         """
+        if not self.broker.trim_needs_lock:
+            start = time.perf_counter()
+            _removed, more = self.broker.trim(limit, self._tree.has_match)
+            return more, time.perf_counter() - start
         with self.lock:
             start = time.perf_counter()
             _removed, more = self.broker.trim(limit, self._tree.has_match)

@@ -149,6 +149,9 @@ class MessageStore(abc.ABC):
     #: of the lock ``append_batch`` is called under (the hub); a store that forgets topics
     #: may then forget unused ones in ``append_batch`` too.
     in_use: Optional[Callable[[str], bool]] = None
+    #: whether ``trim_step`` may forget topics, asking its ``in_use``: its caller must then
+    #: hold the lock ``in_use`` needs; a store that never forgets is trimmed without it
+    forgets_topics: bool = False
 
     def open(self) -> None:
         """Acquire what the store needs (files, locks); idempotent. Raises StoreError."""
@@ -310,6 +313,8 @@ class MemoryStore(MessageStore):
     retention is applied by :meth:`trim` / :meth:`trim_step`, oldest first across
     topics (a heap of each topic's oldest message), so a step costs what it removes.
     """
+
+    forgets_topics = True
 
     def __init__(
         self,
@@ -1090,7 +1095,8 @@ class SqliteStore(MessageStore):
 
         Age: the oldest rows by insertion (rowid) order while they are expired, so what
         stays of a topic is contiguous. Count: topics appended past ``history_size``
-        since their last trim, and every topic after opening or a change of size.
+        since their last trim, and every topic after opening or a change of size; at
+        most about ``limit`` rows are deleted in all, the oldest of each topic first.
         Topics are never forgotten here: their row in the topics table keeps the
         numbering, also when every message expired (``in_use`` is not needed).
         """
@@ -1140,11 +1146,29 @@ class SqliteStore(MessageStore):
                     work.append((topic, dirty.pop(topic)))
                 more = more or bool(dirty)
                 if work:
+                    # at most about ``limit`` rows per step, however far a topic is past
+                    # its size (a burst between rounds, a smaller history_size): the
+                    # rest of a topic is left in _dirty for the next step
+                    budget = limit
                     conn.execute("BEGIN IMMEDIATE")
                     for topic, last in work:
-                        removed += conn.execute(
-                            "DELETE FROM messages WHERE topic = ? AND seq <= ?", (topic, last - size)
-                        ).rowcount
+                        upto = last - size
+                        if budget > 0:
+                            row = conn.execute(
+                                "SELECT min(seq) FROM messages WHERE topic = ?", (topic,)
+                            ).fetchone()
+                            first = upto + 1 if row[0] is None else int(row[0])
+                            end = min(upto, first + budget - 1)
+                            if first <= end:
+                                n = conn.execute(
+                                    "DELETE FROM messages WHERE topic = ? AND seq <= ?", (topic, end)
+                                ).rowcount
+                                removed += n
+                                budget -= max(n, 1)
+                            if end >= upto:
+                                continue
+                        dirty[topic] = max(last, dirty.get(topic, 0))
+                        more = True
                     conn.execute("COMMIT")
             except Exception as exc:
                 _rollback(conn)
