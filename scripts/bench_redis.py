@@ -22,7 +22,8 @@ Redis: one load generator in tput mode (send as fast as the subscribers keep up)
 connections over the workers; the publisher's messages reach the other worker's
 subscribers through Redis). Printed: deliveries/s, and deliveries per CPU-second of
 the server (every worker process and the supervisor) and of redis-server, both
-measured over the load generator's measured window only (CPU sampled every 50 ms).
+measured over the load generator's measured window only (CPU sampled every 50 ms),
+with the cores the rest of the machine used meanwhile ("foreign").
 
 The servers run on this interpreter (``python scripts/bench_redis.py``, with wsbroadcast[redis] installed).
 
@@ -44,7 +45,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -57,7 +58,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def load_bench():
+def load_bench() -> Any:
     """scripts/bench as a module (for building the load generator)."""
     loader = importlib.machinery.SourceFileLoader("wsb_bench", str(ROOT / "scripts" / "bench"))
     spec = importlib.util.spec_from_loader("wsb_bench", loader)
@@ -182,7 +183,8 @@ class CpuSampler:
         return [(b - a) * scale for a, b in zip(first[1], last[1])]
 
 
-def run_workers(bench, exe: str, url: str, redis_pid: int, workers: int, a: argparse.Namespace) -> Dict[str, float]:
+def run_workers(bench: Any, exe: str, url: str, redis_pid: int, workers: int,
+                a: argparse.Namespace) -> Dict[str, float]:
     """One ``serve --workers N`` process tree, one tput load generator; its figures."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     node = ServerProcess("--log-level", "info", "--max-connections", "20000", "--workers", str(workers),
@@ -193,7 +195,12 @@ def run_workers(bench, exe: str, url: str, redis_pid: int, workers: int, a: argp
             if time.monotonic() > deadline or node.proc.poll() is not None:
                 raise SystemExit("serve --workers %d did not start:\n%s" % (workers, "\n".join(node.lines)))
             time.sleep(0.05)
-        sampler = CpuSampler(bench.cpu_s, [node.pid, redis_pid])
+        tck = os.sysconf("SC_CLK_TCK")
+
+        def cpu_of(pid: int) -> float:  # pid 0: the whole machine's busy time
+            return bench.busy_ticks()[0] / tck if pid == 0 else bench.cpu_s(pid)
+
+        sampler = CpuSampler(cpu_of, [node.pid, redis_pid, 0])
         launched = time.monotonic()
         try:
             (res,) = run_loadgens(exe, [node.port], [
@@ -207,21 +214,24 @@ def run_workers(bench, exe: str, url: str, redis_pid: int, workers: int, a: argp
     if "error" in res:
         raise SystemExit("--workers %d: %s" % (workers, res["error"]))
     start = launched + res["connect_s"] + res["prefill_s"]
-    server_cpu, redis_cpu = sampler.between(start, start + res["seconds"])
+    server_cpu, redis_cpu, busy = sampler.between(start, start + res["seconds"])
+    loadgen_cores = res["cpu_s"] / (res["connect_s"] + res["prefill_s"] + res["seconds"])
     return {
         "deliveries_per_s": res["deliveries_per_s"],
         "per_server_cpu_s": res["deliveries"] / server_cpu if server_cpu > 0 else 0.0,
         "per_redis_cpu_s": res["deliveries"] / redis_cpu if redis_cpu > 0 else 0.0,
         "server_cores": server_cpu / res["seconds"],
         "redis_cores": redis_cpu / res["seconds"],
-        "loadgen_cores": res["cpu_s"] / (res["connect_s"] + res["prefill_s"] + res["seconds"]),
+        "loadgen_cores": loadgen_cores,
+        # anything else running meanwhile (other jobs): a large value makes the run doubtful
+        "foreign_cores": max(0.0, busy - server_cpu - redis_cpu) / res["seconds"] - loadgen_cores,
         "p99_ms": res["lat_p99_us"] / 1000.0,
         "processes": float(len(pids)),
         "closed": float(res.get("closed_subs", 0)),
     }
 
 
-def workers_table(bench, exe: str, a: argparse.Namespace) -> int:
+def workers_table(bench: Any, exe: str, a: argparse.Namespace) -> int:
     setups = [1, 2]
     results: Dict[int, List[Dict[str, float]]] = {n: [] for n in setups}
     with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp, RedisServer(tmp) as rs:
@@ -238,24 +248,24 @@ def workers_table(bench, exe: str, a: argparse.Namespace) -> int:
           "per run, %d CPUs, median of %d, load average before/after %.1f" % (
               a.subs, a.duration, os.cpu_count() or 0, a.repeat, load[0]))
     rows = [("setup", "deliveries/s", "per server CPU-s", "per redis CPU-s", "server cores",
-             "redis cores", "loadgen cores", "p99 ms")]
+             "redis cores", "loadgen cores", "foreign cores", "p99 ms")]
     for n in setups:
         m = med[n]
         rows.append(("--workers %d" % n, "%.0f" % m["deliveries_per_s"], "%.0f" % m["per_server_cpu_s"],
                      "%.0f" % m["per_redis_cpu_s"], "%.2f" % m["server_cores"], "%.2f" % m["redis_cores"],
-                     "%.2f" % m["loadgen_cores"], "%.1f" % m["p99_ms"]))
+                     "%.2f" % m["loadgen_cores"], "%.2f" % m["foreign_cores"], "%.1f" % m["p99_ms"]))
     one, two = med[1], med[2]
 
     def ratio(key: str) -> str:
         return "%.2f" % (two[key] / one[key] if one[key] else 0)
 
     rows.append(("2 / 1", ratio("deliveries_per_s"), ratio("per_server_cpu_s"), ratio("per_redis_cpu_s"),
-                 ratio("server_cores"), ratio("redis_cores"), "", ""))
+                 ratio("server_cores"), ratio("redis_cores"), "", "", ""))
     print_rows(rows)
     return 0
 
 
-def print_rows(rows: List[Tuple[str, ...]]) -> None:
+def print_rows(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
