@@ -40,9 +40,10 @@ def test_sentinel_form():
         "my-primary", 4, "pw", 2, MAX_WAIT_TIMEOUT_MS)
     assert t.redacted == "redis+sentinel://:***@10.0.0.1:5000,sentinel-b,[::1]:5002/my-primary" \
         "?db=4&wait_replicas=2&wait_timeout_ms=60000"
-    t = parse_redis_url("redis+sentinel://s:26380/m?socket_connect_timeout=0.5&wait_replicas="
-                        + str(MAX_WAIT_REPLICAS))
-    assert t.options == {"socket_connect_timeout": 0.5} and t.wait_replicas == MAX_WAIT_REPLICAS
+    t = parse_redis_url("redis+sentinel://s:26380/m?socket_connect_timeout=0.5&socket_keepalive=false"
+                        "&wait_replicas=" + str(MAX_WAIT_REPLICAS))
+    assert t.options == {"socket_connect_timeout": 0.5, "socket_keepalive": False}
+    assert t.wait_replicas == MAX_WAIT_REPLICAS
 
 
 @pytest.mark.parametrize("url, needle", [
@@ -72,6 +73,8 @@ def test_sentinel_form():
     ("redis+sentinel://a:1,b:2/m/0", "the master name alone"),
     ("redis+sentinel://a:1/m%20%0A", "not one word"),
     ("redis+sentinel://a:99999/m", "port of a"),
+    ("redis+sentinel://a:1/m?ssl_certfile=c.pem", "ssl_certfile is not taken with Sentinel"),
+    ("redis+sentinel://a:1/m?socket_keepalive=maybe", "socket_keepalive 'maybe' is not a true or false"),
 ])
 def test_malformed_urls_are_refused_in_one_line(url, needle):
     with pytest.raises(ConfigError) as info:
@@ -89,5 +92,8 @@ def test_the_password_never_appears_in_a_refusal():
     with pytest.raises(ConfigError) as info:
         parse_redis_url("redis+sentinel://user:s3cret@a:1,b:2/m?bogus=1")
     assert "s3cret" not in str(info.value) and "user:***@a:1,b:2" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        parse_redis_url("redis://h:1/0?password=s3cret")  # not an option here: refused, not shown
+    assert "s3cret" not in str(info.value) and "redis://h:1/0?..." in str(info.value)
     assert redact("redis://:s3cret@h:1/0") == "redis://:***@h:1/0"
     assert redact("redis://h:1/0") == "redis://h:1/0" and redact("not a url") == "not a url"

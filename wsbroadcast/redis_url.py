@@ -49,19 +49,31 @@ MAX_WAIT_TIMEOUT_MS = 60000
 #: replicas a publish may wait for (more than any real deployment has)
 MAX_WAIT_REPLICAS = 100
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(text)
+
+
 #: redis-py connection options a URL may carry, and how each value is checked
 PASSED_OPTIONS: Dict[str, Callable[[str], Any]] = {
     "socket_timeout": float,
     "socket_connect_timeout": float,
-    "socket_keepalive": str,
+    "socket_keepalive": _bool,
     "health_check_interval": int,
     "client_name": str,
     "ssl_cert_reqs": str,
     "ssl_ca_certs": str,
     "ssl_certfile": str,
     "ssl_keyfile": str,
-    "ssl_check_hostname": str,
+    "ssl_check_hostname": _bool,
 }
+#: options a redis+sentinel:// URL takes (TLS to Sentinel and its nodes is not offered)
+SENTINEL_OPTIONS = ("socket_timeout", "socket_connect_timeout", "socket_keepalive",
+                    "health_check_interval", "client_name")
 #: the options wsbroadcast itself reads
 OWN_OPTIONS = ("wait_replicas", "wait_timeout_ms")
 
@@ -161,7 +173,9 @@ class RedisTarget:
 
 
 def _fail(url: str, what: str, forms: bool = False) -> ConfigError:
-    return ConfigError("redis URL %s: %s%s" % (redact(url), what, "; give " + FORMS if forms else ""))
+    # the query is left out: an unknown option's value may be a secret
+    shown = redact(url.partition("?")[0]) + ("?..." if "?" in url else "")
+    return ConfigError("redis URL %s: %s%s" % (shown, what, "; give " + FORMS if forms else ""))
 
 
 def _int(url: str, name: str, text: str, low: int, high: int) -> int:
@@ -218,8 +232,8 @@ def parse_redis_url(url: str) -> RedisTarget:
         try:
             options[name] = PASSED_OPTIONS[name](value)
         except ValueError:
-            raise _fail(url, "option %s %r is not a %s" % (
-                name, value, "number" if PASSED_OPTIONS[name] is float else "whole number")) from None
+            kind = {float: "number", int: "whole number", _bool: "true or false"}[PASSED_OPTIONS[name]]
+            raise _fail(url, "option %s %r is not a %s" % (name, value, kind)) from None
     wait_replicas = _int(url, "wait_replicas", own["wait_replicas"], 0, MAX_WAIT_REPLICAS) \
         if "wait_replicas" in own else 0
     wait_timeout_ms = _int(url, "wait_timeout_ms", own["wait_timeout_ms"], 1, MAX_WAIT_TIMEOUT_MS) \
@@ -263,6 +277,10 @@ def parse_redis_url(url: str) -> RedisTarget:
 
     if not netloc:
         raise _fail(url, "no Sentinel address: give HOST:PORT,HOST:PORT of the Sentinels")
+    for name in options:
+        if name not in SENTINEL_OPTIONS:
+            raise _fail(url, "option %s is not taken with Sentinel (it takes %s)" % (
+                name, ", ".join(SENTINEL_OPTIONS)))
     sentinels = tuple(_address(url, part, DEFAULT_SENTINEL_PORT) for part in netloc.split(","))
     if not slash or not path:
         raise _fail(url, "no master name: end the URL with /MASTER, the name the Sentinels monitor")
