@@ -26,7 +26,13 @@
  *         only when the publisher's previous frames were fully written.
  *   rate  send RATE messages per second.
  *   idle  open the connections, print {"ready":...} and hold them until
- *         stdin has a line / EOF, or --hold seconds pass.
+ *         stdin has a line / EOF, or --hold seconds pass.  A line starting with
+ *         "c" closes every connection at once (a network blip) and prints
+ *         {"closed":N,"close_s":S}; holding goes on until the next line.
+ *   resume  v1 subscribers (no publisher): each sends
+ *         {"type":"subscribe","topic":TOPIC,"since":SINCE} once open; done when
+ *         it has read --expect frames (the ack and the replay); prints
+ *         "resume_s", the time from the first connect until the last is done.
  * Every phase is bounded in time; the program always exits by itself.
  * Prints one JSON object on stdout at the end.
  */
@@ -77,6 +83,9 @@ static double prefill_max = 15;
 static const char *mode = "tput", *path = "/";
 static int stuck_rcvbuf = 4096;
 static int want_deflate = 0, json_payload = 0, use_tls = 0;
+static int resume_mode = 0, resume_expect = 1;
+static const char *resume_topic = "resume";
+static long resume_since = 0;
 static uint64_t deflate_conns, wire_bytes, inflated;
 static unsigned char zbuf[1 << 20];
 
@@ -273,8 +282,9 @@ static void send_handshake(conn *c) {
     char req[512];
     int n = snprintf(req, sizeof req,
         "GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n", path, port, key,
-        want_deflate ? "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" : "");
+        "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s%s\r\n", path, port, key,
+        want_deflate ? "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" : "",
+        resume_mode ? "Sec-WebSocket-Protocol: wsbroadcast.v1\r\n" : "");
     queue_out(c, req, (size_t)n);
 }
 
@@ -290,6 +300,37 @@ static void masked_frame(conn *c, int op, const char *p, size_t n) {
     queue_out(c, p, n);
     unsigned char *q = (unsigned char *)c->out + at + hl;
     for (size_t i = 0; i < n; i++) q[i] ^= mk[i & 3];
+}
+
+/* resume mode: the subscribe with since, sent once the connection is open */
+static int send_resume(conn *c) {
+    char sub[384];
+    int n = snprintf(sub, sizeof sub, "{\"type\":\"subscribe\",\"topic\":\"%s\",\"since\":%ld}",
+                     resume_topic, resume_since);
+    masked_frame(c, 1, sub, (size_t)n);
+    return flush_out(c);
+}
+
+/* subscribers that have read all they expect (resume mode) */
+static int resumed_count(void) {
+    int n = 0;
+    for (int i = 0; i < nconns; i++) if (conns[i].kind == K_SUB && conns[i].received >= (uint64_t)resume_expect) n++;
+    return n;
+}
+
+/* idle mode's "c" command: close every connection at once; prints how long the closes took */
+static void close_all(void) {
+    int64_t t = now_ns(); int n = 0;
+    for (int i = 0; i < nconns; i++) if (conns[i].state != S_CLOSED) { conn_close(&conns[i], 0); n++; }
+    printf("{\"closed\":%d,\"close_s\":%.3f}\n", n, (now_ns() - t) / 1e9);
+    fflush(stdout);
+}
+
+/* idle mode: a line on stdin; returns 1 to quit, 0 to hold on */
+static int stdin_command(void) {
+    char line[64]; ssize_t r = read(0, line, sizeof line);
+    if (r > 0 && line[0] == 'c') { close_all(); return 0; }
+    return 1;
 }
 
 static char *payload;
@@ -423,6 +464,7 @@ static void on_readable_once(conn *c, int64_t now) {
         if (c->kind == K_SUB) live_subs++;
         if (c->kind == K_STUCK) { set_events(c, 0); return; }  /* never read again */
         set_events(c, EPOLLIN);
+        if (resume_mode && send_resume(c) < 0) { errors++; conn_close(c, 1); return; }
         if (!c->inlen) return;
         data = (unsigned char *)c->in; len = c->inlen;
     } else if (c->inlen) {
@@ -478,6 +520,22 @@ static void on_event(conn *c, uint32_t ev, int64_t now) {
     if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) on_readable(c, now);
 }
 
+/* resume mode after the connect phase: wait until every subscriber has read what it expects */
+static void resume_wait(int64_t t0, int64_t deadline, struct epoll_event *evs) {
+    int est = 0;
+    for (int i = 0; i < nconns; i++) if (conns[i].state == S_OPEN) est++;
+    while (resumed_count() < est && now_ns() < deadline) {
+        int n = epoll_wait(epfd, evs, 1024, 50);
+        int64_t now = now_ns();
+        for (int i = 0; i < n; i++) on_event(&conns[evs[i].data.u32], evs[i].events, now);
+    }
+    printf("{\"mode\":\"resume\",\"subs\":%d,\"established\":%d,\"resumed\":%d,\"resume_s\":%.3f,"
+           "\"errors\":%llu,\"connect_failed\":%llu,\"closed_unexpected\":%llu}\n",
+           nsubs, est, resumed_count(), (now_ns() - t0) / 1e9, (unsigned long long)errors,
+           (unsigned long long)connect_failed, (unsigned long long)closed_unexpected);
+    fflush(stdout);
+}
+
 static double arg_d(const char *s) { return atof(s); }
 
 int main(int argc, char **argv) {
@@ -504,6 +562,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--deflate")) { want_deflate = 1; }
         else if (!strcmp(a, "--json")) { json_payload = 1; }
         else if (!strcmp(a, "--tls")) { use_tls = 1; }
+        else if (!strcmp(a, "--topic")) { resume_topic = v; i++; }
+        else if (!strcmp(a, "--since")) { resume_since = atol(v); i++; }
+        else if (!strcmp(a, "--expect")) { resume_expect = atoi(v); i++; }
         else { fprintf(stderr, "unknown option %s\n", a); return 2; }
     }
     if (!port || msgsize < 40 || nsubs < 0) { fprintf(stderr, "usage: loadgen --port P [--mode tput|rate|idle] [--subs N] ...\n"); return 2; }
@@ -512,7 +573,8 @@ int main(int argc, char **argv) {
     if (use_tls) { fprintf(stderr, "loadgen: built without OpenSSL; install libssl-dev for --tls\n"); return 2; }
 #endif
     if (use_tls) tls_init();
-    int idle = !strcmp(mode, "idle"), tput = !strcmp(mode, "tput");
+    resume_mode = !strcmp(mode, "resume");
+    int idle = !strcmp(mode, "idle") || resume_mode, tput = !strcmp(mode, "tput");
     int npub = idle ? 0 : 1;
     nconns = nsubs + nstuck + npub;
     conns = calloc((size_t)nconns + 1, sizeof *conns);
@@ -550,6 +612,7 @@ int main(int argc, char **argv) {
         if (conns[i].kind == K_SUB) est_subs++; else if (conns[i].kind == K_STUCK) est_stuck++; else pub_ok = 1;
     }
     double connect_s = (now_ns() - t0) / 1e9;
+    if (resume_mode) { resume_wait(t0, deadline, evs); return 0; }
     conn *pub = npub ? &conns[nconns - 1] : NULL;
 
     int64_t ts = now_ns(), tm = 0, tend = 0;
@@ -565,7 +628,7 @@ int main(int argc, char **argv) {
             int n = epoll_wait(epfd, evs, 1024, 100);
             int64_t now = now_ns();
             for (int i = 0; i < n; i++) {
-                if (evs[i].data.u32 == (uint32_t)nconns) { quit = 1; continue; }
+                if (evs[i].data.u32 == (uint32_t)nconns) { quit = stdin_command(); continue; }
                 on_event(&conns[evs[i].data.u32], evs[i].events, now);
             }
             (void)stdin_ok;
