@@ -34,12 +34,17 @@ handed back, so subscribers see no duplicate and no gap. A publish follows
 has no reachable primary (a failover) or its slot is half migrated (``TRYAGAIN``) it
 raises BrokerUnavailable at once, and the publisher gets ``unavailable``.
 
-Guarantee: a publish acked with ``wait_replicas=N`` was written by the primary (to
-its append-only file before the answer, with ``appendfsync always``) and received by
-N of its replicas. It survives the primary's crash as long as the replica promoted
-in its place is one of those N (always so with N equal to the replicas per primary)
-and the primary's restart. Without ``wait_replicas``, a failover may lose the last
-acked messages of the failed primary and number later ones with their seqs again.
+Guarantee: with ``wait_replicas=N`` a publish is acked only once the topic's primary
+wrote it (to its append-only file before answering, with ``appendfsync always``) and
+``WAIT`` says N of its replicas have it; only then is it sent out live (SPUBLISH), so no
+subscriber sees a message that a failover could lose and number again. An acked message
+survives the primary's crash when the replica promoted in its place is one of those N
+(always so when N is the number of replicas per primary) and the primary's restart.
+Left open: a subscriber catching up from the stream (a subscribe with ``since``, a
+reconnect) may read a message stored but not yet confirmed, and its publisher was told
+``unavailable``; if the primary then dies before a replica has it, that seq is given
+again. Without ``wait_replicas`` a failover may lose the last acked messages of the
+failed primary and number later ones with their seqs again.
 """
 
 from __future__ import annotations
@@ -97,6 +102,8 @@ assert _FANOUT_PLAIN in _PUBLISH_LUA
 #: the publish script of one Redis, fanning out by SPUBLISH (and PUBLISH to the classic
 #: channels appended to ARGV, one per item, while some node has a wildcard subscription)
 PUBLISH_LUA = _PUBLISH_LUA.replace(_FANOUT_PLAIN, _FANOUT_SHARDED)
+#: the same, storing only: with wait_replicas the messages are sent out after WAIT confirmed them
+STORE_LUA = _PUBLISH_LUA.replace(_FANOUT_PLAIN, "")
 
 #: seconds a publisher trusts what it read of the wildcard set
 WILDCARD_LEASE = 0.5
@@ -247,7 +254,7 @@ class ClusterBroker(RedisBroker):
         except (RedisClusterException, RedisError, OSError) as exc:
             raise ConfigError("cannot load the cluster's map from %s: %s; check the addresses and that "
                               "the cluster is up" % (",".join("%s:%d" % n for n in c.nodes), exc)) from exc
-        self._script = self._redis.register_script(PUBLISH_LUA)
+        self._script = self._redis.register_script(STORE_LUA if self.target.wait_replicas else PUBLISH_LUA)
         self._wild_read = self._redis.register_script(_WILD_READ_LUA)
         self._wild_write = self._redis.register_script(_WILD_WRITE_LUA)
         self._range_script = self._redis.register_script(_EPOCH_AND_RANGE_LUA)
@@ -368,13 +375,39 @@ class ClusterBroker(RedisBroker):
                 topic, data = items[i]
                 keys += [self._meta(topic), self._stream(topic)]
                 args += [self._sharded(topic), data]
-            if wild:
+            if wild and not self.target.wait_replicas:
                 args += [self._ch_prefix + items[i][0] for i in indexes]
             res = self._eval_on_slot(slot, keys, args)
             for j, i in enumerate(indexes):
                 out[i] = (int(res[2 * j]), _text(res[2 * j + 1]))
+            if self.target.wait_replicas:
+                self._fan_out(slot, [(items[i][0], items[i][1]) + out[i] for i in indexes], wild)
         self._cmd_ok = True
         return out
+
+    def _fan_out(self, slot: int, stored: List[Tuple[str, str, int, str]], wild: bool) -> None:
+        """Send out messages that replicas confirmed (wait_replicas): (topic, data, seq, epoch) each.
+
+        Only messages a replica has go out live, so a failover cannot renumber a message a
+        subscriber saw. Sent after the script, publishers may send out of seq order: a
+        listener fills a hole from the stream (written before the later seq, so replicated
+        too) and drops the late one. If this fails, the messages are stored all the same
+        (and acked): listeners get them with the topic's next message or when they reconnect.
+        """
+        try:
+            pipe = self._redis.get_redis_connection(self._owner(slot)).pipeline(transaction=False)
+            for topic, data, seq, epoch in stored:
+                msg = "%d|%s|%s" % (seq, epoch, data)
+                pipe.execute_command("SPUBLISH", self._sharded(topic), msg)
+                if wild:
+                    pipe.execute_command("PUBLISH", self._ch_prefix + topic, msg)
+            for answer in pipe.execute(raise_on_error=False):
+                if isinstance(answer, Exception):
+                    raise answer
+        except (RedisError, RedisClusterException, BrokerUnavailable, OSError, ValueError) as exc:
+            self._map_stale = True
+            logger.warning("stored %d message(s) but could not send them out now (%s): listeners "
+                           "get them from the stream later", len(stored), exc)
 
     def _eval_on_slot(self, slot: int, keys: List[str], args: List[Any]) -> Any:
         """Run the publish script on the slot's primary (then WAIT), following redirections."""
@@ -404,7 +437,7 @@ class ClusterBroker(RedisBroker):
                 kind, target = _redirect(res)
                 if kind == "NOSCRIPT":
                     try:
-                        client.script_load(PUBLISH_LUA)
+                        client.script_load(self._script.script)
                     except _UNAVAILABLE as exc:
                         raise self._failed("publish", exc) from exc
                     continue
