@@ -106,7 +106,9 @@ def _serve_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                    help="share seqs, history and fan-out with other nodes through Redis: "
                         "redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS, unix:///PATH?db=DB), or "
                         "redis+sentinel://HOST:PORT,HOST:PORT/MASTER?db=DB to follow the primary that "
-                        "Sentinel names through its failovers; add ?wait_replicas=1&wait_timeout_ms=1000 "
+                        "Sentinel names through its failovers, or redis+cluster://HOST:PORT,HOST:PORT "
+                        "for a Redis Cluster (topics spread over its shards by hash tag, sharded pub/sub); "
+                        "add ?wait_replicas=1&wait_timeout_ms=1000 "
                         "to ack a publish only once a replica has it (with appendfsync always on the "
                         "primary, an acked message survives a failover); needs pip install "
                         "'wsbroadcast[redis]'; replaces --store")
