@@ -102,8 +102,51 @@ assert _FANOUT_PLAIN in _PUBLISH_LUA
 #: the publish script of one Redis, fanning out by SPUBLISH (and PUBLISH to the classic
 #: channels appended to ARGV, one per item, while some node has a wildcard subscription)
 PUBLISH_LUA = _PUBLISH_LUA.replace(_FANOUT_PLAIN, _FANOUT_SHARDED)
-#: the same, storing only: with wait_replicas the messages are sent out after WAIT confirmed them
-STORE_LUA = _PUBLISH_LUA.replace(_FANOUT_PLAIN, "")
+#: the same, storing only: with wait_replicas the messages are sent out after WAIT confirmed
+#: them, by FANOUT_LUA (a new numbering forgets how far that went: the field ``out``)
+STORE_LUA = _PUBLISH_LUA.replace(_FANOUT_PLAIN, "").replace(
+    "redis.call('HDEL', meta, 'seq')", "redis.call('HDEL', meta, 'seq', 'out')")
+assert "'out'" in STORE_LUA
+
+#: most seqs one FANOUT_LUA sends (what a lagging ``out`` would add is left to the refills)
+FANOUT_SPAN = 256
+#: sends a topic's messages after ``out`` (the last sent) up to the highest of the caller's,
+#: in seq order: the caller's from ARGV, the others' (stored before, so confirmed with the
+#: caller's) from the stream. KEYS: meta, stream; ARGV: channel, classic channel or '',
+#: epoch, then seq, data of the caller's messages.
+FANOUT_LUA = """
+local meta, stream = KEYS[1], KEYS[2]
+local channel, classic, epoch = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('HGET', meta, 'epoch') ~= epoch then return 0 end
+local done = tonumber(redis.call('HGET', meta, 'out') or '0')
+local own = {}
+local top = done
+for i = 4, #ARGV, 2 do
+  local s = tonumber(ARGV[i])
+  own[s] = ARGV[i + 1]
+  if s > top then top = s end
+end
+if top <= done then return 0 end
+local first = math.max(done + 1, top - %d)
+local stored = {}
+if first < top then
+  for _, e in ipairs(redis.call('XRANGE', stream, first .. '-0', (top - 1) .. '-0')) do
+    stored[tonumber(string.match(e[1], '^(%%d+)'))] = e[2][2]
+  end
+end
+local sent = 0
+for s = first, top do
+  local data = own[s] or stored[s]
+  if data then
+    local msg = s .. '|' .. epoch .. '|' .. data
+    redis.call('SPUBLISH', channel, msg)
+    if classic ~= '' then redis.call('PUBLISH', classic, msg) end
+    sent = sent + 1
+  end
+end
+redis.call('HSET', meta, 'out', top)
+return sent
+""" % FANOUT_SPAN
 
 #: seconds a publisher trusts what it read of the wildcard set
 WILDCARD_LEASE = 0.5
@@ -258,6 +301,7 @@ class ClusterBroker(RedisBroker):
         self._wild_read = self._redis.register_script(_WILD_READ_LUA)
         self._wild_write = self._redis.register_script(_WILD_WRITE_LUA)
         self._range_script = self._redis.register_script(_EPOCH_AND_RANGE_LUA)
+        self._fanout_script = self._redis.register_script(FANOUT_LUA)
 
     def _disconnect(self) -> None:
         self._redis.close()
@@ -388,23 +432,20 @@ class ClusterBroker(RedisBroker):
     def _fan_out(self, slot: int, stored: List[Tuple[str, str, int, str]], wild: bool) -> None:
         """Send out messages that replicas confirmed (wait_replicas): (topic, data, seq, epoch) each.
 
-        Only messages a replica has go out live, so a failover cannot renumber a message a
-        subscriber saw. Sent after the script, publishers may send out of seq order: a
-        listener fills a hole from the stream (written before the later seq, so replicated
-        too) and drops the late one. If this fails, the messages are stored all the same
-        (and acked): listeners get them with the topic's next message or when they reconnect.
+        Only confirmed messages go out live, so a failover cannot renumber a message a
+        subscriber saw. FANOUT_LUA sends each topic's messages in seq order, others'
+        stored before these too, so concurrent publishers cannot reorder them. If this
+        fails, the messages are stored all the same (and acked): listeners get them with
+        the topic's next message or when they reconnect.
         """
+        by_topic: Dict[str, List[Any]] = {}
+        for topic, data, seq, epoch in stored:
+            by_topic.setdefault(topic, [epoch]).extend((seq, data))
         try:
-            pipe = self._redis.get_redis_connection(self._owner(slot)).pipeline(transaction=False)
-            for topic, data, seq, epoch in stored:
-                msg = "%d|%s|%s" % (seq, epoch, data)
-                pipe.execute_command("SPUBLISH", self._sharded(topic), msg)
-                if wild:
-                    pipe.execute_command("PUBLISH", self._ch_prefix + topic, msg)
-            for answer in pipe.execute(raise_on_error=False):
-                if isinstance(answer, Exception):
-                    raise answer
-        except (RedisError, RedisClusterException, BrokerUnavailable, OSError, ValueError) as exc:
+            for topic, (epoch, *pairs) in by_topic.items():
+                self._fanout_script(keys=[self._meta(topic), self._stream(topic)], args=[
+                    self._sharded(topic), self._ch_prefix + topic if wild else "", epoch, *pairs])
+        except (RedisError, RedisClusterException, OSError, ValueError) as exc:
             self._map_stale = True
             logger.warning("stored %d message(s) but could not send them out now (%s): listeners "
                            "get them from the stream later", len(stored), exc)
