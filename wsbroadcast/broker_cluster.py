@@ -36,15 +36,14 @@ raises BrokerUnavailable at once, and the publisher gets ``unavailable``.
 
 Guarantee: with ``wait_replicas=N`` a publish is acked only once the topic's primary
 wrote it (to its append-only file before answering, with ``appendfsync always``) and
-``WAIT`` says N of its replicas have it; only then is it sent out live (SPUBLISH), so no
-subscriber sees a message that a failover could lose and number again. An acked message
-survives the primary's crash when the replica promoted in its place is one of those N
-(always so when N is the number of replicas per primary) and the primary's restart.
-Left open: a subscriber catching up from the stream (a subscribe with ``since``, a
-reconnect) may read a message stored but not yet confirmed, and its publisher was told
-``unavailable``; if the primary then dies before a replica has it, that seq is given
-again. Without ``wait_replicas`` a failover may lose the last acked messages of the
-failed primary and number later ones with their seqs again.
+``WAIT`` says N of its replicas have it; only then is it released: sent out live
+(FANOUT_LUA, in seq order) and counted in the topic's ``pub``, where ``latest`` and
+``since`` stop, as on one Redis (see broker_redis.py). No client sees a message that a
+failover could lose and number again. An acked message survives the primary's crash
+when the replica promoted in its place is one of those N (always so when N is the
+number of replicas per primary) and the primary's restart. Without ``wait_replicas``
+a failover may lose the last acked messages of the failed primary and number later
+ones with their seqs again.
 """
 
 from __future__ import annotations
@@ -77,6 +76,7 @@ from .broker_redis import (
     _HAS_PROTOCOL,
     _JL,
     _PUBLISH_LUA,
+    _STORE_LUA,
     _UNAVAILABLE,
     HANDBACK_BATCH,
     HEALTH_INTERVAL,
@@ -102,15 +102,14 @@ assert _FANOUT_PLAIN in _PUBLISH_LUA
 #: the publish script of one Redis, fanning out by SPUBLISH (and PUBLISH to the classic
 #: channels appended to ARGV, one per item, while some node has a wildcard subscription)
 PUBLISH_LUA = _PUBLISH_LUA.replace(_FANOUT_PLAIN, _FANOUT_SHARDED)
-#: the same, storing only: with wait_replicas the messages are sent out after WAIT confirmed
-#: them, by FANOUT_LUA (a new numbering forgets how far that went: the field ``out``)
-STORE_LUA = _PUBLISH_LUA.replace(_FANOUT_PLAIN, "").replace(
-    "redis.call('HDEL', meta, 'seq')", "redis.call('HDEL', meta, 'seq', 'out')")
-assert "'out'" in STORE_LUA
+#: with wait_replicas the messages are stored by the store script of one Redis (no fan-out;
+#: ``pub``, the last seq released, starts where seq was) and sent out once WAIT confirmed
+#: them, by FANOUT_LUA, which raises ``pub``
+STORE_LUA = _STORE_LUA
 
-#: most seqs one FANOUT_LUA sends (what a lagging ``out`` would add is left to the refills)
+#: most seqs one FANOUT_LUA sends (what a lagging ``pub`` would add is left to the refills)
 FANOUT_SPAN = 256
-#: sends a topic's messages after ``out`` (the last sent) up to the highest of the caller's,
+#: sends a topic's messages after ``pub`` (the last sent) up to the highest of the caller's,
 #: in seq order: the caller's from ARGV, the others' (stored before, so confirmed with the
 #: caller's) from the stream. KEYS: meta, stream; ARGV: channel, classic channel or '',
 #: epoch, then seq, data of the caller's messages.
@@ -118,7 +117,7 @@ FANOUT_LUA = """
 local meta, stream = KEYS[1], KEYS[2]
 local channel, classic, epoch = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('HGET', meta, 'epoch') ~= epoch then return 0 end
-local done = tonumber(redis.call('HGET', meta, 'out') or '0')
+local done = tonumber(redis.call('HGET', meta, 'pub') or '0')
 local own = {}
 local top = done
 for i = 4, #ARGV, 2 do
@@ -144,7 +143,7 @@ for s = first, top do
     sent = sent + 1
   end
 end
-redis.call('HSET', meta, 'out', top)
+redis.call('HSET', meta, 'pub', top)
 return sent
 """ % FANOUT_SPAN
 
@@ -170,6 +169,10 @@ return redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 """
 
 
+_HISTORY_LUA = """
+local m = redis.call('HMGET', KEYS[1], 'seq', 'pub')
+return {m[1] or '', m[2] or '', redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])}
+"""
 _EPOCH_AND_RANGE_LUA = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 return {epoch or '', redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[2], 'COUNT', ARGV[3])}
@@ -252,9 +255,6 @@ class _Subscriptions:
 class ClusterBroker(RedisBroker):
     """Seqs, history and fan-out in a Redis Cluster: each topic lives on the shard owning its slot."""
 
-    #: its publish script PUBLISHes before the WAIT (readers see seq, not a release mark)
-    releases_after_wait = False
-
     def __init__(self, url: str, history_size: int = 1000, history_ttl: Optional[float] = None,
                  key_prefix: str = "wsb:", reconnect_max: float = 5.0, *, socket_timeout: float = 2.0,
                  connect_timeout: float = 1.0, max_connections: int = 16, presence_ttl: float = 30.0) -> None:
@@ -301,6 +301,7 @@ class ClusterBroker(RedisBroker):
         self._wild_read = self._redis.register_script(_WILD_READ_LUA)
         self._wild_write = self._redis.register_script(_WILD_WRITE_LUA)
         self._range_script = self._redis.register_script(_EPOCH_AND_RANGE_LUA)
+        self._history_script = self._redis.register_script(_HISTORY_LUA)
         self._fanout_script = self._redis.register_script(FANOUT_LUA)
 
     def _disconnect(self) -> None:
@@ -504,6 +505,20 @@ class ClusterBroker(RedisBroker):
                            self.target.wait_timeout_ms)))
             return res
         raise self._failed("publish", Exception("slot %d kept moving" % slot))
+
+    def _xrange(self, topic: str, seq: int, count: int) -> Sequence[Any]:
+        """Stored entries after ``seq``; with wait_replicas none past ``pub`` (not released yet)."""
+        try:
+            last, pub, raw = self._history_script(
+                keys=[self._meta(topic), self._stream(topic)], args=["%d-0" % (max(seq, 0) + 1), count])
+        except _UNAVAILABLE as exc:
+            raise self._failed("history read", exc) from exc
+        except RedisError as exc:
+            raise StoreError("cannot read history of %r from redis: %s" % (topic, exc)) from exc
+        self._cmd_ok = True
+        shown = self._shown(last or None, pub or None)
+        return [(eid, dict(zip(fields[::2], fields[1::2]))) for eid, fields in raw
+                if int(eid.split(b"-", 1)[0]) <= shown]
 
     def _epoch_and_range(self, topic: str, start: int, upto: int, count: int) -> Tuple[Any, Sequence[Any]]:
         # a script, not MULTI: a cluster pipeline's transaction hands back raw replies
