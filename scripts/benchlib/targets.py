@@ -22,7 +22,7 @@ def by_repeat(vals: Optional[Values]) -> Dict[int, float]:
     if not vals:
         return {}
     items = vals.items() if isinstance(vals, Mapping) else enumerate(vals)
-    return {int(k): float(v) for k, v in items if v is not None}
+    return {int(k): v for k, v in items if v is not None}
 
 
 def median(vals: Optional[Values]) -> Optional[float]:
