@@ -101,6 +101,8 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait(10)
         self._thread.join(5)
+        if not self._thread.is_alive() and self.proc.stderr is not None:
+            self.proc.stderr.close()  # read to its end by _read
 
     def __enter__(self) -> "ServerProcess":
         return self

@@ -210,12 +210,14 @@ def test_server_refuses_out_of_range_settings_before_creating_anything(tmp_path)
 
 
 def test_server_start_on_a_busy_port_is_a_config_error(busy_port):
+    fds = len(os.listdir("/proc/self/fd"))
     srv = Server("127.0.0.1", busy_port, store="memory")
     try:
         with pytest.raises(ConfigError, match="port %d is in use" % busy_port):
             srv.start()
     finally:
         srv.shutdown()
+    assert len(os.listdir("/proc/self/fd")) == fds  # a server that never started gives back its fds
 
 
 # --------------------------------------------------------------------------- help text

@@ -319,7 +319,10 @@ class Server:
             return
         self._stopping = True
         self.shutting_down = True
-        if not self._started:
+        if not self._started:  # nothing runs: only the wake-up sockets to give back
+            self.writer.stop()
+            self._wake_r.close()
+            self._wake_w.close()
             self._stopped.set()
             return
         timeout = self.config.shutdown_timeout if timeout is None else timeout
@@ -344,7 +347,7 @@ class Server:
             thread.join(max(0.1, deadline + 5.0 - time.monotonic()))
         self.writer.stop()
         if self._trimmer is not None:
-            self._trimmer.stop()
+            self._trimmer.stop(5.0)
         self.broker.close()
         if self._listener is not None:
             self._listener.close()
