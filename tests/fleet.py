@@ -13,7 +13,7 @@ import os
 import struct
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import wsraw
 
@@ -166,8 +166,8 @@ def children(pid: int) -> List[int]:
     return sorted(out)
 
 
-def established_to(pid: int, port: int) -> int:
-    """TCP connections of process ``pid`` whose local port is ``port`` and state established."""
+def established_peers(pid: int, port: int) -> Set[int]:
+    """The remote ports of the established TCP connections of process ``pid`` on its local ``port``."""
     inodes = set()
     try:
         for fd in os.listdir("/proc/%d/fd" % pid):
@@ -178,8 +178,8 @@ def established_to(pid: int, port: int) -> int:
             if link.startswith("socket:["):
                 inodes.add(link[8:-1])
     except OSError:
-        return 0
-    count = 0
+        return set()
+    peers = set()
     for table in ("tcp", "tcp6"):
         try:
             with open("/proc/%d/net/%s" % (pid, table)) as f:
@@ -188,10 +188,10 @@ def established_to(pid: int, port: int) -> int:
                     parts = line.split()
                     if (int(parts[1].rsplit(":", 1)[1], 16) == port and parts[3] == "01"
                             and parts[9] in inodes):
-                        count += 1
+                        peers.add(int(parts[2].rsplit(":", 1)[1], 16))
         except OSError:
             continue
-    return count
+    return peers
 
 
 def check_fleet(port: int, path: str, workers: List[int], publish: Callable[[http.client.HTTPConnection, str],
@@ -207,7 +207,8 @@ def check_fleet(port: int, path: str, workers: List[int], publish: Callable[[htt
     subs = [Subscriber(port, path, topic, deadline) for _ in range(subscribers)]
     for s in subs:
         assert s.subscribed.wait(max(0.1, deadline - time.monotonic())), s.error or "not subscribed"
-    spread = {pid: established_to(pid, port) for pid in workers}
+    peers = {pid: established_peers(pid, port) for pid in workers}
+    spread = {pid: len(p) for pid, p in peers.items()}  # may count a probe's connection too
     assert sum(spread.values()) >= subscribers, spread
     busy = [pid for pid, n in spread.items() if n]
     assert len(busy) >= 2, "the subscribers all went to one process: %r" % spread
@@ -227,6 +228,8 @@ def check_fleet(port: int, path: str, workers: List[int], publish: Callable[[htt
     run_publishers("a")
     assert wsraw.wait_for(everyone_has_all, max(0.1, deadline - time.monotonic())), "phase 1 not delivered"
     victim = max(busy, key=lambda pid: spread[pid])
+    on_victim = [s for s in subs if s.ws is not None and s.ws.sock.getsockname()[1] in peers[victim]]
+    assert on_victim, (spread, "no subscriber found on the busiest process")
     kill(victim)
     run_publishers("b")  # while the victim's subscribers reconnect
     assert wsraw.wait_for(everyone_has_all, max(0.1, deadline - time.monotonic())), "phase 2 not delivered"
@@ -241,6 +244,6 @@ def check_fleet(port: int, path: str, workers: List[int], publish: Callable[[htt
         assert all(s.data[seq] == text for seq, text in acked.items())
         assert all(r is True for r in s.resumes), s.resumes
         resumed += bool(s.resumes)
-    assert resumed >= spread[victim], (resumed, spread)  # each of the victim's came back
+    assert all(s.resumes for s in on_victim), (resumed, len(on_victim), spread)  # each of the victim's came back
     return subs
 
