@@ -249,6 +249,10 @@ def test_failover_broker_follows_the_new_primary_and_loses_no_acked_message(sent
         stored = {m.seq: m.data for m in b.broker.since(p.topic, 0, 10000)}
         assert all(stored.get(s) == str(d) for s, d in p.acked)
     assert wait_for(lambda: health_status(a.port) == "ok" and health_status(b.port) == "ok", timeout=T)
+    status = a.broker.status()
+    assert (status["kind"], status["primary"], status["wait_replicas"]) == (
+        "redis-sentinel", "127.0.0.1:%d" % ss.primary_port(), 1)
+    assert status["reconnects"] >= 1
 
 
 @pytest.mark.timeout(90)

@@ -640,7 +640,7 @@ class RedisBroker(Broker):
         return self._listener_up and self._cmd_ok
 
     def status(self) -> dict:
-        return {
+        out = {
             "kind": "redis",
             "url": self._where,
             "healthy": self.healthy,
@@ -650,6 +650,12 @@ class RedisBroker(Broker):
             "reconnects": self.reconnects,
             "refilled": self.refilled,
         }
+        if self.target.kind == "sentinel":
+            # the primary the commands' pool last connected to, as Sentinel named it
+            address = getattr(self._pool, "master_address", None)
+            out.update(kind="redis-sentinel", wait_replicas=self.target.wait_replicas,
+                       primary="%s:%s" % tuple(address) if address else None)
+        return out
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, handler: Handler) -> None:
