@@ -461,6 +461,49 @@ def test_tls_websocket_and_https(make_server, cert):
         c.close()
 
 
+def test_tls_records_that_arrive_together_are_read_as_one_batch(make_server, cert, monkeypatch):
+    certfile, keyfile = cert
+    srv = make_server(certfile=certfile, keyfile=keyfile)
+    batches: List[int] = []
+    handle = srv.hub.handle
+
+    def counting(conn, commands):  # the real hub, counting the commands of each batch it is given
+        batches.append(len(commands))
+        return handle(conn, commands)
+
+    monkeypatch.setattr(srv.hub, "handle", counting)
+    c = wsraw.connect(srv.port, ssl_context=certs.client_context(certfile))
+    try:
+        wsraw.expect_pong_next(c)
+        batches.clear()
+        # ten publishes in ten TLS records, corked so that they reach the server in one segment
+        c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        for i in range(10):
+            c.send_json({"type": "publish", "topic": "t", "data": i, "id": i})
+        c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        assert [c.recv_json()["id"] for _ in range(10)] == list(range(10))
+        assert sum(batches) == 10 and max(batches) > 1, batches  # not one batch per record
+    finally:
+        c.close()
+
+
+def test_tls_granted_channels_greeting_comes_first(make_server, cert):
+    # the 101 answer of a token with channels is sent by the writer (encrypted there, like the frames)
+    certfile, keyfile = cert
+    srv = make_server(certfile=certfile, keyfile=keyfile, secret=SECRET)
+    tok = tokens.mint_token(SECRET, sub="g", subscribe=[], extra={"channels": ["room"]})
+    c = wsraw.connect(srv.port, headers=[("Authorization", "Bearer " + tok)],
+                      ssl_context=certs.client_context(certfile))
+    try:
+        granted = c.recv_json()
+        assert (granted["type"], granted["topic"]) == ("subscribed", "room"), granted
+        srv.publish("room", {"n": 1})
+        msg = c.recv_json()
+        assert (msg["type"], msg["topic"], msg["data"]) == ("message", "room", {"n": 1}), msg
+    finally:
+        c.close()
+
+
 def test_tls_stalled_handshakes_hold_no_thread_and_block_no_one(make_server, cert):
     certfile, keyfile = cert
     timeout = 3.0 * SCALE  # room for the other client's work on a loaded machine

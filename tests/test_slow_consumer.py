@@ -227,3 +227,64 @@ def test_a_replay_over_tls(make_server, tmp_path):
         assert [c.recv(timeout=10 * SCALE).data for _ in range(5)] == [1, 2, 3, 4, 5]
     finally:
         c.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_stuck_tls_reader_is_closed_soon_while_tls_subscribers_get_everything(make_server, tmp_path):
+    import certs
+
+    certfile, keyfile = certs.make_cert(str(tmp_path))
+    limit = 256 * 1024
+    srv = make_server(certfile=certfile, keyfile=keyfile, max_outbox=limit, socket_sndbuf=16384,
+                      close_timeout=20 * SCALE)
+    ctx = certs.client_context(certfile)
+    stuck = wsraw.connect(srv.port, rcvbuf=4096, ssl_context=ctx, timeout=10 * SCALE)
+    assert wsraw.subscribe(stuck, "broadcast", 1)["type"] == "ack"
+    v1 = wsraw.connect(srv.port, ssl_context=ctx, timeout=10 * SCALE)
+    assert wsraw.subscribe(v1, "broadcast", 1)["type"] == "ack"
+    plain = wsraw.connect(srv.port, subprotocol=None, ssl_context=ctx, timeout=10 * SCALE)
+    wsraw.expect_pong_next(plain)  # its automatic subscription to broadcast is in place
+    got = {"v1": [], "plain": []}
+
+    def read(name: str, ws: wsraw.RawWS) -> None:
+        try:
+            while True:
+                msg = json.loads(ws.recv_text(30 * SCALE))
+                data = msg["data"] if name == "v1" else msg
+                got[name].append(data)
+                if data == "end":
+                    return
+        except (OSError, AssertionError, ValueError) as exc:
+            got[name].append(repr(exc))
+
+    readers = [threading.Thread(target=read, args=item, daemon=True) for item in (("v1", v1), ("plain", plain))]
+    for t in readers:
+        t.start()
+    try:
+        sent = 0
+        while not srv.writer.stats.slow_consumers:
+            assert sent < 5000, "no slow consumer"
+            for _ in range(8):
+                srv.publish("broadcast", PAYLOAD)
+            sent += 8
+            # the readers keep up (each within 8 messages): only the stuck one falls behind
+            assert wsraw.wait_for(lambda n=sent - 8: min(len(got["v1"]), len(got["plain"])) >= n,
+                                  timeout=10 * SCALE), got["v1"][-1:] + got["plain"][-1:]
+        srv.publish("broadcast", "end")
+        for t in readers:
+            t.join(30 * SCALE)
+        # the reading subscribers got every message, in order, over TLS
+        assert got["v1"] == got["plain"] == [PAYLOAD] * sent + ["end"]
+        # the stuck one, reading at last: its close follows what was already encrypted and the
+        # kernel held, not the whole outbox behind it (frames not yet encrypted are dropped)
+        before_close = 0
+        while True:
+            op, payload = stuck.recv_frame(10 * SCALE)
+            if op == 0x8:
+                break
+            before_close += len(payload)
+        assert struct.unpack("!H", payload[:2])[0] == 1008 and payload[2:] == b"slow consumer"
+        assert before_close < limit // 2, before_close
+    finally:
+        for c in (stuck, v1, plain):
+            c.close()

@@ -273,10 +273,11 @@ def upgrade_request(port: int, path: str = "/ws", subprotocol: Optional[str] = "
 def handshake(port: int, path: str = "/ws", subprotocol: Optional[str] = "wsbroadcast.v1",
               headers: Optional[List[Tuple[str, str]]] = None, timeout: float = DEFAULT_TIMEOUT,
               rcvbuf: Optional[int] = None, cls: type = RawWS,
-              host: Optional[str] = None) -> Tuple[int, dict, Any]:
+              host: Optional[str] = None, ssl_context: Any = None) -> Tuple[int, dict, Any]:
     """Send an upgrade request: (101, headers, ``cls`` instance) when accepted, else (status, headers, body).
 
-    ``rcvbuf`` sets SO_RCVBUF before connecting (a small one keeps the server from parking much there).
+    ``rcvbuf`` sets SO_RCVBUF before connecting (a small one keeps the server from parking much there);
+    ``ssl_context``: speak TLS (wss://) with it.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf:
@@ -284,6 +285,8 @@ def handshake(port: int, path: str = "/ws", subprotocol: Optional[str] = "wsbroa
     sock.settimeout(timeout)
     try:
         sock.connect(("127.0.0.1", port))
+        if ssl_context is not None:
+            sock = ssl_context.wrap_socket(sock, server_hostname="127.0.0.1")
         sock.sendall(upgrade_request(port, path, subprotocol, headers, host=host))
         status, hdrs, body = read_response(sock, timeout, upgrade=True)
     except BaseException:
@@ -297,9 +300,10 @@ def handshake(port: int, path: str = "/ws", subprotocol: Optional[str] = "wsbroa
 
 def connect(port: int, subprotocol: Optional[str] = "wsbroadcast.v1", path: str = "/ws",
             headers: Optional[List[Tuple[str, str]]] = None, timeout: float = DEFAULT_TIMEOUT,
-            rcvbuf: Optional[int] = None, cls: type = RawWS, host: Optional[str] = None) -> Any:
+            rcvbuf: Optional[int] = None, cls: type = RawWS, host: Optional[str] = None,
+            ssl_context: Any = None) -> Any:
     """Open a raw WebSocket connection (raises AssertionError unless answered 101)."""
-    status, hdrs, conn = handshake(port, path, subprotocol, headers, timeout, rcvbuf, cls, host)
+    status, hdrs, conn = handshake(port, path, subprotocol, headers, timeout, rcvbuf, cls, host, ssl_context)
     if status != 101:
         raise AssertionError("handshake answered %d: %r" % (status, conn))
     return conn

@@ -95,7 +95,7 @@ class Connection:
         self.sock = sock
         self.fd = sock.fileno()
         self.addr = addr
-        #: the TLSStream when the connection is encrypted (frames are encrypted as queued)
+        #: the TLSStream when the connection is encrypted (the writer encrypts as it sends)
         self.tls = tls
         #: blocking read of (decrypted) bytes, for the reader thread
         self.recv = tls.recv if tls is not None else sock.recv

@@ -116,10 +116,8 @@ class Reader:
             conn.last_seen = time.monotonic()
             if self._failed:
                 continue  # discard until the peer closes or the grace period ends
-            if conn.tls is not None:
-                wire = conn.tls.pending_output()
-                if wire:
-                    self.writer.put(((SEND_WIRE, conn, wire),))
+            if conn.tls is not None and conn.tls.output_waiting():
+                self.writer.put(((SEND_WIRE, conn, b""),))  # the writer takes it, in order
             if self._feed(data):
                 return
 

@@ -486,9 +486,7 @@ class Server:
                                        cfg.max_message_size, cfg.close_timeout,
                                        max_message_frames=cfg.max_message_frames)
             upgrade.ws = None  # the handshake's HTTP state is no longer needed
-            greeting = upgrade.greeting
-            if greeting and tls is not None:
-                greeting = tls.encrypt(greeting)
+            greeting = upgrade.greeting  # (encrypted by the writer, like the frames, over TLS)
             reader.run(upgrade.trailing, upgrade.refuse,
                        on_open=(lambda c: self._on_open(c, greeting)) if greeting else self._on_open,
                        closing=lambda: self.shutting_down, greeting=greeting)

@@ -4,6 +4,10 @@ The socket stays an ordinary socket (``send(MSG_DONTWAIT)`` works on it); the TL
 state is an ``ssl.SSLObject`` between two memory BIOs. The connection's reader
 thread decrypts what it receives, the writer thread encrypts what it sends, and
 one small lock serialises their use of the ``SSLObject`` (no I/O under it).
+
+Once the writer owns the connection it is the only reader of the outgoing BIO:
+the records there leave in the order they were made (the reader's own output,
+such as an answer to a key update, is taken by the writer when told of it).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ class TLSStream:
         self._obj = context.wrap_bio(self._in, self._out, server_side=True)
         # guards: the SSLObject and both BIOs (reader decrypting, writer encrypting)
         self._lock = threading.Lock()
+        #: TLS records made and not yet sent (bytes, a memoryview once partly sent); writer thread only
+        self.wire: Any = b""
 
     # ------------------------------------------------------------------ handshake
     def handshake(self, timeout: float) -> None:
@@ -60,6 +66,8 @@ class TLSStream:
     def recv(self, size: int) -> bytes:
         """Decrypted bytes (b"" at the end of the stream); blocks like ``socket.recv``.
 
+        Up to ``size`` bytes from every whole record already received (a read of the
+        ``SSLObject`` gives one record), so that one call batches like ``socket.recv``.
         A timeout set on the socket bounds the whole call, however slowly the
         bytes of a record trickle in.
         """
@@ -68,11 +76,15 @@ class TLSStream:
         while True:
             with self._lock:
                 try:
-                    return self._obj.read(size)
+                    data = self._obj.read(size)
                 except ssl.SSLWantReadError:
-                    pass
+                    data = b""
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     return b""
+                if data:
+                    if len(data) < size and self._in.pending:
+                        data = self._more(data, size)
+                    return data
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -84,14 +96,34 @@ class TLSStream:
             with self._lock:
                 self._in.write(data)
 
+    def _more(self, data: bytes, size: int) -> bytes:
+        """``data`` and what the records still buffered decrypt to, up to ``size`` bytes (lock held)."""
+        parts = [data]
+        got = len(data)
+        while got < size and self._in.pending:
+            try:
+                more = self._obj.read(size - got)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                break  # a partial record, or the end: the next call sees it
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def output_waiting(self) -> bool:
+        """Whether reading made TLS bytes of its own (alerts, key updates) that must be sent."""
+        with self._lock:
+            return self._out.pending > 0
+
     def pending_output(self) -> bytes:
-        """TLS bytes produced while reading (alerts, key updates), for the writer to send."""
+        """TLS bytes produced while reading, taken by the writer (once it owns the connection)."""
         with self._lock:
             return self._out.read()
 
     # ------------------------------------------------------------------ writer side
     def encrypt(self, data: Any) -> bytes:
-        """The TLS records carrying ``data``."""
+        """The TLS records carrying ``data``, after any bytes the TLS layer made before."""
         with self._lock:
             self._obj.write(data)
             return self._out.read()

@@ -10,6 +10,10 @@ fit waits in the outbox and the socket waits in a selector for writability. A
 connection whose unsent bytes pass its limit is closed with 1008 "slow consumer".
 The writer never blocks on a socket and never takes the hub's lock.
 
+Over TLS the outbox holds plain frames too: each send seals everything pending
+into TLS records with one encryption (one record per 16 KiB, not one per frame),
+and a slow consumer's frames not yet sealed can still be dropped for its close.
+
 It also keeps the clock: keepalive pings, pong deadlines, credential expiry and
 the grace period of closing connections.
 """
@@ -49,10 +53,13 @@ DETACH = 6  # (DETACH, conn, threading.Event)
 CLOSE_ALL = 7  # (CLOSE_ALL, code, reason)
 CALL = 8  # (CALL, callable)  runs in the writer thread, in order
 SLOW = 9  # (SLOW, conn)  close as a slow consumer
-SEND_WIRE = 10  # (SEND_WIRE, conn, bytes)  already-encrypted TLS bytes
+SEND_WIRE = 10  # (SEND_WIRE, conn, bytes)  bytes as they are (not a frame); b"": the TLS layer's own output
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _DONTWAIT = socket.MSG_DONTWAIT
+#: over TLS, pending frames are sealed into records only while fewer record bytes than this wait
+#: unsent: what a slow consumer is owed stays mostly frames, which its close can drop
+_SEAL_BELOW = 65536
 
 
 class WriterStats:
@@ -244,9 +251,6 @@ class Writer:
                     if conn.deflate:
                         frames = [self._compress(f, conn.deflate) for f in frames]
                         size = sum(len(f) for f in frames)
-                    if conn.tls is not None:
-                        frames = [conn.tls.encrypt(f) for f in frames]
-                        size = sum(len(f) for f in frames)
                     conn.out.extend(frames)
                     conn.out_bytes += size
                     stats.delivered += len(frames)
@@ -268,8 +272,15 @@ class Writer:
             elif kind == SEND_WIRE:
                 conn = op[1]
                 if not conn.dead:
-                    conn.out.append(op[2])
-                    conn.out_bytes += len(op[2])
+                    if op[2]:
+                        conn.out.append(op[2])
+                        conn.out_bytes += len(op[2])
+                    elif conn.tls is not None:
+                        # the reader's decryption made records: they precede every frame not yet sealed
+                        wire = conn.tls.pending_output()
+                        if wire:
+                            conn.tls.wire = b"".join((conn.tls.wire, wire)) if conn.tls.wire else wire
+                            conn.out_bytes += len(wire)
                     self._mark(conn)
             elif kind == SLOW:
                 if not (op[1].close_sent or op[1].dead):
@@ -304,11 +315,9 @@ class Writer:
                                    for m in msgs])
                 block = v1
             out = conn.out
-            if out and (conn.out_bytes - len(out[0])) > conn.max_outbox:
+            if out and (conn.out_bytes - len(out[0])) > conn.max_outbox and self._over(conn):
                 self._slow(conn)
                 continue
-            if conn.tls is not None:
-                block = conn.tls.encrypt(block)
             out.append(block)
             conn.out_bytes += len(block)
             if len(out) == 1 and not conn.waiting_write:
@@ -348,15 +357,19 @@ class Writer:
         if not conn.waiting_write and not conn.dead:
             self._dirty.append(conn)
 
+    @staticmethod
+    def _over(conn: Connection) -> bool:
+        """Past the limit by a closer count: over TLS the records in flight are not counted either."""
+        tls = conn.tls
+        return tls is None or conn.out_bytes - len(conn.out[0]) - len(tls.wire) > conn.max_outbox
+
     def _append(self, conn: Connection, frame: bytes) -> None:
         out = conn.out
         pending = conn.out_bytes
-        if out and (pending - len(out[0])) > conn.max_outbox:
+        if out and (pending - len(out[0])) > conn.max_outbox and self._over(conn):
             # unsent bytes, not counting the frame in flight, are past the limit
             self._slow(conn)
             return
-        if conn.tls is not None:
-            frame = conn.tls.encrypt(frame)
         out.append(frame)
         conn.out_bytes = pending + len(frame)
         if not conn.waiting_write and len(out) == 1:
@@ -365,24 +378,22 @@ class Writer:
     def _flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
-            if not conn.waiting_write and conn.out:
+            if not conn.waiting_write and (conn.out or conn.tls is not None):
                 self._send(conn)
 
     def _send(self, conn: Connection) -> None:
         out = conn.out
         if conn.dead:
             return
-        if out:
-            data = out[0] if len(out) == 1 else b"".join(out)
-            try:
-                sent = conn.sock.send(data, _DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                logger.debug("send to %s failed: %s", conn.label, exc)
-                self._kill(conn)
+        tls = conn.tls
+        if tls is not None:
+            if not self._send_tls(conn, tls):
                 return
-            self.stats.bytes_out += sent
+        elif out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            sent = self._write(conn, data)
+            if sent < 0:
+                return
             if sent == len(data):
                 out.clear()
                 conn.out_bytes = 0
@@ -396,7 +407,7 @@ class Writer:
                     del out[:i]
                 if sent:
                     out[0] = memoryview(out[0])[sent:]
-        if out:
+        if out or (tls is not None and tls.wire):
             if not conn.waiting_write:
                 try:
                     self._sel.register(conn.sock, selectors.EVENT_WRITE, conn)
@@ -412,6 +423,52 @@ class Writer:
                 self._flushed(conn)
         if conn.out_bytes <= conn.max_outbox // 4:
             conn.drained.set()
+
+    def _write(self, conn: Connection, data: Any) -> int:
+        """Bytes of ``data`` the socket took without waiting; -1 when it failed (the connection is killed)."""
+        try:
+            sent = conn.sock.send(data, _DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            logger.debug("send to %s failed: %s", conn.label, exc)
+            self._kill(conn)
+            return -1
+        self.stats.bytes_out += sent
+        return sent
+
+    def _send_tls(self, conn: Connection, tls: Any) -> bool:
+        """Seal the pending frames into TLS records with one encryption and send what fits;
+        False when the connection is dead. Unsent records wait in ``tls.wire``: TLS bytes
+        cannot be dropped or re-made, so that is what the next send starts with."""
+        out = conn.out
+        while True:
+            if out and len(tls.wire) < _SEAL_BELOW:
+                plain = out[0] if len(out) == 1 else b"".join(out)
+                out.clear()
+                try:
+                    sealed = tls.encrypt(plain)
+                except Exception as exc:  # a broken TLS state (a fatal alert): nothing more can be said
+                    logger.debug("TLS to %s failed: %s", conn.label, exc)
+                    self._kill(conn)
+                    return False
+                conn.out_bytes += len(sealed) - len(plain)
+                tls.wire = b"".join((tls.wire, sealed)) if tls.wire else sealed
+            wire = tls.wire
+            if not wire:
+                return True
+            sent = self._write(conn, wire)
+            if sent < 0:
+                return False
+            conn.out_bytes -= sent
+            if sent < len(wire):
+                if sent:
+                    tls.wire = memoryview(wire)[sent:]
+                return True
+            tls.wire = b""
+            if not out:
+                return True
+            # all sent, and frames left unsealed behind a big block: their turn
 
     def _unregister(self, conn: Connection) -> None:
         if conn.waiting_write:
@@ -431,8 +488,11 @@ class Writer:
     def _close(self, conn: Connection, code: int, reason: str, drop_pending: bool = False) -> None:
         if conn.close_sent or conn.dead:
             return
-        if drop_pending and conn.out and conn.tls is None:
-            # (TLS records cannot be dropped: later ones would not decrypt)
+        if drop_pending and conn.out and conn.tls is not None:
+            # the frames not sealed yet go; the TLS records made (in flight) must go out whole
+            conn.out.clear()
+            conn.out_bytes = len(conn.tls.wire)
+        elif drop_pending and conn.out:
             # keep only the frame in flight, so the close frame follows whole frames
             head = conn.out[0]
             if isinstance(head, memoryview):
@@ -442,12 +502,6 @@ class Writer:
                 conn.out.clear()
                 conn.out_bytes = 0
         frame = close_frame(int(code), reason)
-        if conn.tls is not None:
-            try:
-                frame = conn.tls.encrypt(frame)
-            except Exception:  # a broken TLS state: nothing more can be said
-                self._kill(conn)
-                return
         conn.out.append(frame)
         conn.out_bytes += len(frame)
         conn.close_sent = True
@@ -472,8 +526,7 @@ class Writer:
             return
         self._unregister(conn)
         conn.dead = True
-        conn.out.clear()
-        conn.out_bytes = 0
+        self._drop(conn)
         try:
             conn.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -481,9 +534,17 @@ class Writer:
         conn.flushed.set()
         conn.drained.set()
 
+    @staticmethod
+    def _drop(conn: Connection) -> None:
+        """Forget everything unsent (frames, and TLS records)."""
+        conn.out.clear()
+        conn.out_bytes = 0
+        if conn.tls is not None:
+            conn.tls.wire = b""
+
     def _abort(self, conn: Connection) -> None:
         """The grace period ran out: reset the connection (SO_LINGER 0)."""
-        if conn.out:
+        if conn.out_bytes:
             try:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             except OSError:
@@ -492,7 +553,7 @@ class Writer:
         self._kill(conn)
 
     def _detach(self, conn: Connection) -> None:
-        if conn.out:
+        if conn.out_bytes:
             # bytes that will never be sent: the reader's close then resets the connection
             try:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -503,8 +564,7 @@ class Writer:
         self._closing.discard(conn)
         conn.attached = False
         conn.dead = True
-        conn.out.clear()
-        conn.out_bytes = 0
+        self._drop(conn)
 
     # ------------------------------------------------------------------ the clock
     def _tick(self, now: float) -> None:
