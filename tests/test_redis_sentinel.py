@@ -46,7 +46,7 @@ def pair(tmp_path):
 
 def test_wait_replicas_acks_at_the_replica_count_and_refuses_past_it(pair):
     primary, replica = pair
-    ok = RedisBroker(primary.url.replace("/0", "/0?wait_replicas=1&wait_timeout_ms=%d" % (2000 * SCALE)))
+    ok = RedisBroker(primary.url.replace("/0", "/0?wait_replicas=1&wait_timeout_ms=%d" % (T * 1000)))
     short = RedisBroker(primary.url.replace("/0", "/0?wait_replicas=2&wait_timeout_ms=100"))
     try:
         assert ok.publish([("w", "a"), ("w", "b")]) == [(1, ok.latest("w")[1]), (2, ok.latest("w")[1])]
@@ -92,9 +92,9 @@ def test_a_message_is_shown_only_once_replicas_have_it(pair):
     failover to a replica that lacks it cannot take back what a subscriber already saw."""
     primary, _replica = pair
     query = "/0?wait_replicas=%d&wait_timeout_ms=%d"
-    ok = RedisBroker(primary.url.replace("/0", query % (1, 2000 * SCALE)))
+    ok = RedisBroker(primary.url.replace("/0", query % (1, T * 1000)))
     short = RedisBroker(primary.url.replace("/0", query % (2, 50)))
-    watcher = RedisBroker(primary.url.replace("/0", query % (1, 2000 * SCALE)))
+    watcher = RedisBroker(primary.url.replace("/0", query % (1, T * 1000)))
     sink = Sink()
     try:
         watcher.start(sink)
@@ -128,8 +128,11 @@ def sentinel_set(tmp_path):
 
     Two replicas: after a failover the new primary still has one, so that WAIT 1 can succeed.
     """
-    with SentinelSet(str(tmp_path), replicas=2, sentinels=3) as ss:
+    ss = SentinelSet(str(tmp_path), replicas=2, sentinels=3).start(timeout=3 * T)
+    try:
         yield ss
+    finally:
+        ss.stop()
 
 
 class Publisher:
@@ -250,8 +253,9 @@ def test_failover_broker_follows_the_new_primary_and_loses_no_acked_message(sent
         assert all(stored.get(s) == str(d) for s, d in p.acked)
     assert wait_for(lambda: health_status(a.port) == "ok" and health_status(b.port) == "ok", timeout=T)
     status = a.broker.status()
-    assert (status["kind"], status["primary"], status["wait_replicas"]) == (
-        "redis-sentinel", "127.0.0.1:%d" % ss.primary_port(), 1)
+    assert (status["kind"], status["wait_replicas"]) == ("redis-sentinel", 1)
+    # a replica (on a loaded machine Sentinel may even have moved on again since)
+    assert status["primary"] in ["127.0.0.1:%d" % r.port for r in ss.replicas], status
     assert status["reconnects"] >= 1
 
 
