@@ -23,17 +23,20 @@ connections over the workers; the publisher's messages reach the other worker's
 subscribers through Redis). Printed: deliveries/s, and deliveries per CPU-second of
 the server (every worker process and the supervisor) and of redis-server, both
 measured over the load generator's measured window only (CPU sampled every 50 ms),
-with the cores the rest of the machine used meanwhile ("foreign").
+with the cores the rest of the machine used meanwhile ("foreign"). With --cluster, the
+same two setups on a Redis Cluster of 3 primaries (no replicas, no append-only file, like
+the one Redis; redis CPU is the sum of its nodes).
 
 The servers run on this interpreter (``python scripts/bench_redis.py``, with wsbroadcast[redis] installed).
 
   scripts/bench_redis.py [--subs 100] [--duration 3] [--rate 200] [--repeat 1]
-  scripts/bench_redis.py --workers-table [--subs 1000] [--duration 5] [--repeat 3]
+  scripts/bench_redis.py --workers-table [--cluster] [--subs 1000] [--duration 5] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.machinery
 import importlib.util
 import json
@@ -183,7 +186,7 @@ class CpuSampler:
         return [(b - a) * scale for a, b in zip(first[1], last[1])]
 
 
-def run_workers(bench: Any, exe: str, url: str, redis_pid: int, workers: int,
+def run_workers(bench: Any, exe: str, url: str, redis_pids: List[int], workers: int,
                 a: argparse.Namespace) -> Dict[str, float]:
     """One ``serve --workers N`` process tree, one tput load generator; its figures."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -200,7 +203,7 @@ def run_workers(bench: Any, exe: str, url: str, redis_pid: int, workers: int,
         def cpu_of(pid: int) -> float:  # pid 0: the whole machine's busy time
             return bench.busy_ticks()[0] / tck if pid == 0 else bench.cpu_s(pid)
 
-        sampler = CpuSampler(cpu_of, [node.pid, redis_pid, 0])
+        sampler = CpuSampler(cpu_of, [node.pid, 0] + redis_pids)
         launched = time.monotonic()
         try:
             (res,) = run_loadgens(exe, [node.port], [
@@ -214,7 +217,8 @@ def run_workers(bench: Any, exe: str, url: str, redis_pid: int, workers: int,
     if "error" in res:
         raise SystemExit("--workers %d: %s" % (workers, res["error"]))
     start = launched + res["connect_s"] + res["prefill_s"]
-    server_cpu, redis_cpu, busy = sampler.between(start, start + res["seconds"])
+    server_cpu, busy, *redis_cpus = sampler.between(start, start + res["seconds"])
+    redis_cpu = sum(redis_cpus)
     loadgen_cores = res["cpu_s"] / (res["connect_s"] + res["prefill_s"] + res["seconds"])
     return {
         "deliveries_per_s": res["deliveries_per_s"],
@@ -232,35 +236,55 @@ def run_workers(bench: Any, exe: str, url: str, redis_pid: int, workers: int,
 
 
 def workers_table(bench: Any, exe: str, a: argparse.Namespace) -> int:
-    setups = [1, 2]
-    results: Dict[int, List[Dict[str, float]]] = {n: [] for n in setups}
-    with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp, RedisServer(tmp) as rs:
+    # (label, workers, cluster?)
+    setups: List[Tuple[str, int, bool]] = [("--workers 1", 1, False), ("--workers 2", 2, False)]
+    if a.cluster:
+        setups += [("cluster, --workers 1", 1, True), ("cluster, --workers 2", 2, True)]
+    results: Dict[str, List[Dict[str, float]]] = {s[0]: [] for s in setups}
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-redis-"))
+        rs = stack.enter_context(RedisServer(os.path.join(tmp, "one")))
         assert rs.proc is not None
         log("redis-server on %s" % rs.url)
+        where = {False: (rs.url, [rs.proc.pid])}
+        if a.cluster:
+            from redis_cluster import RedisCluster
+
+            # three primaries, no replica and no append-only file: the same work per message
+            # as the one Redis, spread over shards (the load generator's one topic is on one)
+            rc = stack.enter_context(RedisCluster(os.path.join(tmp, "cluster"), replicas=0, appendonly=False))
+            where[True] = (rc.url, [n.proc.pid for n in rc.nodes if n.proc is not None])
+            log("redis cluster on %s" % rc.url)
         for rep in range(a.repeat):
-            for n in (setups if rep % 2 == 0 else list(reversed(setups))):
-                res = run_workers(bench, exe, rs.url, rs.proc.pid, n, a)
-                log("--workers %d (run %d): %s" % (n, rep + 1, json.dumps(res)))
-                results[n].append(res)
+            for label, n, cluster in (setups if rep % 2 == 0 else list(reversed(setups))):
+                url, pids = where[cluster]
+                res = run_workers(bench, exe, url, pids, n, a)
+                log("%s (run %d): %s" % (label, rep + 1, json.dumps(res)))
+                results[label].append(res)
     med = {n: {k: statistics.median(r[k] for r in rs_) for k in rs_[0]} for n, rs_ in results.items()}
     load = os.getloadavg()
-    print("serve --workers N on one Redis: %d subscribers and 1 publisher (tput mode) on one port, %.0f s "
+    print("serve --workers N on one Redis%s: %d subscribers and 1 publisher (tput mode) on one port, %.0f s "
           "per run, %d CPUs, median of %d, load average before/after %.1f" % (
-              a.subs, a.duration, os.cpu_count() or 0, a.repeat, load[0]))
+              " and on a cluster of 3 primaries" if a.cluster else "", a.subs, a.duration,
+              os.cpu_count() or 0, a.repeat, load[0]))
     rows = [("setup", "deliveries/s", "per server CPU-s", "per redis CPU-s", "server cores",
              "redis cores", "loadgen cores", "foreign cores", "p99 ms")]
-    for n in setups:
-        m = med[n]
-        rows.append(("--workers %d" % n, "%.0f" % m["deliveries_per_s"], "%.0f" % m["per_server_cpu_s"],
+    for label, _n, _c in setups:
+        m = med[label]
+        rows.append((label, "%.0f" % m["deliveries_per_s"], "%.0f" % m["per_server_cpu_s"],
                      "%.0f" % m["per_redis_cpu_s"], "%.2f" % m["server_cores"], "%.2f" % m["redis_cores"],
                      "%.2f" % m["loadgen_cores"], "%.2f" % m["foreign_cores"], "%.1f" % m["p99_ms"]))
-    one, two = med[1], med[2]
 
-    def ratio(key: str) -> str:
-        return "%.2f" % (two[key] / one[key] if one[key] else 0)
+    def ratio(top: str, bottom: str) -> None:
+        def r(key: str) -> str:
+            return "%.2f" % (med[top][key] / med[bottom][key] if med[bottom][key] else 0)
 
-    rows.append(("2 / 1", ratio("deliveries_per_s"), ratio("per_server_cpu_s"), ratio("per_redis_cpu_s"),
-                 ratio("server_cores"), ratio("redis_cores"), "", "", ""))
+        rows.append(("%s / %s" % (top, bottom), r("deliveries_per_s"), r("per_server_cpu_s"),
+                     r("per_redis_cpu_s"), r("server_cores"), r("redis_cores"), "", "", ""))
+
+    ratio("--workers 2", "--workers 1")
+    if a.cluster:
+        ratio("cluster, --workers 1", "--workers 1")
     print_rows(rows)
     return 0
 
@@ -284,6 +308,8 @@ def main() -> int:
     p.add_argument("--max-steps", type=int, default=7)
     p.add_argument("--workers-table", action="store_true",
                    help="compare serve --workers 1 and --workers 2 on one Redis instead (use --subs 1000)")
+    p.add_argument("--cluster", action="store_true",
+                   help="with --workers-table: the same on a Redis Cluster of 3 primaries too (redis+cluster://)")
     a = p.parse_args()
     bench = load_bench()
     exe = bench.build(Path.home() / ".cache" / "wsbroadcast-bench")["loadgen"]

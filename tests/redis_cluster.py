@@ -1,11 +1,12 @@
-"""A private Redis Cluster for tests: 3 primaries + 3 replicas of ``redis-server`` on loopback.
+"""A private Redis Cluster for tests: 3 primaries + 3 replicas of ``redis-server`` on loopback
+(``replicas=0``: the primaries alone).
 
     with RedisCluster(tmp_path) as rc:
         url = rc.url                       # redis+cluster://127.0.0.1:P1,127.0.0.1:P2,...
         rc.kill(port)                      # SIGKILL one node
         rc.wait(lambda info: ...)          # poll CLUSTER state with a deadline
 
-Every node runs with ``appendfsync always`` and a short ``cluster-node-timeout`` so that
+Every node runs with ``appendfsync always`` (unless ``appendonly=False``) and a short ``cluster-node-timeout`` so that
 a failover takes a few seconds. ``stop`` ends every process it started.
 """
 
@@ -75,19 +76,20 @@ class ClusterNodeInfo:
 
 
 class RedisCluster:
-    """Six redis-server processes made into a cluster by ``redis-cli --cluster create``."""
+    """Three primaries (each with ``replicas`` replicas) made into a cluster by ``redis-cli --cluster create``."""
 
-    def __init__(self, directory: str, size: int = 6) -> None:
+    def __init__(self, directory: str, replicas: int = 1, appendonly: bool = True) -> None:
         require_redis_server()
         if REDIS_CLI is None:
             import pytest
 
             pytest.skip("redis-cli is not installed (apt-get install redis-tools)", allow_module_level=True)
         self.dir = str(directory)
+        self.replicas = replicas
         self.nodes: List[RedisServer] = []
-        for i in range(size):
+        for i in range(3 * (1 + replicas)):
             self.nodes.append(RedisServer(
-                os.path.join(self.dir, "n%d" % i), appendonly=True, port=free_port(),
+                os.path.join(self.dir, "n%d" % i), appendonly=appendonly, port=free_port(),
                 extra=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                        "--cluster-port", str(free_port()),  # the bus: not port + 10000
                        "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
@@ -108,7 +110,7 @@ class RedisCluster:
                 n.start()
             assert REDIS_CLI is not None
             subprocess.run([REDIS_CLI, "--cluster", "create"] + ["127.0.0.1:%d" % p for p in self.ports]
-                           + ["--cluster-replicas", "1", "--cluster-yes"],
+                           + ["--cluster-replicas", str(self.replicas), "--cluster-yes"],
                            check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
             self.wait(self.healthy, timeout, "the cluster to form")
         except BaseException:
@@ -143,8 +145,10 @@ class RedisCluster:
             if len(primaries) != 3:
                 return False
             replicas = [n for n in nodes if "slave" in n.flags and n.connected and "fail" not in n.flags]
-            if len({r.primary_id for r in replicas} & {m.id for m in primaries}) != 3:
+            if self.replicas and len({r.primary_id for r in replicas} & {m.id for m in primaries}) != 3:
                 return False
+        if not self.replicas:
+            return True
         return all(self.replicated(p) for p in self.primaries())
 
     def replicated(self, port: int) -> bool:
