@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 from redis_cluster import RedisCluster, command
+from test_presence_redis import test_presence_and_join_leave_cover_both_nodes as presence_on_two_nodes
 
 import wsraw
 from conftest import SCALE
@@ -206,6 +207,12 @@ def test_spread_order_and_wildcards_through_two_servers(cluster, make_server):
         assert check_stream(msgs, t) == acked[t] + [acked[t][-1] + 1]
     for ws in subs + [wild]:
         ws.close()
+
+
+def test_presence_and_join_leave_on_a_cluster(cluster, make_server):
+    """One Redis's presence test on the cluster: joins and leaves (sharded, like the messages)
+    reach the other node in order with its messages, and presence counts both nodes."""
+    presence_on_two_nodes(make_server, cluster.url)
 
 
 def migrate_slot(rc: RedisCluster, slot: int, src: int, dst: int, between: Any = None) -> None:

@@ -679,7 +679,10 @@ class ClusterBroker(RedisBroker):
             if n in globs:
                 subs.classic_conn().send_command("PSUBSCRIBE", n)
             else:
-                node = self._owner(self._redis.keyslot(n))
+                try:
+                    node = self._owner(self._redis.keyslot(n))
+                except BrokerUnavailable as exc:
+                    raise _Lost(str(exc)) from exc
                 addr = (node.host, int(node.port))
                 subs.shard(addr).send_command("SSUBSCRIBE", n)  # one per command: one slot each
                 self._shard_of[n] = addr
