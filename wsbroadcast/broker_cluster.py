@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import select
 import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
@@ -400,14 +399,9 @@ class ClusterBroker(RedisBroker):
     def publish(self, items: Sequence[Tuple[str, str]]) -> List[Tuple[int, str]]:
         if not items:
             return []
-        if self._pending:
-            with self._send_lock:
-                self._send_presence(False)  # this node's joins and leaves go first
+        self._begin_publish(items)
         groups: Dict[int, List[int]] = {}
         for i, item in enumerate(items):
-            if (not isinstance(item, (tuple, list)) or len(item) != 2
-                    or not isinstance(item[0], str) or not isinstance(item[1], str)):
-                raise StoreError("publish items must be (topic: str, data: str) tuples")
             groups.setdefault(self._redis.keyslot(self._meta(item[0])), []).append(i)
         wild = self._wildcards_on()
         out: List[Tuple[int, str]] = [(0, "")] * len(items)
@@ -621,7 +615,7 @@ class ClusterBroker(RedisBroker):
                 wait = min(wait, self._wild_refresh_at - now)
             if self._dirty:
                 continue
-            socks = [self._wake_r]
+            socks: List[Any] = []
             for conn in subs.all():
                 sock = getattr(conn, "_sock", None)
                 if sock is not None:
@@ -629,36 +623,11 @@ class ClusterBroker(RedisBroker):
                     if pending is not None and pending():
                         wait = 0
                     socks.append(sock)
-            readable, _, _ = select.select(socks, [], [], max(0.0, wait))
-            if self._wake_r in readable:
-                try:
-                    while self._wake_r.recv(4096):
-                        pass
-                except (BlockingIOError, InterruptedError):
-                    pass
+            self._wait_readable(socks, max(0.0, wait))
 
     def _reconcile(self, subs: Any, catch_up_all: bool) -> None:  # type: ignore[override]
         """Bring the subscriptions in line with the hub's interest; fence new ones per connection."""
-        with self._lock:
-            wanted = set(self._wanted)
-            needs = self._needs
-            self._needs = {}
-            self._dirty = False
-        by_name: Dict[str, Set[str]] = {}
-        for pattern in wanted:
-            by_name.setdefault(self._name(pattern), set()).add(pattern)
-        globs = {n for n, ps in by_name.items() if is_wildcard(next(iter(ps))) and not n.endswith(":jl")}
-        globs.update(n for n, ps in self._sent.items() if is_wildcard(next(iter(ps))))
-        gone = [n for n in self._sent if n not in by_name]
-        new = [n for n in by_name if n not in self._sent]
-        for pattern in needs:
-            if pattern not in wanted:
-                continue
-            if pattern in self._last and self._covered(pattern):
-                continue
-            self._last.pop(pattern, None)
-            self._epochs.pop(pattern, None)
-            self._need[pattern] = needs[pattern]
+        wanted, by_name, globs, gone, new = self._take_interest()
         for n in gone:
             if n in globs:
                 subs.classic_conn().send_command("PUNSUBSCRIBE", n)

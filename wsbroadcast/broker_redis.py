@@ -366,19 +366,23 @@ class RedisBroker(Broker):
         self._cmd_ok = False
         return BrokerUnavailable("redis is unavailable: %s" % _reason(exc))
 
-    def publish(self, items: Sequence[Tuple[str, str]]) -> List[Tuple[int, str]]:
-        if not items:
-            return []
-        if self._pending:
-            with self._send_lock:
-                self._send_presence(False)  # this node's joins and leaves go first
-        keys: List[str] = []
-        args: List[Any] = [self.history_size, self._ttl_ms, secrets.token_hex(8)]
+    def _begin_publish(self, items: Sequence[Tuple[str, str]]) -> None:
+        """Check the items (StoreError); send this node's queued joins and leaves first."""
         for item in items:
             if (not isinstance(item, (tuple, list)) or len(item) != 2
                     or not isinstance(item[0], str) or not isinstance(item[1], str)):
                 raise StoreError("publish items must be (topic: str, data: str) tuples")
-            topic, data = item
+        if self._pending:
+            with self._send_lock:
+                self._send_presence(False)  # this node's joins and leaves go first
+
+    def publish(self, items: Sequence[Tuple[str, str]]) -> List[Tuple[int, str]]:
+        if not items:
+            return []
+        self._begin_publish(items)
+        keys: List[str] = []
+        args: List[Any] = [self.history_size, self._ttl_ms, secrets.token_hex(8)]
+        for topic, data in items:
             keys.append(self._meta(topic))
             keys.append(self._stream(topic))
             args.append(self._ch_prefix + topic)
@@ -809,16 +813,21 @@ class RedisBroker(Broker):
                 pending = getattr(sock, "pending", None)
                 if pending is not None and pending():
                     continue
-                readable, _, _ = select.select([sock, self._wake_r], [], [], wait)
-                if self._wake_r in readable:
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except (BlockingIOError, InterruptedError):
-                        pass
+                self._wait_readable([sock], wait)
 
-    def _reconcile(self, conn: Any, catch_up_all: bool) -> None:
-        """Bring the subscriptions in line with the hub's interest; fence new ones."""
+    def _wait_readable(self, socks: List[Any], wait: float) -> None:
+        """Wait up to ``wait`` seconds for one of ``socks`` or a wake-up (which is consumed)."""
+        readable, _, _ = select.select(socks + [self._wake_r], [], [], wait)
+        if self._wake_r in readable:
+            try:
+                while self._wake_r.recv(4096):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+
+    def _take_interest(self) -> Tuple[Set[str], Dict[str, Set[str]], Set[str], List[str], List[str]]:
+        """The hub's interest, taken: (wanted patterns, Redis name -> its patterns, the names
+        that are globs, names to drop, names to add). Topics acked anew wait in ``_need``."""
         with self._lock:
             wanted = set(self._wanted)
             needs = self._needs
@@ -840,6 +849,11 @@ class RedisBroker(Broker):
             self._last.pop(pattern, None)
             self._epochs.pop(pattern, None)
             self._need[pattern] = needs[pattern]
+        return wanted, by_name, globs, gone, new
+
+    def _reconcile(self, conn: Any, catch_up_all: bool) -> None:
+        """Bring the subscriptions in line with the hub's interest; fence new ones."""
+        wanted, by_name, globs, gone, new = self._take_interest()
         if gone:
             for kind, names in (("UNSUBSCRIBE", [n for n in gone if n not in globs]),
                                 ("PUNSUBSCRIBE", [n for n in gone if n in globs])):
