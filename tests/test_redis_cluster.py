@@ -288,6 +288,9 @@ def test_primary_killed_mid_stream(cluster, make_server):
     dead = owner(cluster, victim)
     subs = {t: [subscribe(a.port, t), subscribe(b.port, t)] for t in topics}
     wild = subscribe(make_server(redis_url=url).port, "kill.>")
+    probe = connect(a.port)
+    epoch = wsraw.subscribe(probe, victim, "e", T)["epoch"]
+    probe.close()
     pubs = [Publisher(a.port, topics, "pa"), Publisher(b.port, topics, "pb")]
     for p in pubs:
         wait_acks(p, victim, 10)
@@ -302,6 +305,8 @@ def test_primary_killed_mid_stream(cluster, make_server):
         p.finish()
         for _, _, r in p.replies:  # acked or said unavailable, never anything else
             assert r["type"] == "ack" or r.get("code") == "unavailable", r
+    # the victim's publishes during the failover were refused, the other shards' went on
+    assert any(t == victim and r["type"] == "error" for p in pubs for t, _, r in p.replies)
     markers = {t: "end-" + t for t in topics}
     for t in topics:
         publish_retrying(a, t, markers[t])
@@ -316,5 +321,13 @@ def test_primary_killed_mid_stream(cluster, make_server):
     msgs = read_until_markers(wild, markers)
     for t in topics:
         assert {s for p in pubs for s, _ in p.acked(t)} <= set(check_stream(msgs, t))
+    # a client that left before the failover resumes after it on the other server
+    first = min(s for p in pubs for s, _ in p.acked(victim))
+    late = connect(b.port)
+    ack = wsraw.subscribe(late, victim, "r", T, since=first, epoch=epoch)
+    assert ack["type"] == "ack" and ack["recovered"] is True, ack
+    rest = read_until_markers(late, {victim: markers[victim]})
+    assert check_stream(rest, victim)[0] == first + 1 and rest[-1]["seq"] == ack["seq"]
+    late.close()
     for ws in [w for pair in subs.values() for w in pair] + [wild]:
         ws.close()
