@@ -8,12 +8,14 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import SCALE
 from serverproc import without_file_permission_override
 
 from wsbroadcast.errors import StoreError
@@ -541,6 +543,9 @@ class _FakeStore:
         self.reached = threading.Event()
         self.threads: List[threading.Thread] = []
 
+    def checkpoint(self) -> None:
+        pass
+
     def trim(self, now: Optional[float] = None) -> int:
         self.calls += 1
         self.threads.append(threading.current_thread())
@@ -677,3 +682,36 @@ def test_memory_store_matches_list_model(
     for topic in _TOPICS:
         want = [m for m in model[topic] if m[0] > since][:limit]
         assert [(m.seq, m.data, m.time) for m in store.since(topic, since, limit)] == want
+
+
+def test_sqlite_commits_leave_checkpoints_to_checkpoint(tmp_path) -> None:
+    # a publish's commit does not copy the WAL into the database file (SQLite's default
+    # does it in the commit that passes 1000 WAL pages, an fsync and a page copy on the
+    # publish path): checkpoint(), called by the trimmer thread, does
+    path = str(tmp_path / "h.db")
+    with SqliteStore(path, history_size=100000) as store:
+        base = os.path.getsize(path)
+        for _ in range(1500):  # a commit each: well over 1000 WAL pages
+            store.append_batch([("t", '"%s"' % ("x" * 300))])
+        assert os.path.getsize(path) == base
+        store.checkpoint()
+        assert os.path.getsize(path) > base + 400_000
+        assert len(store.since("t", 0, 2000)) == 1500 and store.latest("t")[0] == 1500
+
+
+def test_retention_trimmer_checkpoints_the_sqlite_store(tmp_path) -> None:
+    path = str(tmp_path / "h.db")
+    with SqliteStore(path, history_size=100000) as store:
+        base = os.path.getsize(path)
+        for _ in range(1500):
+            store.append_batch([("t", '"%s"' % ("x" * 300))])
+        assert os.path.getsize(path) == base
+        trimmer = RetentionTrimmer(store, interval=0.02)
+        trimmer.start()
+        try:
+            deadline = time.monotonic() + 20 * SCALE
+            while os.path.getsize(path) <= base + 400_000 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            trimmer.stop(10)
+        assert os.path.getsize(path) > base + 400_000

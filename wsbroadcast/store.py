@@ -207,6 +207,9 @@ class MessageStore(abc.ABC):
     def release(self, pattern: str) -> None:
         """The last subscriber of ``pattern`` is gone (topics it kept may be forgotten)."""
 
+    def checkpoint(self) -> None:
+        """Do, off the publish path, upkeep its commits would otherwise do (any thread)."""
+
     def _trim_in_steps(self, now: Optional[float]) -> int:
         """A whole trim as a series of :meth:`trim_step` calls (for stores that have them)."""
         removed = 0
@@ -631,6 +634,9 @@ _MAX_IDLE_READERS = 8
 _READER_CACHE_KIB = 256
 #: topics whose epoch and last seq a SqliteStore keeps in memory
 _META_CACHE = 65536
+#: WAL pages past which a commit checkpoints by itself: a backstop only, as the store's
+#: checkpoint() (the trimmer thread, every round) keeps the WAL well below it
+_WAL_BACKSTOP_PAGES = 16384
 
 
 class SqliteStore(MessageStore):
@@ -729,6 +735,10 @@ class SqliteStore(MessageStore):
         self._reader_failed = False
 
         self._writer: Optional[sqlite3.Connection] = None
+        # _ckpt_lock guards _ckpt, the connection checkpoint() uses (set by open()).
+        # Lock order: _wlock, then _ckpt_lock.
+        self._ckpt_lock = threading.Lock()
+        self._ckpt: Optional[sqlite3.Connection] = None
         self._lock_file: Optional[PidLock] = None
         # (st_dev, st_ino) of the file opened, compared with the path's before commits
         self._identity: Optional[Tuple[int, int]] = None
@@ -751,6 +761,10 @@ class SqliteStore(MessageStore):
                 if self._file is not None:
                     st = os.stat(self._file)
                     self._identity = (st.st_dev, st.st_ino)
+                if not (self.read_only or self._shared_reads):
+                    ckpt = self._open_checkpointer()
+                    with self._ckpt_lock:
+                        self._ckpt = ckpt
             except BaseException as exc:
                 if self._writer is not None:
                     self._writer.close()
@@ -911,6 +925,36 @@ class SqliteStore(MessageStore):
                     conn = None
             if conn is not None:
                 conn.close()
+
+    def _open_checkpointer(self) -> Optional[sqlite3.Connection]:
+        """A connection for :meth:`checkpoint`; with it, commits leave checkpoints to it
+        (but past _WAL_BACKSTOP_PAGES). None, commits checkpointing as SQLite does by
+        default, when it cannot be opened."""
+        try:
+            conn = self._connect(self.path, self._is_uri)
+        except sqlite3.Error as exc:
+            logger.warning("sqlite store %s: no checkpoint connection (%s)", self.path, exc)
+            return None
+        try:
+            conn.execute("PRAGMA synchronous=%s" % ("FULL" if self.full_sync else "NORMAL"))
+            self._conn().execute("PRAGMA wal_autocheckpoint=%d" % _WAL_BACKSTOP_PAGES)
+        except sqlite3.Error as exc:
+            conn.close()
+            logger.warning("sqlite store %s: no checkpoint connection (%s)", self.path, exc)
+            return None
+        return conn
+
+    def checkpoint(self) -> None:
+        """Copy the WAL's committed pages into the database file (PASSIVE: waits for
+        neither the writer nor readers), so that no publish's commit does it."""
+        with self._ckpt_lock:
+            conn = self._ckpt
+            if conn is None or self._closed or self._lost:
+                return
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as exc:
+                self._errors.error("sqlite store %s: checkpoint failed: %s", self.path, exc)
 
     def _open_reader(self) -> sqlite3.Connection:
         conn = self._connect(self._reader_uri, True)
@@ -1187,6 +1231,10 @@ class SqliteStore(MessageStore):
             # Readers in use are closed when they are given back.
             for conn in idle:
                 conn.close()
+            with self._ckpt_lock:
+                ckpt, self._ckpt = self._ckpt, None
+            if ckpt is not None:
+                ckpt.close()
             if self._writer is None:
                 return
             try:
@@ -1253,7 +1301,8 @@ TrimStep = Callable[[int], Tuple[bool, float]]
 
 
 class RetentionTrimmer:
-    """A daemon thread applying retention every ``interval`` seconds, in small steps.
+    """A daemon thread applying retention every ``interval`` seconds, in small steps,
+    then the store's :meth:`~MessageStore.checkpoint`.
 
     Each round calls ``step(limit)`` until it reports nothing more to do, pausing
     between steps so that the lock it takes (the hub's) is free for others most
@@ -1326,6 +1375,7 @@ class RetentionTrimmer:
         while not self._stop.wait(self.interval):
             try:
                 self.run_once()
+                self.store.checkpoint()
             except Exception:
                 mono = time.monotonic()
                 if mono - self._last_log >= self.LOG_EVERY:
