@@ -290,9 +290,11 @@ class ClusterBroker(RedisBroker):
         self._conn_kwargs = dict(kwargs)  # the listener's connections
         kwargs["socket_timeout"] = command_timeout  # a publish's WAIT may take wait_timeout_ms more
         try:
+            # a bounded pool per node (redis-py's cluster takes no blocking pool here: one more
+            # is "unavailable"; publishes come one at a time, under the hub's lock)
             self._redis: Any = redis.RedisCluster(
                 startup_nodes=[ClusterNode(h, p) for h, p in c.nodes], retry=Retry(NoBackoff(), 1),
-                require_full_coverage=False, **kwargs)
+                require_full_coverage=False, max_connections=max_connections, **kwargs)
         except (RedisClusterException, RedisError, OSError) as exc:
             raise ConfigError("cannot load the cluster's map from %s: %s; check the addresses and that "
                               "the cluster is up" % (",".join("%s:%d" % n for n in c.nodes), exc)) from exc
