@@ -215,7 +215,8 @@ def test_presence_and_join_leave_on_a_cluster(cluster, make_server):
     presence_on_two_nodes(make_server, cluster.url)
 
 
-def migrate_slot(rc: RedisCluster, slot: int, src: int, dst: int, between: Any = None) -> None:
+def migrate_slot(rc: RedisCluster, slot: int, src: int, dst: int, between: Any = None,
+                 moved: Any = None) -> None:
     """Move ``slot`` from the primary on ``src`` to the one on ``dst`` key by key (redis-cli's steps)."""
     ids = {n.port: n.id for n in rc.topology()}
     with redis.Redis(port=src, decode_responses=True) as s, redis.Redis(port=dst, decode_responses=True) as d:
@@ -226,7 +227,9 @@ def migrate_slot(rc: RedisCluster, slot: int, src: int, dst: int, between: Any =
         for i, key in enumerate(keys):
             s.execute_command("MIGRATE", "127.0.0.1", dst, key, 0, 5000)
             if i == 0 and between is not None:
-                between()  # half migrated: ASK for the keys gone, TRYAGAIN for a script needing both
+                between()  # half migrated: TRYAGAIN for a script needing keys on both sides
+        if moved is not None:
+            moved()  # every key moved, the slot not yet: ASK to the new node
     for port in [dst, src] + [p for p in rc.primaries() if p not in (src, dst)]:
         with redis.Redis(port=port) as r:
             r.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[dst])
@@ -244,8 +247,16 @@ def test_slot_migration_mid_stream(cluster, make_server):
     pub = Publisher(a.port, [topic], "p")
     wait_acks(pub, topic, 20)
     before = len(pub.acked(topic))
+    asked: List[Tuple[str, Any, dict]] = []
+
+    def moved() -> None:
+        start = len(pub.replies)
+        wait_replies(pub, 5)
+        asked.extend(pub.replies[start:])
+
     migrate_slot(cluster, key_slot((PREFIX + "{%s}:topic" % topic).encode()), src, dst,
-                 between=lambda: wait_replies(pub, 5))
+                 between=lambda: wait_replies(pub, 5), moved=moved)
+    assert len(asked) >= 5 and all(r["type"] == "ack" for _, _, r in asked), asked  # ASK followed
     assert owner(cluster, topic) == dst
     wait_acks(pub, topic, before + 20)
     pub.finish()
