@@ -294,6 +294,7 @@ def test_granted_subscriptions_come_first_and_see_every_later_message(auth_serve
         assert g.recv_json()["topic"] == "news.eu"
         assert pub.recv_json()["type"] == "ack"
         g.close()
+    poll_subs(pub, "room", [])  # the server has seen every one of those closes
     # ordinary subscriptions from then on: unsubscribe ends one, subscribe adds join_leave
     g = connect(port, sub="g", subscribe=[], channels=["room"])
     assert g.recv_json()["type"] == "subscribed"
