@@ -18,6 +18,7 @@ from typing import Dict, List, Tuple
 import pytest
 
 import httputil
+import threadutil
 import wsraw
 from conftest import SCALE
 from serverproc import ServerProcess
@@ -237,3 +238,37 @@ def test_an_open_file_limit_with_no_room_for_connections_is_a_one_line_start_up_
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("wsbroadcast serve: "), done.stderr
     assert "open-file limit (ulimit -n) is 40" in lines[0] and "raise it" in lines[0], lines[0]
+
+
+def test_a_newcomer_waits_for_room_in_a_full_pending_table_then_is_turned_away_at_once(make_server):
+    srv = make_server(max_pending=3)
+    assert srv.pending is not None
+    srv.pending.room_wait = 30 * SCALE  # long enough to free a place meanwhile, whatever the load
+    busy = [_publishing(srv.port) for _ in range(3)]
+    try:
+        assert wsraw.wait_for(lambda: len(srv.pending) == 3 and srv.thread_count() == 3)
+        request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        waiting = threadutil.start(wsraw.http_request, srv.port, request, name="newcomer")
+        assert wsraw.wait_for(lambda: srv.accepted == 4)  # accepted, waiting for a place
+        done = busy.pop()
+        done.sendall(_BODY[10:])
+        assert wsraw.read_response(done)[0] == 200
+        done.close()
+        assert waiting.finish(30 * SCALE)[0] == 200  # it got the freed place, not a 503
+        # full again: a wait that ends with no room turns the following newcomers away at once
+        busy.append(_publishing(srv.port))
+        assert wsraw.wait_for(lambda: len(srv.pending) == 3)
+        srv.pending.room_wait = 0.05
+        _refused_503(srv.port, "server over its connection limit")
+        srv.pending.room_wait = 30 * SCALE
+        started = time.monotonic()
+        _refused_503(srv.port, "server over its connection limit")
+        assert time.monotonic() - started < 15 * SCALE  # not after a wait of room_wait
+        done = busy.pop()
+        done.sendall(_BODY[10:])
+        assert wsraw.read_response(done)[0] == 200
+        done.close()
+        assert wsraw.wait_for(lambda: len(srv.pending) == 2)
+        assert httputil.metric(srv.port, "wsbroadcast_connections_turned_away_total") == 2
+    finally:
+        _close_all(busy)

@@ -33,6 +33,12 @@ MAX_LINGERING = 16
 #: seconds a refused socket is kept open for that
 LINGER_TIME = 1.0
 
+#: seconds a connection waits for room in a full pending table before it is turned away
+#: (handshakes take well under a millisecond: a burst of reconnects waits its turn instead of
+#: getting 503s). Once such a wait ends with no room, newcomers are turned away at once until
+#: a place is freed.
+ROOM_WAIT = 0.25
+
 #: connections not yet upgraded that one address may hold beyond its WebSocket allowance
 #: (``max_connections_per_ip``): a few plain HTTP requests beside its handshakes
 PENDING_PER_IP_SLACK = 8
@@ -152,8 +158,15 @@ class PendingTable:
         self.limit = limit
         self.per_ip = per_ip
         self.evict_after = evict_after
-        # _lock guards _slots (insertion order: oldest first), _per_ip, _evicting and each slot's state
+        # _lock guards _slots (insertion order: oldest first), _per_ip, _evicting, freed and each
+        # slot's state; _room (on _lock) is notified when a place is freed
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        #: places freed in all (a wait for room that ended with none records this count)
+        self.freed = 0
+        self._stalled_at = -1  # freed when a wait for room last ended with none
+        #: seconds a newcomer waits for room when the table is full (see ROOM_WAIT)
+        self.room_wait = ROOM_WAIT
         self._slots: Dict[Slot, None] = {}
         self._per_ip: Dict[str, int] = {}
         self._evicting = 0  # evicted slots whose connection thread has not released them yet
@@ -174,6 +187,25 @@ class PendingTable:
             self._slots[slot] = None
             self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
             return slot, ""
+
+    def wait_room(self) -> bool:
+        """Wait (the accept thread) until the table has room, at most ``room_wait`` seconds.
+
+        False at once when an earlier wait found no room and no place was freed since.
+        """
+        deadline = time.monotonic() + self.room_wait
+        with self._lock:
+            if self._stalled_at == self.freed:
+                return False
+            while len(self._slots) >= self.limit:
+                now = time.monotonic()
+                if self._evict(now):  # one idle long enough meanwhile
+                    return True
+                if now >= deadline:
+                    self._stalled_at = self.freed
+                    return False
+                self._room.wait(min(deadline - now, self.evict_after / 4))
+            return True
 
     def evict_idle(self) -> bool:
         """End the connection that has waited longest for a request (to free its descriptor)."""
@@ -204,6 +236,8 @@ class PendingTable:
 
     def _drop(self, slot: Slot) -> None:
         del self._slots[slot]
+        self.freed += 1
+        self._room.notify()
         left = self._per_ip.get(slot.ip, 1) - 1
         if left > 0:
             self._per_ip[slot.ip] = left
@@ -217,6 +251,8 @@ class PendingTable:
 
     def release(self, slot: Slot) -> None:
         """The connection was upgraded or ends: its slot is free (call before closing the socket)."""
+        if slot.state == DONE:  # released already (DONE is final: no lock needed to see it)
+            return
         with self._lock:
             if slot.state == LIVE:
                 self._drop(slot)

@@ -134,8 +134,8 @@ class Connection:
         self.dead = False  # socket failed or was torn down; nothing more is written
         self.attached = False  # known to the writer
 
-        #: set by the writer when the close frame is flushed (or can never be)
-        self.flushed = Flag()
+        #: the close frame is flushed (or can never be)
+        self.flushed = False
         #: set by the writer when the outbox drains below the replay low-water mark
         self.drained = Flag(True)
 

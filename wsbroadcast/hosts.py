@@ -89,6 +89,8 @@ class HostRule:
         self._names: FrozenSet[str] = frozenset(names)
         self._pairs: FrozenSet[Tuple[str, Optional[int]]] = frozenset(pairs)
         self.configured = bool(allowed)
+        #: the last Host value found allowed (clients mostly send the same one): served at once
+        self._last_allowed: Optional[str] = None
 
     def with_loopback_only(self, loopback_only: bool) -> "HostRule":
         """The same allowed hosts for a server that does (or does not) listen on loopback."""
@@ -98,9 +100,12 @@ class HostRule:
         """True when a request with this ``Host`` header (None: absent) is served."""
         if self.any or host is None or not (self.loopback_only or self.configured):
             return True
+        if host == self._last_allowed:
+            return True
         parsed = split_host(host)
         if parsed is None:
             return False
-        if self.loopback_only and is_loopback(parsed[0]):
+        if (self.loopback_only and is_loopback(parsed[0])) or parsed[0] in self._names or parsed in self._pairs:
+            self._last_allowed = host
             return True
-        return parsed[0] in self._names or parsed in self._pairs
+        return False

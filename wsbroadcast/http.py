@@ -24,10 +24,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from urllib.parse import parse_qs, urlsplit
 
 import h11
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request
 from wsproto.extensions import Extension
-from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
+from wsproto.handshake import server_extensions_handshake
+from wsproto.utilities import generate_accept_token, split_comma_header
 
 from .deflate import Agreement, InboundDeflate, negotiate
 from .envelope import PLAIN, SUBPROTOCOL, V1, encode_json, parse_json
@@ -104,9 +103,13 @@ class HttpError(Exception):
 class Upgrade:
     """An accepted WebSocket upgrade, ready for the reader."""
 
-    def __init__(self, ws: WSConnection, kind: str, claims: Any, trailing: bytes,
+    __slots__ = ("extensions", "kind", "claims", "trailing", "refuse", "deflate", "greeting")
+
+    def __init__(self, extensions: List[Extension], kind: str, claims: Any, trailing: bytes,
                  refuse: Optional[Tuple[int, str]] = None) -> None:
-        self.ws: Optional[WSConnection] = ws  # None once handed to the reader
+        #: the extensions agreed (wsproto's side of permessage-deflate, or none): the reader
+        #: makes its wsproto frame parser with them when a frame first needs one
+        self.extensions = extensions
         self.kind = kind
         self.claims = claims
         self.trailing = trailing
@@ -212,13 +215,41 @@ class HttpSession:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Timeout()
-        self.sock.settimeout(remaining)
-        try:
-            data = self.sock.recv(65536)
-        except socket.timeout:
-            raise _Timeout() from None
+        data = self._recv_now()
+        if data is None:
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                raise _Timeout() from None
         self.h11.receive_data(data)
         return data
+
+    def _recv_now(self) -> Optional[bytes]:
+        """What a plain socket holds already (one call, no wait; None: nothing yet, or TLS).
+
+        Most requests are there when the connection is taken: reading them without
+        first setting a timeout (and so polling) saves two system calls, each a
+        hand-over of the GIL, which a storm of new connections waits for in turn.
+        """
+        sock = self.sock
+        if type(sock) is not socket.socket or sock.gettimeout() is not None:
+            return None  # (with a timeout set, CPython polls before it reads, flags or not)
+        try:
+            return sock.recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def _send_now(self, data: bytes) -> bytes:
+        """Send what a plain socket takes at once (no wait); the rest (all under TLS)."""
+        sock = self.sock
+        if type(sock) is not socket.socket or sock.gettimeout() is not None:
+            return data
+        try:
+            sent = sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return data
+        return data[sent:]
 
     def _next_request(self, deadline: float) -> Any:
         """The next request's event, once its raw head has passed ``check_head``.
@@ -640,8 +671,10 @@ class HttpSession:
             upgrade.trailing, _closed = self.h11.trailing_data
             return upgrade
         try:
-            self.sock.settimeout(self.config.handshake_timeout)
-            self.sock.sendall(accept)
+            rest = self._send_now(accept)
+            if rest:
+                self.sock.settimeout(self.config.handshake_timeout)
+                self.sock.sendall(rest)
         except OSError:
             if upgrade.refuse is None:
                 self.server._release(self.addr[0])  # admitted, but it never started
@@ -660,6 +693,7 @@ def negotiate_upgrade(server: Served, headers: Sequence[Tuple[bytes, bytes]], ta
     ``server.admit`` (``Upgrade.refuse`` says when it must be closed at once) and
     the bytes of the 101 answer are returned with the ``Upgrade``.
     """
+    headers = list(headers)  # (looked up several times below; h11's Headers iterate slowly)
     if not server.host_allowed(_header(headers, b"host")):
         raise HttpError(ErrorCode.FORBIDDEN_HOST, "this Host is not served here (see --allowed-host)")
     if server.shutting_down:
@@ -683,31 +717,54 @@ def negotiate_upgrade(server: Served, headers: Sequence[Tuple[bytes, bytes]], ta
     key = _header(headers, b"sec-websocket-key")
     if key is not None and not _valid_key(key):
         raise HttpError(ErrorCode.BAD_REQUEST, "Sec-WebSocket-Key must be 16 bytes in base64")
-    ws = WSConnection(ConnectionType.SERVER)
-    try:
-        ws.initiate_upgrade_connection(list(headers), target)
-        events = list(ws.events())
-    except (WsRemoteProtocolError, UnicodeError):  # wsproto decodes some headers as ASCII
-        raise HttpError(ErrorCode.BAD_REQUEST, "invalid WebSocket handshake") from None
-    if not events or not isinstance(events[0], Request):
+    if key is None or not _is_websocket_handshake(headers):
         raise HttpError(ErrorCode.BAD_REQUEST, "invalid WebSocket handshake")
     agreement = None
     extensions: List[Extension] = []
+    answer = [b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket", b"Connection: Upgrade",
+              b"Sec-WebSocket-Accept: " + generate_accept_token(key.encode("latin-1"))]
+    if kind == V1:
+        answer.append(b"Sec-WebSocket-Protocol: " + SUBPROTOCOL.encode("ascii"))
     if server.config.compression:
-        agreement = negotiate(v.decode("latin-1") for k, v in headers if k == b"sec-websocket-extensions")
+        offers = [v.decode("latin-1") for k, v in headers if k == b"sec-websocket-extensions"]
+        agreement = negotiate(offers)
         if agreement is not None:
             extensions.append(InboundDeflate(agreement, server.config.max_message_size))
+            accepts = server_extensions_handshake(
+                [o for value in offers for o in split_comma_header(value.encode("latin-1"))], extensions)
+            if accepts:
+                answer.append(b"Sec-WebSocket-Extensions: " + accepts)
     refuse = server.admit(ip)
-    try:
-        accept = ws.send(AcceptConnection(subprotocol=SUBPROTOCOL if kind == V1 else None,
-                                          extensions=extensions))
-    except BaseException:
-        if refuse is None:
-            server._release(ip)
-        raise
-    upgrade = Upgrade(ws, kind, claims, b"", refuse)
+    upgrade = Upgrade(extensions, kind, claims, b"", refuse)
     upgrade.deflate = agreement
-    return upgrade, accept
+    return upgrade, b"\r\n".join(answer) + b"\r\n\r\n"
+
+
+def _is_websocket_handshake(headers: Sequence[Tuple[bytes, bytes]]) -> bool:
+    """The headers of an opening handshake (RFC 6455 4.2.1): Host, Upgrade: websocket,
+    Connection: Upgrade and version 13 (the key is checked by the caller), and ASCII
+    subprotocol and extension lists."""
+    host = upgrade = version = None
+    connection = False
+    for name, value in headers:
+        name = name.lower()
+        if name == b"host":
+            host = value
+            try:
+                value.decode("idna")
+            except UnicodeError:
+                return False
+        elif name in (b"sec-websocket-protocol", b"sec-websocket-extensions"):
+            if not value.isascii():  # (token lists: ASCII only)
+                return False
+        elif name == b"upgrade":
+            upgrade = value
+        elif name == b"sec-websocket-version":
+            version = value
+        elif name == b"connection":
+            connection = connection or any(t.lower() == "upgrade" for t in split_comma_header(value))
+    return (host is not None and connection and version == b"13"
+            and upgrade is not None and upgrade.lower() == b"websocket")
 
 
 def _valid_key(key: str) -> bool:

@@ -11,21 +11,23 @@ the socket.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
-from wsproto.connection import ConnectionState
+from wsproto.connection import Connection as FrameProtocol
+from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from .connection import Connection
 from .envelope import parse_client_frame
 from .errors import CloseCode
-from .writer import ATTACH, CLOSE, DETACH, SEND, SEND_WIRE
+from .writer import CLOSE, SEND, SEND_WIRE
 from .wsframe import FrameSplitter, pong_frame
 
 if TYPE_CHECKING:  # pragma: no cover
-    from wsproto import WSConnection
+    from wsproto.extensions import Extension
 
     from .hub import Hub
     from .writer import Writer
@@ -34,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 RECV_SIZE = 65536
 RECV_IDLE = 1024
+_PEEK = socket.MSG_PEEK
 
 
 class Reader:
@@ -42,14 +45,17 @@ class Reader:
     #: binary messages are refused with 1003 unless a subclass handles them
     accept_binary = False
 
-    __slots__ = ("conn", "ws", "hub", "writer", "max_message_size", "max_message_frames",
-                 "close_timeout", "_parts", "_size", "_frames", "_failed", "_close_requested", "splitter")
+    __slots__ = ("conn", "_ws", "extensions", "hub", "writer", "max_message_size", "max_message_frames",
+                 "close_timeout", "_parts", "_size", "_frames", "_failed", "_close_requested", "splitter",
+                 )
 
-    def __init__(self, conn: Connection, ws: "WSConnection", hub: "Hub", writer: "Writer",
+    def __init__(self, conn: Connection, extensions: Sequence["Extension"], hub: "Hub", writer: "Writer",
                  max_message_size: int, close_timeout: float, max_message_frames: int = 4096) -> None:
         self.conn = conn
-        # after the handshake only the frame protocol is needed (not the HTTP machinery)
-        self.ws = getattr(ws, "connection", None) or ws
+        #: the extensions agreed in the handshake, for the frame parser
+        self.extensions = extensions
+        # wsproto's frame parser, made when a frame first needs it (most connections never do)
+        self._ws: Optional[FrameProtocol] = None
         self.hub = hub
         self.writer = writer
         self.max_message_size = max_message_size
@@ -79,20 +85,9 @@ class Reader:
         """
         conn = self.conn
         try:
-            conn.sock.settimeout(None)  # the writer needs a socket without timeout
-            self.writer.put(((ATTACH, conn),))
-            if refuse is None and closing is not None and closing():
-                refuse = (CloseCode.GOING_AWAY, "server shutting down")
-            if refuse is not None:
-                if greeting:
-                    self.writer.put(((SEND_WIRE, conn, greeting),))
-                self._close(refuse[0], refuse[1])
-            else:
-                self.hub.add(conn)
-                if on_open is not None:
-                    on_open(conn)
-                if trailing:
-                    self._feed(trailing)
+            if self._open(trailing, refuse, on_open, closing, greeting):
+                return
+            del trailing, on_open, closing, greeting  # an idle connection keeps none of them
             self._loop()
         except Exception:
             logger.exception("reader of %s failed", conn.label)
@@ -100,16 +95,40 @@ class Reader:
         finally:
             self._finish()
 
+    def _open(self, trailing: bytes, refuse: Optional[tuple], on_open: Any, closing: Any,
+              greeting: bytes) -> bool:
+        """Attach the connection and begin it (see run); True when it is finished already."""
+        conn = self.conn
+        if conn.sock.gettimeout() is not None:
+            conn.sock.settimeout(None)  # the writer needs a socket without timeout
+        self.writer.attach(conn)
+        if refuse is None and closing is not None and closing():
+            refuse = (CloseCode.GOING_AWAY, "server shutting down")
+        if refuse is not None:
+            if greeting:
+                self.writer.put(((SEND_WIRE, conn, greeting),))
+            self._close(refuse[0], refuse[1])
+            return False
+        self.hub.add(conn)
+        if on_open is not None:
+            on_open(conn)
+        return bool(trailing) and self._feed(trailing)
+
     def _loop(self) -> None:
         conn = self.conn
         recv = conn.recv
+        # an idle connection waits without a receive buffer (recv allocates its buffer
+        # before it blocks): it peeks one byte, then reads what came; TLS reads as is
+        sock = conn.sock if conn.tls is None else None
         size = RECV_IDLE
         while True:
             try:
+                if sock is not None and size == RECV_IDLE and not sock.recv(1, _PEEK):
+                    return
                 data = recv(size)
             except OSError:
                 return
-            # a big buffer only while busy: an idle connection waits on a small one
+            # a big buffer only while busy
             size = RECV_SIZE if len(data) >= size else RECV_IDLE
             if not data:
                 return
@@ -124,17 +143,14 @@ class Reader:
     def _finish(self) -> None:
         conn = self.conn
         self.hub.remove(conn)
-        if self._close_requested or conn.close_sent:
-            # let the close frame out; the writer sets this, or tears down at the deadline
-            conn.flushed.wait(self.close_timeout + 1.0)
+        # the writer lets a close frame out, detaches the connection and closes the socket;
+        # the thread waits for that, blocked (so that thousands of connections dropping at
+        # once end at the writer's pace, instead of all asking for the GIL at once)
         done = threading.Event()
-        self.writer.put(((DETACH, conn, done),))
-        if not done.wait(self.close_timeout + 5.0):
-            logger.error("writer did not release %s", conn.label)
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
+        self.writer.release(conn, done)
+        while not done.wait(30.0):
+            if not self.writer.alive:  # (stopped: it closed what it was handed as it stopped)
+                break
 
     # ------------------------------------------------------------------ input
     def _feed(self, data: bytes) -> bool:
@@ -216,6 +232,14 @@ class Reader:
                                  else event.reason or "protocol error")
                 break
         return finished
+
+    @property
+    def ws(self) -> FrameProtocol:
+        """wsproto's frame parser of this connection (made on first use)."""
+        ws = self._ws
+        if ws is None:
+            ws = self._ws = FrameProtocol(ConnectionType.SERVER, list(self.extensions))
+        return ws
 
     def on_message(self, data: Any, commands: List[Any]) -> None:
         """A complete message (str, or bytes when binary is accepted): parse it into a command."""

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
-from .admission import PendingTable, Slot, TurnAway, open_fds, pending_per_ip, plan_limits
+from .admission import OVER_LIMIT, PendingTable, Slot, TurnAway, open_fds, pending_per_ip, plan_limits
 from .auth import Authenticator, install_redaction
 from .broker import Broker, LocalBroker
 from .config import Config, human_bytes
@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 #: resource errors of accept(): the listener pauses, growing from the first to the last
 _ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#: the listen backlog (the kernel caps it at net.core.somaxconn): a burst of reconnects
+#: waits there rather than having SYNs dropped, which a client retries only after a second
+_BACKLOG = 4096
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
 # conditions a client can cause at will: logged at most once per interval, with a count
@@ -107,7 +110,7 @@ def listen_socket(host: str, port: int, reuse_port: bool = False, listen: bool =
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         if listen:
-            sock.listen(1024)
+            sock.listen(_BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
@@ -134,6 +137,25 @@ def _listen_error(host: str, port: int, exc: OSError) -> ConfigError:
                            "(127.0.0.1 for this machine only, 0.0.0.0 for all)" % host)
     return ConfigError("cannot listen on %s port %d: %s; check --host and --port"
                        % (host, port, exc.strerror or exc))
+
+
+_STARTED = threading.Event()
+_STARTED.set()
+
+
+class _ConnectionThread(threading.Thread):
+    """A connection's thread, lighter once started.
+
+    ``threading.Thread`` keeps its start-up flag (an Event: a Condition, a lock and a
+    deque, about 1.2 KiB) for its whole life, though once ``start()`` has returned it
+    is only ever read as set. With thousands of idle connections that is a good part
+    of what each costs: the started thread gets one shared flag that is set.
+    """
+
+    def start(self) -> None:
+        super().start()
+        if isinstance(getattr(self, "_started", None), threading.Event):
+            self._started = _STARTED
 
 
 class Server:
@@ -212,7 +234,10 @@ class Server:
         self._turn_away: Optional[TurnAway] = None
         self._per_ip: Dict[str, int] = {}
         self._http_buckets: Dict[str, TokenBucket] = {}
-        # _threads_lock guards: _threads (connection thread -> its socket); notified when one ends
+        # _threads_lock: notified (while shutting down) when a connection ends; shutdown() waits on
+        # it. _threads (connection thread -> its socket) is changed and read only by single dict
+        # operations (atomic), without the lock: a lock taken by every ending thread convoys
+        # when thousands end at once (each waits for the GIL behind all the others)
         self._threads_lock = threading.Condition()
         self._threads: Dict[threading.Thread, socket.socket] = {}
         self._demo: Optional[bytes] = None
@@ -336,8 +361,7 @@ class Server:
         self._wake_w.send(b"\0")
         if self._accept_thread is not None:
             self._accept_thread.join(5.0)
-        with self._threads_lock:
-            leftover = list(self._threads.items())
+        leftover = list(self._threads.items())
         for _thread, sock in leftover:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -410,21 +434,22 @@ class Server:
         """A connection just accepted: its own thread, or a 503 when there is no room."""
         assert self.pending is not None and self._turn_away is not None
         slot, why = self.pending.take(sock, addr[0])
+        if slot is None and why == OVER_LIMIT and self.pending.wait_room():
+            slot, why = self.pending.take(sock, addr[0])  # a burst of connections waits its turn
         if slot is None:
             _turned_away.warning("turning away a connection from %s: %s", addr[0], why)
             self._turn_away.refuse(sock, why)
             return
-        sock.setblocking(True)
-        thread = threading.Thread(target=self._handle, args=(sock, addr, slot),
-                                  name="wsbroadcast-conn-%s:%s" % (addr[0], addr[1]), daemon=True)
-        with self._threads_lock:
-            self._threads[thread] = sock
+        if sock.gettimeout() is not None:  # (a default timeout set by the application)
+            sock.setblocking(True)
+        thread = _ConnectionThread(target=self._handle, args=(sock, addr, slot),
+                                   name="wsbroadcast-conn-%s:%s" % (addr[0], addr[1]), daemon=True)
+        self._threads[thread] = sock
         try:
             thread.start()
         except RuntimeError as exc:  # cannot start a new thread
             _no_thread.error("cannot start a connection thread: %s", exc)
-            with self._threads_lock:
-                self._threads.pop(thread, None)
+            self._threads.pop(thread, None)
             self.pending.release(slot)
             self._turn_away.refuse(sock)
 
@@ -432,6 +457,7 @@ class Server:
         cfg = self.config
         pending = self.pending
         assert pending is not None
+        handed = False  # the socket went to run_connection, which sees it closed
         try:
             self.tune_socket(sock)
             stream: Any = sock
@@ -443,13 +469,12 @@ class Server:
                 except (OSError, ssl.SSLError) as exc:
                     logger.debug("TLS handshake with %s failed: %s", addr[0], exc)
                     return
-            session = HttpSession(self, stream, addr)
-            session.on_wait = lambda waiting: pending.idle(slot, waiting)
-            upgrade = session.run()
+            upgrade = self._serve_http(stream, addr, slot)
             if upgrade is None:
                 return
             if upgrade.refuse is None:
                 pending.release(slot)  # counted as a WebSocket connection from here
+            handed = True
             self.run_connection(sock, addr, upgrade, tls)
         except OSError as exc:
             logger.debug("connection from %s ended: %s", addr[0], exc)
@@ -457,35 +482,52 @@ class Server:
             logger.exception("connection thread for %s failed", addr[0])
         finally:
             pending.release(slot)  # before the socket is closed: an eviction may shut it down till then
-            try:
-                sock.close()
-            except OSError:
-                pass
-            with self._threads_lock:
-                self._threads.pop(threading.current_thread(), None)
-                self._threads_lock.notify_all()
+            if not handed:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+            self._threads.pop(threading.current_thread(), None)
+            if self._stopping:  # shutdown() waits for the threads to end
+                with self._threads_lock:
+                    self._threads_lock.notify_all()
+
+    def _serve_http(self, stream: Any, addr: Tuple[str, int], slot: Slot) -> Optional[Upgrade]:
+        """The connection's HTTP requests up to its upgrade (None: it ended without one).
+
+        The HTTP session (h11 state, buffers) is dropped on return: an upgraded
+        connection keeps none of it.
+        """
+        pending = self.pending
+        assert pending is not None
+        session = HttpSession(self, stream, addr)
+        session.on_wait = lambda waiting: pending.idle(slot, waiting)
+        return session.run()
 
     def run_connection(self, sock: socket.socket, addr: Tuple[str, int], upgrade: Upgrade,
                        tls: Any = None) -> None:
         """Run an upgraded WebSocket connection in the calling thread until it ends.
 
-        The reader owns the socket from here and closes it; the connection counted by
+        The reader owns the socket from here; when it ends, the writer lets a close
+        frame out and closes the socket, and this returns. The connection counted by
         ``admit`` (unless ``upgrade.refuse``) is released at the end.
         """
         cfg = self.config
         claims = upgrade.claims
         try:
-            conn = Connection(
-                sock, addr, upgrade.kind, claims=claims, max_outbox=cfg.max_outbox,
-                rate=(TokenBucket(cfg.max_publish_rate, cfg.publish_burst or max(1.0, cfg.max_publish_rate))
-                      if cfg.max_publish_rate > 0 else None),
-                expires=getattr(claims, "exp", None), tls=tls,
-                deflate=upgrade.deflate.server_bits if upgrade.deflate is not None else 0)
-            assert upgrade.ws is not None  # handed over once, here
-            reader = self.reader_class(conn, upgrade.ws, self.hub, self.writer,
-                                       cfg.max_message_size, cfg.close_timeout,
-                                       max_message_frames=cfg.max_message_frames)
-            upgrade.ws = None  # the handshake's HTTP state is no longer needed
+            try:
+                conn = Connection(
+                    sock, addr, upgrade.kind, claims=claims, max_outbox=cfg.max_outbox,
+                    rate=(TokenBucket(cfg.max_publish_rate, cfg.publish_burst or max(1.0, cfg.max_publish_rate))
+                          if cfg.max_publish_rate > 0 else None),
+                    expires=getattr(claims, "exp", None), tls=tls,
+                    deflate=upgrade.deflate.server_bits if upgrade.deflate is not None else 0)
+                reader = self.reader_class(conn, upgrade.extensions, self.hub, self.writer,
+                                           cfg.max_message_size, cfg.close_timeout,
+                                           max_message_frames=cfg.max_message_frames)
+            except BaseException:
+                sock.close()  # no reader to hand it to the writer
+                raise
             greeting = upgrade.greeting  # (encrypted by the writer, like the frames, over TLS)
             reader.run(upgrade.trailing, upgrade.refuse,
                        on_open=(lambda c: self._on_open(c, greeting)) if greeting else self._on_open,
@@ -533,8 +575,9 @@ class Server:
                 self._per_ip[ip] = left
             else:
                 self._per_ip.pop(ip, None)
-        with self._threads_lock:
-            self._threads_lock.notify_all()
+        if self._stopping:  # shutdown() waits for the connections to end
+            with self._threads_lock:
+                self._threads_lock.notify_all()
 
     def http_rate_ok(self, ip: str) -> bool:
         """Take a token from the HTTP publish bucket of this address."""
@@ -618,5 +661,4 @@ class Server:
 
     def thread_count(self) -> int:
         """Connection threads alive now."""
-        with self._threads_lock:
-            return len(self._threads)
+        return len(self._threads)

@@ -20,6 +20,7 @@ the grace period of closing connections.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import selectors
@@ -27,7 +28,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Set
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .connection import Connection
 from .deflate import Compressors
@@ -48,12 +49,13 @@ DELIVER = 1  # (DELIVER, topic, seq, data_json, recipients, publish_time)
 SEND = 2  # (SEND, conn, frame_bytes)
 REPLAY = 3  # (REPLAY, conn, [frame_bytes, ...])  not counted against the outbox limit
 CLOSE = 4  # (CLOSE, conn, code, reason)
-ATTACH = 5  # (ATTACH, conn)
-DETACH = 6  # (DETACH, conn, threading.Event)
+# 5: no longer used (a reader's start is Writer.attach)
+# 6: no longer used (a reader's end is Writer.release)
 CLOSE_ALL = 7  # (CLOSE_ALL, code, reason)
 CALL = 8  # (CALL, callable)  runs in the writer thread, in order
 SLOW = 9  # (SLOW, conn)  close as a slow consumer
 SEND_WIRE = 10  # (SEND_WIRE, conn, bytes)  bytes as they are (not a frame); b"": the TLS layer's own output
+RELEASE = 11  # (RELEASE, conn, threading.Event or None)  its reader has ended: close the socket
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _DONTWAIT = socket.MSG_DONTWAIT
@@ -97,11 +99,16 @@ class Writer:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         # True while the writer may sleep in select(): producers then write a wake-up byte.
         self._sleeping = False
+        #: connections to attach (see attach): a deque, so that thousands of readers starting
+        #: at once append without a lock or a wake-up
+        self._attaching: Deque[Connection] = collections.deque()
         self._stop = False
         # --- writer-thread-only state ---
         self._conns: Set[Connection] = set()
         self._dirty: List[Connection] = []
         self._closing: Set[Connection] = set()
+        #: released connections whose close frame is still on its way -> their ``done``
+        self._lingering: Dict[Connection, Optional[threading.Event]] = {}
         self._n_waiting = 0
         self._round_t0: List[float] = []  # publish times of the messages of this round
         self._run_msgs: List[tuple] = []  # DELIVER ops of the current run
@@ -116,6 +123,26 @@ class Writer:
         self.queue.put(ops)
         if self._sleeping:
             self._wake()
+
+    def attach(self, conn: Connection) -> None:
+        """Make ``conn`` known to the writer (keepalive, expiry, close-all); never waits.
+
+        Taken at the writer's next round, before what is queued then; it needs no wake-up
+        (deliveries and closes reach a connection whether attached or not).
+        """
+        self._attaching.append(conn)
+
+    def release(self, conn: Connection, done: Optional[threading.Event] = None) -> None:
+        """The reader of ``conn`` has ended: the writer detaches it and closes its socket.
+
+        Queued after what was put before (a close frame among it gets out first, within
+        the close grace); ``done`` is set once the socket is closed.
+        """
+        self.put(((RELEASE, conn, done),))
+
+    def release_all(self, ended: Sequence[Tuple[Connection, Optional[threading.Event]]]) -> None:
+        """``release`` of several connections, as one item on the channel."""
+        self.put(tuple((RELEASE, conn, done) for conn, done in ended))
 
     def call(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` in the writer thread after everything queued before it."""
@@ -154,6 +181,10 @@ class Writer:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def holding(self) -> int:
+        """Connections attached to the writer: open, or released and their sockets not closed yet."""
+        return len(self._conns) + len(self._attaching)
+
     def depth(self) -> int:
         """Items waiting in the broadcast channel."""
         return self.queue.qsize()
@@ -164,6 +195,8 @@ class Writer:
         next_tick = time.monotonic() + self._tick_every
         try:
             while not self._stop:
+                if self._attaching:
+                    self._attach()
                 # 1. drain what is queued (bounded per round so sockets get serviced)
                 for _ in range(512):
                     try:
@@ -220,9 +253,19 @@ class Writer:
         finally:
             if self.state != "failed":
                 self.state = "stopped"
+            self._attach()
             for conn in list(self._conns):
-                conn.flushed.set()
                 conn.drained.set()
+            for conn in list(self._lingering):
+                self._end(conn)
+            while True:  # connections released but not reaped: their sockets are closed all the same
+                try:
+                    ops = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                for op in ops:
+                    if op[0] == RELEASE:
+                        self._end(op[1], op[2])
 
     def _apply(self, ops: Iterable[tuple]) -> None:
         stats = self.stats
@@ -257,13 +300,8 @@ class Writer:
                     self._mark(conn)
             elif kind == CLOSE:
                 self._close(op[1], op[2], op[3])
-            elif kind == ATTACH:
-                conn = op[1]
-                conn.attached = True
-                self._conns.add(conn)
-            elif kind == DETACH:
-                self._detach(op[1])
-                op[2].set()
+            elif kind == RELEASE:
+                self._reap(op[1], op[2])
             elif kind == CLOSE_ALL:
                 for conn in list(self._conns):
                     self._close(conn, op[1], op[2])
@@ -518,7 +556,9 @@ class Writer:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        conn.flushed.set()
+        conn.flushed = True
+        if conn in self._lingering:
+            self._end(conn)
 
     def _kill(self, conn: Connection) -> None:
         """The socket is unusable: drop its outbox and wake its reader."""
@@ -531,8 +571,10 @@ class Writer:
             conn.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        conn.flushed.set()
+        conn.flushed = True
         conn.drained.set()
+        if conn in self._lingering:
+            self._end(conn)
 
     @staticmethod
     def _drop(conn: Connection) -> None:
@@ -551,6 +593,33 @@ class Writer:
                 pass
             _reset_log.log(logging.INFO, "resetting %s: close frame not delivered in time", conn.label)
         self._kill(conn)
+
+    def _attach(self) -> None:
+        attaching = self._attaching
+        while attaching:
+            conn = attaching.popleft()
+            if not conn.dead:  # (a connection released at once may be gone already)
+                conn.attached = True
+                self._conns.add(conn)
+
+    def _reap(self, conn: Connection, done: Optional[threading.Event]) -> None:
+        """End a connection whose reader has ended (see release)."""
+        if conn.close_sent and not conn.flushed and not conn.dead:
+            # its close frame is still on its way: ended when flushed, or at the deadline
+            self._lingering[conn] = done
+        else:
+            self._end(conn, done)
+
+    def _end(self, conn: Connection, done: Optional[threading.Event] = None) -> None:
+        """Detach a released connection and close its socket."""
+        done = self._lingering.pop(conn, done)
+        self._detach(conn)
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+        if done is not None:
+            done.set()
 
     def _detach(self, conn: Connection) -> None:
         if conn.out_bytes:

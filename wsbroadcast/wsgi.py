@@ -241,8 +241,7 @@ class Broker(Server):
         # from here the socket is ours: the WSGI server must not write on it again
         cfg = self.config
         handle = _Mounted()
-        with self._threads_lock:
-            self._threads[handle] = sock  # type: ignore[index]
+        self._threads[handle] = sock  # type: ignore[index]
         try:
             try:
                 sock.settimeout(cfg.handshake_timeout)
@@ -262,7 +261,7 @@ class Broker(Server):
                 logger.exception("mounted connection of %s failed", ip)
         finally:
             try:
-                # the reader closed the socket, but the WSGI server may hold a reference to it
+                # the writer closed the socket, but the WSGI server may hold a reference to it
                 # (Werkzeug's rfile): make sure it sees the end, never a request to answer
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -272,9 +271,10 @@ class Broker(Server):
             except OSError:
                 pass
             handle.done.set()
-            with self._threads_lock:
-                self._threads.pop(handle, None)  # type: ignore[call-overload]
-                self._threads_lock.notify_all()
+            self._threads.pop(handle, None)  # type: ignore[call-overload]
+            if self._stopping:
+                with self._threads_lock:
+                    self._threads_lock.notify_all()
         return None, mode
 
     @staticmethod
