@@ -1,8 +1,8 @@
 """Connection storms: many connections ending at once, resets mid-handshake and mid-delivery.
 
-A reader whose connection ends hands it to the writer, which lets a close frame out,
-detaches the connection and closes the socket; the reader's thread waits for that,
-blocked, and ends. Figures (how fast, how many) come from scripts/bench; these tests
+A reader whose connection ends hands it to the writer, which lets a close frame out
+and detaches the connection; the reader's thread waits for that, blocked, then
+closes the socket and ends. Figures (how fast, how many) come from scripts/bench; these tests
 check that everything is released, with no error logged.
 """
 
@@ -59,7 +59,7 @@ def test_readers_ending_while_the_writer_is_busy_wait_for_it_then_all_are_releas
                     _reset(c.sock)
                 else:
                     c.close()
-            # every reader has ended its connection and waits for the writer to close the socket
+            # every reader has ended its connection and waits for the writer to detach it
             assert wsraw.wait_for(lambda: len(srv.hub) == 0, timeout=30 * SCALE), len(srv.hub)
             assert srv.thread_count() == 60 and srv.writer.holding() == 60
             gate.set()

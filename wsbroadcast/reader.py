@@ -143,14 +143,18 @@ class Reader:
     def _finish(self) -> None:
         conn = self.conn
         self.hub.remove(conn)
-        # the writer lets a close frame out, detaches the connection and closes the socket;
-        # the thread waits for that, blocked (so that thousands of connections dropping at
-        # once end at the writer's pace, instead of all asking for the GIL at once)
+        # the writer lets a close frame out and detaches the connection; the thread waits
+        # for that, blocked (so that thousands of connections dropping at once end at the
+        # writer's pace, instead of all asking for the GIL at once), then closes the socket
         done = threading.Event()
         self.writer.release(conn, done)
         while not done.wait(30.0):
-            if not self.writer.alive:  # (stopped: it closed what it was handed as it stopped)
+            if not self.writer.alive:  # (stopped: it detached what it was handed as it stopped)
                 break
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
 
     # ------------------------------------------------------------------ input
     def _feed(self, data: bytes) -> bool:

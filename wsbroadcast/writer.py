@@ -133,10 +133,10 @@ class Writer:
         self._attaching.append(conn)
 
     def release(self, conn: Connection, done: Optional[threading.Event] = None) -> None:
-        """The reader of ``conn`` has ended: the writer detaches it and closes its socket.
+        """The reader of ``conn`` has ended: the writer detaches it, never to touch it again.
 
         Queued after what was put before (a close frame among it gets out first, within
-        the close grace); ``done`` is set once the socket is closed.
+        the close grace); ``done`` is set once detached: the socket may be closed then.
         """
         self.put(((RELEASE, conn, done),))
 
@@ -258,7 +258,7 @@ class Writer:
                 conn.drained.set()
             for conn in list(self._lingering):
                 self._end(conn)
-            while True:  # connections released but not reaped: their sockets are closed all the same
+            while True:  # connections released but not reaped: detached all the same
                 try:
                     ops = self.queue.get_nowait()
                 except queue.Empty:
@@ -611,13 +611,13 @@ class Writer:
             self._end(conn, done)
 
     def _end(self, conn: Connection, done: Optional[threading.Event] = None) -> None:
-        """Detach a released connection and close its socket."""
+        """Detach a released connection: its reader, told by ``done``, closes the socket.
+
+        (Not closed here: a close lets go of the GIL, and the writer would then wait for
+        it again behind every thread of a storm, once per connection.)
+        """
         done = self._lingering.pop(conn, done)
         self._detach(conn)
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
         if done is not None:
             done.set()
 

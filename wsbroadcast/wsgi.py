@@ -261,7 +261,7 @@ class Broker(Server):
                 logger.exception("mounted connection of %s failed", ip)
         finally:
             try:
-                # the writer closed the socket, but the WSGI server may hold a reference to it
+                # the reader closed the socket, but the WSGI server may hold a reference to it
                 # (Werkzeug's rfile): make sure it sees the end, never a request to answer
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
