@@ -122,9 +122,9 @@ class Connection:
         self.last_seen = time.monotonic()  # read by the writer for keepalive
 
         # --- owned by the writer thread ---
-        self.out: List[Any] = []  # frames not yet (fully) sent (bytes; a memoryview once partly)
+        self.out: List[Any] = []  # frames not yet (fully) sent (a memoryview once partly; TLS: unencrypted)
         self.head_sent = 0  # bytes of out[0] already sent
-        self.out_bytes = 0  # unsent bytes in out (read by the replaying reader)
+        self.out_bytes = 0  # unsent bytes in out, and over TLS in tls.wire (read by the replaying reader)
         self.replay_applied = 0  # replayed bytes taken from the channel into out
         self.waiting_write = False  # registered in the writer's selector
         self.close_sent = False
