@@ -292,18 +292,19 @@ class ClusterBroker(RedisBroker):
         try:
             # a bounded pool per node (redis-py's cluster takes no blocking pool here: one more
             # is "unavailable"; publishes come one at a time, under the hub's lock)
-            self._redis: Any = redis.RedisCluster(
+            cluster: Any = redis.RedisCluster(
                 startup_nodes=[ClusterNode(h, p) for h, p in c.nodes], retry=Retry(NoBackoff(), 1),
                 require_full_coverage=False, max_connections=max_connections, **kwargs)
         except (RedisClusterException, RedisError, OSError) as exc:
             raise ConfigError("cannot load the cluster's map from %s: %s; check the addresses and that "
                               "the cluster is up" % (",".join("%s:%d" % n for n in c.nodes), exc)) from exc
-        self._script = self._redis.register_script(STORE_LUA if self.target.wait_replicas else PUBLISH_LUA)
-        self._wild_read = self._redis.register_script(_WILD_READ_LUA)
-        self._wild_write = self._redis.register_script(_WILD_WRITE_LUA)
-        self._range_script = self._redis.register_script(_EPOCH_AND_RANGE_LUA)
-        self._history_script = self._redis.register_script(_HISTORY_LUA)
-        self._fanout_script = self._redis.register_script(FANOUT_LUA)
+        self._redis: Any = cluster
+        self._script = cluster.register_script(STORE_LUA if self.target.wait_replicas else PUBLISH_LUA)
+        self._wild_read = cluster.register_script(_WILD_READ_LUA)
+        self._wild_write = cluster.register_script(_WILD_WRITE_LUA)
+        self._range_script = cluster.register_script(_EPOCH_AND_RANGE_LUA)
+        self._history_script = cluster.register_script(_HISTORY_LUA)
+        self._fanout_script = cluster.register_script(FANOUT_LUA)
 
     def _disconnect(self) -> None:
         self._redis.close()
