@@ -14,8 +14,9 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 REDIS_SERVER = os.environ.get("WSBROADCAST_REDIS_SERVER") or shutil.which("redis-server")
 
@@ -29,10 +30,21 @@ def require_redis_server() -> str:
     return REDIS_SERVER
 
 
+_handed_out: Set[int] = set()  # ports free_port gave before, in this process
+_handed_out_lock = threading.Lock()  # guards _handed_out
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now that this process was not given before (two servers
+    started one after the other must not both get the port the kernel offers twice)."""
+    with _handed_out_lock:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
 
 
 def info(port: int, section: str) -> Dict[str, Any]:
