@@ -235,6 +235,39 @@ def test_refill_after_a_lost_pubsub_message(rs, brokers):
     assert b.refilled in (2, 3), b.refilled
 
 
+def test_a_pattern_sharing_a_subscribed_glob_is_waited_for_until_the_listener_applied_it(rs, brokers):
+    """d.* and d.> are one Redis glob: the glob being confirmed must not make wait_subscribed
+    say yes for d.> before the listener took d.> in (its messages were dropped meanwhile)."""
+    a = brokers(rs.url)
+    b = brokers(rs.url)
+    sink = Sink()
+    entered = threading.Event()
+    release = threading.Event()
+
+    def blocking(pubs) -> None:
+        if any(p.topic == "d.block" for p in pubs):
+            entered.set()
+            release.wait(T)  # the listener is held here: it applies nothing new meanwhile
+        sink(pubs)
+
+    b.start(blocking)
+    b.interest("d.*", True)
+    assert b.wait_subscribed("d.*")
+    a.publish([("d.block", "1")])
+    assert entered.wait(T)
+    b.interest("d.>", True)
+    try:
+        # the glob is confirmed, but d.> is not applied while the listener is held
+        assert not b.wait_subscribed("d.>", timeout=0.3)
+    finally:
+        release.set()
+    assert b.wait_subscribed("d.>", timeout=T)
+    for i in range(30):  # right after the yes: none of these may be dropped
+        a.publish([("d.y.z", str(i))])
+    assert wait_for(lambda: len(sink.seqs("d.y.z")) == 30, timeout=T)
+    assert sink.seqs("d.y.z") == list(range(1, 31))
+
+
 def test_channel_and_pattern_hand_back_once(rs, brokers):
     a = brokers(rs.url)
     b = brokers(rs.url)

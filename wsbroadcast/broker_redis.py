@@ -76,7 +76,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 import redis
 from redis.backoff import NoBackoff
@@ -301,9 +301,13 @@ class RedisBroker(Broker):
         self._wanted: Set[str] = set()
         self._needs: Dict[str, int] = {}
         self._dirty = False
-        # _cond (its own lock) guards _active_names: confirmed subscriptions
+        # _cond (its own lock) guards _active_names (confirmed subscriptions, by Redis name)
+        # and _in_effect (the wanted patterns the listener has applied to a confirmed
+        # name: from then on each of their messages is handed back; what wait_subscribed
+        # waits for, as several patterns share one name, e.g. d.* and d.>)
         self._cond = threading.Condition()
         self._active_names: Set[str] = set()
+        self._in_effect: FrozenSet[str] = frozenset()
         # listener thread only
         self._sent: Dict[str, Set[str]] = {}  # redis name -> wanted patterns mapped to it
         self._unconfirmed: Dict[str, int] = {}  # redis name -> (P)SUBSCRIBE replies still due
@@ -522,10 +526,9 @@ class RedisBroker(Broker):
         Every publication after that reaches this node. False on timeout (e.g.
         Redis is away). Not to be called with the hub's lock held.
         """
-        name = self._name(pattern)
         deadline = time.monotonic() + timeout
         with self._cond:
-            while name not in self._active_names:
+            while pattern not in self._in_effect:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stop.is_set():
                     return False
@@ -737,6 +740,7 @@ class RedisBroker(Broker):
                 self._listener_up = False
                 with self._cond:
                     self._active_names.clear()
+                    self._in_effect = frozenset()
                     self._cond.notify_all()
                 if conn is not None:
                     try:
@@ -891,6 +895,11 @@ class RedisBroker(Broker):
         with self._cond:
             active = set(self._active_names)
         self._covering = [p for n, ps in self._sent.items() if n in active for p in ps]
+        in_effect = frozenset(self._covering)
+        with self._cond:
+            if in_effect != self._in_effect:
+                self._in_effect = in_effect
+                self._cond.notify_all()
 
     def _covered(self, topic: str) -> bool:
         for p in self._covering:
