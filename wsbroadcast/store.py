@@ -33,6 +33,7 @@ import sqlite3
 import sys
 import threading
 import time
+from array import array
 from contextlib import contextmanager
 from typing import (
     Callable,
@@ -625,11 +626,24 @@ _SCHEMA = (
     " key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS topics ("
     " topic TEXT PRIMARY KEY, epoch TEXT NOT NULL, last_seq INTEGER NOT NULL) WITHOUT ROWID",
-    "CREATE TABLE IF NOT EXISTS messages ("
-    " topic TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, time REAL NOT NULL,"
-    " PRIMARY KEY (topic, seq))",
+    # one row per run: messages first_seq..last_seq of a topic, appended in one commit
+    # (one time); the small columns first, so that reading them never touches the
+    # overflow pages of a long ``data``
+    "CREATE TABLE IF NOT EXISTS runs ("
+    " topic TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,"
+    " time REAL NOT NULL, lens BLOB, data TEXT NOT NULL, PRIMARY KEY (topic, last_seq))",
 )
-_SCHEMA_VERSION = "1"
+#: the layout this version writes: 1 had one row per message (table ``messages``),
+#: 2 has one row per run (table ``runs``); a version-1 file is migrated on a writable open
+_SCHEMA_VERSION = 2
+_RUN_COLUMNS = "topic, first_seq, last_seq, time, lens, data"
+_INSERT_RUN = "INSERT INTO runs (%s) VALUES (?, ?, ?, ?, ?, ?)" % _RUN_COLUMNS
+#: most messages in one run, and most characters (code points) of a run of more than
+#: one: what one row costs to read, whatever a since() asks for
+_RUN_MESSAGES = 256
+_RUN_CHARS = 65536
+#: version-1 messages a migration reads at once (its memory; one transaction in all)
+_MIGRATE_STEP = 4096
 _MAX_IDLE_READERS = 8
 _READER_CACHE_KIB = 256
 #: topics whose epoch and last seq a SqliteStore keeps in memory
@@ -637,6 +651,106 @@ _META_CACHE = 65536
 #: WAL pages past which a commit checkpoints by itself: a backstop only, as the store's
 #: checkpoint() (the trimmer thread, every round) keeps the WAL well below it
 _WAL_BACKSTOP_PAGES = 16384
+
+
+# Runs: the texts of one run are stored joined in ``data``; ``lens`` holds their lengths
+# in code points (Python's str indexes), 4-byte little-endian unsigned, or is NULL for a
+# run of one, whose ``data`` is then its text as it is. A run of more than one holds at
+# most _RUN_CHARS code points, so each length fits.
+_LENS_TYPE = "I" if array("I").itemsize == 4 else "L"
+_LENS_SWAP = sys.byteorder != "little"
+RunRow = Tuple[str, int, int, float, Optional[bytes], str]
+
+
+def pack_run(texts: Sequence[str]) -> Tuple[Optional[bytes], str]:
+    """``(lens, data)`` of a run of ``texts`` (at least one)."""
+    if len(texts) == 1:
+        return None, texts[0]
+    lens = array(_LENS_TYPE, map(len, texts))
+    if _LENS_SWAP:
+        lens.byteswap()
+    return lens.tobytes(), "".join(texts)
+
+
+def unpack_run(lens: Optional[bytes], data: str, count: int) -> List[str]:
+    """The ``count`` texts of a run stored as ``(lens, data)``; ValueError if they do not fit."""
+    if lens is None:
+        if count != 1:
+            raise ValueError("a run of %d messages without lengths" % count)
+        return [data]
+    sizes = array(_LENS_TYPE)
+    sizes.frombytes(lens)  # ValueError when not a multiple of 4 bytes
+    if _LENS_SWAP:
+        sizes.byteswap()
+    if len(sizes) != count or sum(sizes) != len(data):
+        raise ValueError("the lengths of a run of %d messages do not match its data" % count)
+    ends = list(itertools.accumulate(sizes))
+    return [data[i:j] for i, j in zip([0] + ends, ends)]
+
+
+def split_runs(texts: Sequence[str]) -> List[Tuple[int, int]]:
+    """Cut ``texts`` (consecutive messages) into runs: ``[(start, end), ...]`` index ranges
+    of at most _RUN_MESSAGES texts and, when more than one, _RUN_CHARS code points."""
+    n = len(texts)
+    if n <= _RUN_MESSAGES and (n == 1 or sum(map(len, texts)) <= _RUN_CHARS):
+        return [(0, n)]
+    out: List[Tuple[int, int]] = []
+    start = 0
+    chars = 0
+    for i, text in enumerate(texts):
+        size = len(text)
+        if i > start and (i - start >= _RUN_MESSAGES or chars + size > _RUN_CHARS):
+            out.append((start, i))
+            start, chars = i, 0
+        chars += size
+    out.append((start, n))
+    return out
+
+
+def run_rows(topic: str, first: int, texts: Sequence[str], now: float) -> List[RunRow]:
+    """The rows of the runs of ``texts``, messages ``first``, ``first + 1``, ... of ``topic``."""
+    rows: List[RunRow] = []
+    for start, end in split_runs(texts):
+        lens, data = pack_run(texts[start:end] if start or end < len(texts) else texts)
+        rows.append((topic, first + start, first + end - 1, now, lens, data))
+    return rows
+
+
+class _OpenRun:
+    """A run being gathered from version-1 rows."""
+
+    __slots__ = ("topic", "first", "last", "time", "texts", "chars")
+
+    def __init__(self, topic: str, seq: int, data: str, tm: float) -> None:
+        self.topic = topic
+        self.first = self.last = seq
+        self.time = tm
+        self.texts = [data]
+        self.chars = len(data)
+
+
+def runs_of_messages(messages: Iterable[Tuple[str, int, str, float]]) -> List[RunRow]:
+    """Rows of runs holding ``messages`` (``(topic, seq, data, time)``, one row each of a
+    version-1 file, in insertion order): a topic's consecutive seqs of one time make a run.
+    The runs come in the order of their first message, so their times keep that order."""
+    runs: List[_OpenRun] = []
+    open_runs: Dict[str, _OpenRun] = {}
+    for topic, seq, data, tm in messages:
+        run = open_runs.get(topic)
+        if (
+            run is not None
+            and run.last == seq - 1
+            and run.time == tm
+            and len(run.texts) < _RUN_MESSAGES
+            and run.chars + len(data) <= _RUN_CHARS
+        ):
+            run.last = seq
+            run.texts.append(data)
+            run.chars += len(data)
+        else:
+            run = open_runs[topic] = _OpenRun(topic, seq, data, tm)
+            runs.append(run)
+    return [(r.topic, r.first, r.last, r.time) + pack_run(r.texts) for r in runs]
 
 
 class SqliteStore(MessageStore):
@@ -725,6 +839,9 @@ class SqliteStore(MessageStore):
         self._scan: Optional[str] = ""
         self._scan_size = history_size
         self._closed = False
+        # the file has the version-1 layout (one row per message): only when opened
+        # read-only, which cannot migrate it; set by open()
+        self._v1 = False
 
         # _pool_lock guards _idle, the reader connections not in use. A reader
         # connection is used by one thread at a time (taken out of _idle, given back).
@@ -826,6 +943,10 @@ class SqliteStore(MessageStore):
                 if self._shared_reads:
                     raise StoreError("cannot open sqlite store %s: %s" % (self.path, exc)) from exc
                 first = exc
+            except BaseException:
+                if conn is not None:
+                    conn.close()
+                raise
         uris = [self._reader_uri]
         if self._file is not None and not os.path.exists(self._file + "-wal"):
             # closed cleanly, in a directory where SQLite cannot make its -shm file
@@ -857,18 +978,74 @@ class SqliteStore(MessageStore):
         conn.execute("PRAGMA synchronous=%s" % ("FULL" if self.full_sync else "NORMAL"))
         conn.execute("BEGIN IMMEDIATE")
         try:
+            version = self._schema_of(conn)
             for stmt in _SCHEMA:
                 conn.execute(stmt)
+            if version == 1:
+                self._migrate(conn)
             conn.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (_new_epoch(),)
             )
             conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (_SCHEMA_VERSION,)
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)",
+                (str(_SCHEMA_VERSION),),
             )
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
             raise
+
+    def _schema_of(self, conn: sqlite3.Connection) -> int:
+        """The layout version of the file (0: a new one); StoreError for a version this
+        one does not know (written by a newer wsbroadcast)."""
+        tables = {str(r[0]) for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+        )}
+        row = None
+        if "meta" in tables:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is None:
+            return 1 if "messages" in tables else 0
+        try:
+            version = int(row[0])
+        except (TypeError, ValueError):
+            version = -1
+        if not 1 <= version <= _SCHEMA_VERSION:
+            raise StoreError(
+                "sqlite store %s has schema version %s, which this wsbroadcast does not know"
+                " (it knows 1 to %d): a newer wsbroadcast wrote it"
+                % (self.path, row[0], _SCHEMA_VERSION)
+            )
+        return version
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Turn the version-1 rows (one per message) into runs, in the caller's transaction
+        (all or nothing: a crash leaves the file as it was), _MIGRATE_STEP rows at a time."""
+        after = 0
+        count = 0
+        try:
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone():
+                while True:
+                    rows = conn.execute(
+                        "SELECT rowid, topic, seq, data, time FROM messages WHERE rowid > ?"
+                        " ORDER BY rowid LIMIT ?",
+                        (after, _MIGRATE_STEP),
+                    ).fetchall()
+                    if not rows:
+                        break
+                    after = rows[-1][0]
+                    count += len(rows)
+                    conn.executemany(_INSERT_RUN, runs_of_messages(r[1:] for r in rows))
+                conn.execute("DROP TABLE messages")
+        except sqlite3.Error as exc:
+            raise StoreError(
+                "cannot migrate sqlite store %s to schema version %d (the file is left as it"
+                " was): %s" % (self.path, _SCHEMA_VERSION, exc)
+            ) from exc
+        logger.info(
+            "sqlite store %s: migrated %d messages to schema version %d",
+            self.path, count, _SCHEMA_VERSION,
+        )
 
     def _load(self) -> str:
         conn = self._conn()
@@ -876,6 +1053,14 @@ class SqliteStore(MessageStore):
             row = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
             if row is None:
                 raise StoreError("sqlite store %s has no epoch (not a wsbroadcast store?)" % self.path)
+            if self.read_only:
+                self._v1 = self._schema_of(conn) == 1
+                if self._v1:
+                    logger.warning(
+                        "sqlite store %s has the layout of an older version (schema 1): read"
+                        " as it is; open it writable once to migrate it",
+                        self.path,
+                    )
         except sqlite3.Error as exc:
             conn.close()
             raise StoreError("cannot read sqlite store %s: %s" % (self.path, exc)) from exc
@@ -1021,32 +1206,70 @@ class SqliteStore(MessageStore):
         out: List[StoredMessage] = []
         try:
             with self._reader() as conn:
+                if self._v1:
+                    self._since_v1(conn, topic, seq, limit, bound, out)
+                    return out
+                # a row per run: at most ``limit`` rows hold the page (each has a message
+                # at least); the first may begin before seq
                 cur = conn.execute(
-                    "SELECT topic, seq, data, time FROM messages"
-                    " WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    "SELECT first_seq, last_seq, time, lens, data FROM runs"
+                    " WHERE topic = ? AND last_seq > ? ORDER BY last_seq LIMIT ?",
                     (topic, seq, limit),
                 )
                 try:
-                    # row by row: past the bound at most one row more is read, none
-                    # once the bound is reached
-                    while not bound.full:
+                    # run by run: past the bound at most one message more is read, none
+                    # once the bound is reached (a run costs at most _RUN_CHARS to read)
+                    while not bound.full and len(out) < limit:
                         row = cur.fetchone()
-                        if row is None or not bound.admit(row[2]):
+                        if row is None:
                             break
-                        # an older version may have stored NaN/Infinity
-                        out.append(StoredMessage(row[0], row[1], strict_text(row[2]), row[3]))
+                        first, last, tm, lens, data = row
+                        try:
+                            texts = unpack_run(lens, data, last - first + 1)
+                        except ValueError as exc:
+                            raise StoreError(
+                                "sqlite store %s: run %d-%d of %r is damaged: %s"
+                                % (self.path, first, last, topic, exc)
+                            ) from None
+                        at = max(first, seq + 1)
+                        for text in itertools.islice(texts, at - first, None):
+                            if len(out) >= limit or not bound.admit(text):
+                                return out
+                            # an older version may have stored NaN/Infinity
+                            out.append(StoredMessage(topic, at, strict_text(text), tm))
+                            at += 1
                 finally:
                     cur.close()  # ends the read before the connection goes back to the pool
         except sqlite3.Error as exc:
             raise StoreError("cannot read history of %r: %s" % (topic, exc)) from exc
         return out
 
+    @staticmethod
+    def _since_v1(conn: sqlite3.Connection, topic: str, seq: int, limit: int,
+                  bound: ByteBound, out: List[StoredMessage]) -> None:
+        """since() of a read-only file of the version-1 layout (a row per message)."""
+        cur = conn.execute(
+            "SELECT topic, seq, data, time FROM messages"
+            " WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (topic, seq, limit),
+        )
+        try:
+            while not bound.full:
+                row = cur.fetchone()
+                if row is None or not bound.admit(row[2]):
+                    break
+                out.append(StoredMessage(row[0], row[1], strict_text(row[2]), row[3]))
+        finally:
+            cur.close()
+
     def oldest(self, topic: str) -> int:
         try:
             with self._reader() as conn:
-                row = conn.execute(
-                    "SELECT MIN(seq) FROM messages WHERE topic = ?", (topic,)
-                ).fetchone()
+                if self._v1:
+                    query = "SELECT MIN(seq) FROM messages WHERE topic = ?"
+                else:  # runs do not overlap: the first by last_seq begins first
+                    query = "SELECT first_seq FROM runs WHERE topic = ? ORDER BY last_seq LIMIT 1"
+                row = conn.execute(query, (topic,)).fetchone()
         except sqlite3.Error as exc:
             raise StoreError("cannot read history of %r: %s" % (topic, exc)) from exc
         return int(row[0]) if row and row[0] is not None else 0
@@ -1064,37 +1287,42 @@ class SqliteStore(MessageStore):
             if not items:
                 return []
             now = self._clock()
-            keep_rows = self.history_size > 0
-            pending: Dict[str, Tuple[str, int]] = {}
+            # topic -> its texts in this batch, and its (epoch, seq before the batch)
+            texts: Dict[str, List[str]] = {}
+            before: Dict[str, Tuple[str, int]] = {}
             known: Set[str] = set()
-            rows: List[Tuple[str, int, str, float]] = []
             out: List[Tuple[int, str]] = []
             conn = self._conn()
             try:
                 for topic, data in items:
-                    meta = pending.get(topic)
-                    if meta is None:
+                    run = texts.get(topic)
+                    if run is None:
+                        run = texts[topic] = []
                         meta = self._lookup(topic)
                         if meta is None:
                             meta = (self.epoch, 0)
                         else:
                             known.add(topic)
-                    epoch, last = meta
-                    seq = last + 1
-                    pending[topic] = (epoch, seq)
-                    out.append((seq, epoch))
-                    if keep_rows:
-                        rows.append((topic, seq, data, now))
+                        before[topic] = meta
+                    else:
+                        meta = before[topic]
+                    run.append(data)
+                    out.append((meta[1] + len(run), meta[0]))
             except sqlite3.Error as exc:
                 raise StoreError("cannot read topics: %s" % exc) from exc
+            pending = {t: (e, s + len(texts[t])) for t, (e, s) in before.items()}
             new = [(t, e, s) for t, (e, s) in pending.items() if t not in known]
             old = [(s, t) for t, (e, s) in pending.items() if t in known]
+            rows: List[RunRow] = []
+            if self.history_size > 0:
+                for topic, run in texts.items():
+                    rows.extend(run_rows(topic, before[topic][1] + 1, run, now))
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                if rows:
-                    conn.executemany(
-                        "INSERT INTO messages (topic, seq, data, time) VALUES (?, ?, ?, ?)", rows
-                    )
+                if len(rows) == 1:
+                    conn.execute(_INSERT_RUN, rows[0])
+                elif rows:
+                    conn.executemany(_INSERT_RUN, rows)
                 if new:
                     conn.executemany(
                         "INSERT INTO topics (topic, epoch, last_seq) VALUES (?, ?, ?)", new
@@ -1123,7 +1351,7 @@ class SqliteStore(MessageStore):
             # Committed: only now does the cache move forward.
             self._remember(pending)
             size = self.history_size
-            if keep_rows:
+            if rows:
                 for topic, (_e, seq) in pending.items():
                     if seq > size:
                         self._dirty[topic] = seq
@@ -1135,14 +1363,16 @@ class SqliteStore(MessageStore):
     def trim_step(
         self, now: Optional[float] = None, limit: int = TRIM_STEP, in_use: Optional[InUse] = None
     ) -> Tuple[int, bool]:
-        """Apply retention to about ``limit`` rows or topics: ``(rows removed, more to do)``.
+        """Apply retention to about ``limit`` messages or topics: ``(messages removed, more to do)``.
 
-        Age: the oldest rows by insertion (rowid) order while they are expired, so what
-        stays of a topic is contiguous. Count: topics appended past ``history_size``
-        since their last trim, and every topic after opening or a change of size; at
-        most about ``limit`` rows are deleted in all, the oldest of each topic first.
-        Topics are never forgotten here: their row in the topics table keeps the
-        numbering, also when every message expired (``in_use`` is not needed).
+        Age: the oldest runs by insertion (rowid) order while they are expired (a run
+        has one time), so what stays of a topic is contiguous. Count: topics appended
+        past ``history_size`` since their last trim, and every topic after opening or a
+        change of size; about ``limit`` messages are removed in all (whole runs, so up
+        to a run more), the oldest of each topic first; the run holding the oldest
+        message kept is rewritten as its kept part. Topics are never forgotten here:
+        their row in the topics table keeps the numbering, also when every message
+        expired (``in_use`` is not needed).
         """
         with self._wlock:
             if self._closed or self._writer is None or self.read_only or self._lost:
@@ -1159,20 +1389,25 @@ class SqliteStore(MessageStore):
                     cutoff = (self._clock() if now is None else now) - ttl
                     upto = None
                     rows = conn.execute(
-                        "SELECT rowid, time FROM messages ORDER BY rowid LIMIT ?", (limit,)
+                        "SELECT rowid, time, last_seq - first_seq + 1 FROM runs"
+                        " ORDER BY rowid LIMIT ?", (limit,)
                     ).fetchall()
-                    for rowid, tm in rows:
+                    expired = 0
+                    for rowid, tm, count in rows:
                         if tm >= cutoff:
                             break
+                        if expired >= limit:
+                            more = True
+                            break
                         upto = rowid
+                        expired += count
                     else:
                         more = len(rows) == limit
                     if upto is not None:
                         conn.execute("BEGIN IMMEDIATE")
-                        removed += conn.execute(
-                            "DELETE FROM messages WHERE rowid <= ?", (upto,)
-                        ).rowcount
+                        conn.execute("DELETE FROM runs WHERE rowid <= ?", (upto,))
                         conn.execute("COMMIT")
+                        removed += expired
                     if more:
                         return removed, True
                 work: List[Tuple[str, int]] = []
@@ -1196,20 +1431,11 @@ class SqliteStore(MessageStore):
                     budget = limit
                     conn.execute("BEGIN IMMEDIATE")
                     for topic, last in work:
-                        upto = last - size
                         if budget > 0:
-                            row = conn.execute(
-                                "SELECT min(seq) FROM messages WHERE topic = ?", (topic,)
-                            ).fetchone()
-                            first = upto + 1 if row[0] is None else int(row[0])
-                            end = min(upto, first + budget - 1)
-                            if first <= end:
-                                n = conn.execute(
-                                    "DELETE FROM messages WHERE topic = ? AND seq <= ?", (topic, end)
-                                ).rowcount
-                                removed += n
-                                budget -= max(n, 1)
-                            if end >= upto:
+                            n, done = self._trim_topic(conn, topic, last - size, budget)
+                            removed += n
+                            budget -= max(n, 1)
+                            if done:
                                 continue
                         dirty[topic] = max(last, dirty.get(topic, 0))
                         more = True
@@ -1220,6 +1446,51 @@ class SqliteStore(MessageStore):
             if removed:
                 logger.debug("sqlite store %s: trimmed %d messages", self.path, removed)
             return removed, more
+
+    def _trim_topic(self, conn: sqlite3.Connection, topic: str, upto: int,
+                    budget: int) -> Tuple[int, bool]:
+        """Remove messages up to seq ``upto`` of ``topic``, whole runs of about ``budget``
+        messages in all (the first however long), and the part up to ``upto`` of the
+        run that holds it: ``(messages removed, all up to upto are)``."""
+        removed = 0
+        end = None  # the last run deleted whole
+        cut: Optional[Tuple[int, int]] = None  # the run holding upto and more
+        done = True
+        cur = conn.execute(
+            "SELECT first_seq, last_seq FROM runs WHERE topic = ? ORDER BY last_seq", (topic,)
+        )
+        try:
+            for first, last in cur:
+                if first > upto:
+                    break
+                if removed >= budget:
+                    done = False
+                    break
+                if last > upto:
+                    cut = (first, last)
+                    break
+                end = last
+                removed += last - first + 1
+        finally:
+            cur.close()
+        if end is not None:
+            conn.execute("DELETE FROM runs WHERE topic = ? AND last_seq <= ?", (topic, end))
+        if cut is not None:
+            first, last = cut
+            row = conn.execute(
+                "SELECT lens, data FROM runs WHERE topic = ? AND last_seq = ?", (topic, last)
+            ).fetchone()
+            try:
+                texts = unpack_run(row[0], row[1], last - first + 1)
+            except ValueError as exc:
+                raise StoreError("run %d-%d of %r is damaged: %s" % (first, last, topic, exc)) from None
+            lens, data = pack_run(texts[upto + 1 - first:])
+            conn.execute(
+                "UPDATE runs SET first_seq = ?, lens = ?, data = ? WHERE topic = ? AND last_seq = ?",
+                (upto + 1, lens, data, topic, last),
+            )
+            removed += upto + 1 - first
+        return removed, done
 
     def close(self) -> None:
         with self._wlock:
