@@ -672,20 +672,26 @@ def pack_run(texts: Sequence[str]) -> Tuple[Optional[bytes], str]:
     return lens.tobytes(), "".join(texts)
 
 
-def unpack_run(lens: Optional[bytes], data: str, count: int) -> List[str]:
-    """The ``count`` texts of a run stored as ``(lens, data)``; ValueError if they do not fit."""
+def unpack_run(lens: Optional[bytes], data: str, count: int, start: int = 0,
+               stop: Optional[int] = None) -> List[str]:
+    """Texts ``start:stop`` of a run of ``count`` stored as ``(lens, data)``; ValueError
+    if the run does not hold ``count`` texts."""
     if lens is None:
         if count != 1:
             raise ValueError("a run of %d messages without lengths" % count)
-        return [data]
+        return [data][start:stop]
     sizes = array(_LENS_TYPE)
     sizes.frombytes(lens)  # ValueError when not a multiple of 4 bytes
     if _LENS_SWAP:
         sizes.byteswap()
-    if len(sizes) != count or sum(sizes) != len(data):
-        raise ValueError("the lengths of a run of %d messages do not match its data" % count)
     ends = list(itertools.accumulate(sizes))
-    return [data[i:j] for i, j in zip([0] + ends, ends)]
+    if len(ends) != count or ends[-1] != len(data):
+        raise ValueError("the lengths of a run of %d messages do not match its data" % count)
+    ends = ends[start:stop]
+    if not ends:
+        return []
+    begin = ends[0] - sizes[start]
+    return [data[i:j] for i, j in zip([begin] + ends, ends)]
 
 
 def split_runs(texts: Sequence[str]) -> List[Tuple[int, int]]:
@@ -709,6 +715,8 @@ def split_runs(texts: Sequence[str]) -> List[Tuple[int, int]]:
 
 def run_rows(topic: str, first: int, texts: Sequence[str], now: float) -> List[RunRow]:
     """The rows of the runs of ``texts``, messages ``first``, ``first + 1``, ... of ``topic``."""
+    if len(texts) == 1:
+        return [(topic, first, first, now, None, texts[0])]
     rows: List[RunRow] = []
     for start, end in split_runs(texts):
         lens, data = pack_run(texts[start:end] if start or end < len(texts) else texts)
@@ -1224,20 +1232,25 @@ class SqliteStore(MessageStore):
                         if row is None:
                             break
                         first, last, tm, lens, data = row
+                        at = max(first, seq + 1)
                         try:
-                            texts = unpack_run(lens, data, last - first + 1)
+                            texts = unpack_run(lens, data, last - first + 1, at - first,
+                                               at - first + limit - len(out))
                         except ValueError as exc:
                             raise StoreError(
                                 "sqlite store %s: run %d-%d of %r is damaged: %s"
                                 % (self.path, first, last, topic, exc)
                             ) from None
-                        at = max(first, seq + 1)
-                        for text in itertools.islice(texts, at - first, None):
-                            if len(out) >= limit or not bound.admit(text):
-                                return out
-                            # an older version may have stored NaN/Infinity
-                            out.append(StoredMessage(topic, at, strict_text(text), tm))
-                            at += 1
+                        size = len(texts)
+                        if max_bytes is not None:
+                            texts = list(itertools.takewhile(bound.admit, texts))
+                        # an older version may have stored NaN/Infinity
+                        out.extend(map(StoredMessage._make, zip(
+                            itertools.repeat(topic), itertools.count(at),
+                            map(strict_text, texts), itertools.repeat(tm),
+                        )))
+                        if len(texts) < size:
+                            break  # a message did not fit: the bound is reached
                 finally:
                     cur.close()  # ends the read before the connection goes back to the pool
         except sqlite3.Error as exc:
@@ -1368,9 +1381,9 @@ class SqliteStore(MessageStore):
         Age: the oldest runs by insertion (rowid) order while they are expired (a run
         has one time), so what stays of a topic is contiguous. Count: topics appended
         past ``history_size`` since their last trim, and every topic after opening or a
-        change of size; about ``limit`` messages are removed in all (whole runs, so up
-        to a run more), the oldest of each topic first; the run holding the oldest
-        message kept is rewritten as its kept part. Topics are never forgotten here:
+        change of size; at most about ``limit`` messages are removed in all, the oldest
+        of each topic first (a run cut is rewritten as its kept part, so a step also
+        costs up to a run more). Topics are never forgotten here:
         their row in the topics table keeps the numbering, also when every message
         expired (``in_use`` is not needed).
         """
@@ -1449,48 +1462,43 @@ class SqliteStore(MessageStore):
 
     def _trim_topic(self, conn: sqlite3.Connection, topic: str, upto: int,
                     budget: int) -> Tuple[int, bool]:
-        """Remove messages up to seq ``upto`` of ``topic``, whole runs of about ``budget``
-        messages in all (the first however long), and the part up to ``upto`` of the
-        run that holds it: ``(messages removed, all up to upto are)``."""
+        """Remove the messages of ``topic`` up to seq ``upto``, at most ``budget`` of them
+        (the oldest): ``(messages removed, all up to upto are)``. Runs that end by then
+        are deleted; the one that holds the last message removed and more is rewritten
+        as what it keeps."""
+        row = conn.execute(
+            "SELECT first_seq FROM runs WHERE topic = ? ORDER BY last_seq LIMIT 1", (topic,)
+        ).fetchone()
+        if row is None:
+            return 0, True
+        end = min(upto, int(row[0]) + budget - 1)
         removed = 0
-        end = None  # the last run deleted whole
-        cut: Optional[Tuple[int, int]] = None  # the run holding upto and more
-        done = True
-        cur = conn.execute(
-            "SELECT first_seq, last_seq FROM runs WHERE topic = ? ORDER BY last_seq", (topic,)
-        )
-        try:
-            for first, last in cur:
-                if first > upto:
-                    break
-                if removed >= budget:
-                    done = False
-                    break
-                if last > upto:
-                    cut = (first, last)
-                    break
-                end = last
-                removed += last - first + 1
-        finally:
-            cur.close()
-        if end is not None:
+        if row[0] <= end:
+            removed = conn.execute(
+                "SELECT coalesce(sum(last_seq - first_seq + 1), 0) FROM runs"
+                " WHERE topic = ? AND last_seq <= ?", (topic, end)
+            ).fetchone()[0]
             conn.execute("DELETE FROM runs WHERE topic = ? AND last_seq <= ?", (topic, end))
-        if cut is not None:
-            first, last = cut
-            row = conn.execute(
-                "SELECT lens, data FROM runs WHERE topic = ? AND last_seq = ?", (topic, last)
+            cut = conn.execute(
+                "SELECT first_seq, last_seq, lens, data FROM runs WHERE topic = ?"
+                " ORDER BY last_seq LIMIT 1", (topic,)
             ).fetchone()
-            try:
-                texts = unpack_run(row[0], row[1], last - first + 1)
-            except ValueError as exc:
-                raise StoreError("run %d-%d of %r is damaged: %s" % (first, last, topic, exc)) from None
-            lens, data = pack_run(texts[upto + 1 - first:])
-            conn.execute(
-                "UPDATE runs SET first_seq = ?, lens = ?, data = ? WHERE topic = ? AND last_seq = ?",
-                (upto + 1, lens, data, topic, last),
-            )
-            removed += upto + 1 - first
-        return removed, done
+            if cut is not None and cut[0] <= end:
+                first, last, lens, data = cut
+                try:
+                    texts = unpack_run(lens, data, last - first + 1, end + 1 - first)
+                except ValueError as exc:
+                    raise StoreError(
+                        "run %d-%d of %r is damaged: %s" % (first, last, topic, exc)
+                    ) from None
+                lens, data = pack_run(texts)
+                conn.execute(
+                    "UPDATE runs SET first_seq = ?, lens = ?, data = ?"
+                    " WHERE topic = ? AND last_seq = ?",
+                    (end + 1, lens, data, topic, last),
+                )
+                removed += end + 1 - first
+        return removed, end >= upto
 
     def close(self) -> None:
         with self._wlock:
