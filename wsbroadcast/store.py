@@ -1243,7 +1243,9 @@ class SqliteStore(MessageStore):
                             ) from None
                         size = len(texts)
                         if max_bytes is not None:
-                            texts = list(itertools.takewhile(bound.admit, texts))
+                            texts = list(itertools.takewhile(
+                                lambda text: not bound.full and bound.admit(text), texts
+                            ))
                         # an older version may have stored NaN/Infinity
                         out.extend(map(StoredMessage._make, zip(
                             itertools.repeat(topic), itertools.count(at),
