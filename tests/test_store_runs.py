@@ -4,6 +4,7 @@ written with one row per message (schema 1)."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -273,15 +274,18 @@ def assert_holds(store: SqliteStore, want: Dict[str, List[StoredMessage]]) -> No
     assert store.latest("a")[0] == len(EDGE_TEXTS) + 4
 
 
-@pytest.mark.parametrize("step", [3, 4096])
-def test_a_version_1_file_is_migrated_on_a_writable_open(tmp_path, monkeypatch, step) -> None:
-    monkeypatch.setattr(store_module, "_MIGRATE_STEP", step, raising=False)  # rows read at once
+@pytest.mark.parametrize("step, chars", [(3, 1 << 30), (4096, 5), (4096, 1 << 30)])
+def test_a_version_1_file_is_migrated_on_a_writable_open(tmp_path, monkeypatch, step, chars) -> None:
+    # rows, and characters of them, held at once
+    monkeypatch.setattr(store_module, "_MIGRATE_STEP", step, raising=False)
+    monkeypatch.setattr(store_module, "_MIGRATE_CHARS", chars, raising=False)
     path = str(tmp_path / "h.db")
     want = make_v1(path)
     with SqliteStore(path, history_size=100000) as store:
+        assert os.path.getsize(path + "-wal") == 0  # emptied into the file after migrating
         assert_holds(store, want)
     assert schema_of(path) == ("2", ["meta", "runs", "topics"])
-    if step > 100:  # one read: each batch's messages of a topic are one run
+    if step > 100 and chars > 1000:  # one read: each batch's messages of a topic are one run
         assert runs(path, "a") == [(2, 3), (4, 3 + len(EDGE_TEXTS)), (4 + len(EDGE_TEXTS),) * 2]
         assert runs(path, "big") == [(1, RUN_MESSAGES), (RUN_MESSAGES + 1, RUN_MESSAGES + 10)]
     # reopened: nothing to migrate, the same history; numbering goes on

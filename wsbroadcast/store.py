@@ -642,8 +642,10 @@ _INSERT_RUN = "INSERT INTO runs (%s) VALUES (?, ?, ?, ?, ?, ?)" % _RUN_COLUMNS
 #: one: what one row costs to read, whatever a since() asks for
 _RUN_MESSAGES = 256
 _RUN_CHARS = 65536
-#: version-1 messages a migration reads at once (its memory; one transaction in all)
+#: version-1 messages, and characters of them, a migration holds at once (its memory;
+#: the file is migrated in one transaction all the same)
 _MIGRATE_STEP = 4096
+_MIGRATE_CHARS = 8 * 1024 * 1024
 _MAX_IDLE_READERS = 8
 _READER_CACHE_KIB = 256
 #: topics whose epoch and last seq a SqliteStore keeps in memory
@@ -1002,6 +1004,13 @@ class SqliteStore(MessageStore):
         except BaseException:
             _rollback(conn)
             raise
+        if version == 1 and not self._shared_reads:
+            # the migration went through the WAL: copy it into the file and empty it
+            # now, rather than keep a WAL as large as the history
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error as exc:
+                logger.warning("sqlite store %s: checkpoint after migrating: %s", self.path, exc)
 
     def _schema_of(self, conn: sqlite3.Connection) -> int:
         """The layout version of the file (0: a new one); StoreError for a version this
@@ -1034,16 +1043,25 @@ class SqliteStore(MessageStore):
         try:
             if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone():
                 while True:
-                    rows = conn.execute(
+                    rows: List[Tuple[str, int, str, float]] = []
+                    chars = 0
+                    cur = conn.execute(
                         "SELECT rowid, topic, seq, data, time FROM messages WHERE rowid > ?"
-                        " ORDER BY rowid LIMIT ?",
-                        (after, _MIGRATE_STEP),
-                    ).fetchall()
+                        " ORDER BY rowid", (after,)
+                    )
+                    try:
+                        for rowid, topic, seq, data, tm in cur:
+                            after = rowid
+                            rows.append((topic, seq, data, tm))
+                            chars += len(data)
+                            if len(rows) >= _MIGRATE_STEP or chars >= _MIGRATE_CHARS:
+                                break
+                    finally:
+                        cur.close()
                     if not rows:
                         break
-                    after = rows[-1][0]
                     count += len(rows)
-                    conn.executemany(_INSERT_RUN, runs_of_messages(r[1:] for r in rows))
+                    conn.executemany(_INSERT_RUN, runs_of_messages(rows))
                 conn.execute("DROP TABLE messages")
         except sqlite3.Error as exc:
             raise StoreError(
