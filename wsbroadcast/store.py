@@ -9,7 +9,8 @@ One interface (:class:`MessageStore`), two implementations:
 - :class:`SqliteStore`: one SQLite file in WAL mode. Each topic's epoch and last
   seq live in their own table, so seqs survive trimming, ``history_size`` 0 and
   restarts (same file => same epoch, seqs continue); topics are never forgotten,
-  and only a bounded cache of their metadata is kept in memory.
+  and only a bounded cache of their metadata is kept in memory. A topic's messages
+  appended in one commit are one row (a *run*, see :func:`pack_run`).
 
 Threading contract: ``append_batch`` and ``latest`` are called by one thread at a
 time (the hub holds its lock around them; ``in_use`` and ``trim_step(in_use=...)``
@@ -659,7 +660,7 @@ _WAL_BACKSTOP_PAGES = 16384
 # in code points (Python's str indexes), 4-byte little-endian unsigned, or is NULL for a
 # run of one, whose ``data`` is then its text as it is. A run of more than one holds at
 # most _RUN_CHARS code points, so each length fits.
-_LENS_TYPE = "I" if array("I").itemsize == 4 else "L"
+_LENS_TYPE = next(t for t in ("I", "L") if array(t).itemsize == 4)
 _LENS_SWAP = sys.byteorder != "little"
 RunRow = Tuple[str, int, int, float, Optional[bytes], str]
 
@@ -794,9 +795,16 @@ class SqliteStore(MessageStore):
     never seen torn); if a reader connection cannot be opened, reads fall back to
     the writer connection.
 
+    Layout (schema 2): the messages of a topic appended by one ``append_batch`` are
+    stored as runs, one row each, of at most _RUN_MESSAGES messages and (when more
+    than one) _RUN_CHARS characters, so that a row costs a bounded amount to read;
+    a run has one time. A file of schema 1 (a row per message) is migrated when
+    opened writable, in one transaction; opened read-only it is read as it is. A
+    file of a newer schema is refused with StoreError.
+
     Count retention is applied by :meth:`trim` (call it periodically, e.g. with
     :class:`RetentionTrimmer`), so between trims a topic can hold more than
-    ``history_size`` rows.
+    ``history_size`` messages.
     """
 
     def __init__(
