@@ -1351,13 +1351,25 @@ class SqliteStore(MessageStore):
                     out.append((meta[1] + len(run), meta[0]))
             except sqlite3.Error as exc:
                 raise StoreError("cannot read topics: %s" % exc) from exc
-            pending = {t: (e, s + len(texts[t])) for t, (e, s) in before.items()}
-            new = [(t, e, s) for t, (e, s) in pending.items() if t not in known]
-            old = [(s, t) for t, (e, s) in pending.items() if t in known]
+            pending: Dict[str, Tuple[str, int]] = {}
+            new: List[Tuple[str, str, int]] = []
+            old: List[Tuple[int, str]] = []
             rows: List[RunRow] = []
-            if self.history_size > 0:
-                for topic, run in texts.items():
-                    rows.extend(run_rows(topic, before[topic][1] + 1, run, now))
+            keep = self.history_size > 0
+            for topic, run in texts.items():
+                epoch, seq = before[topic]
+                last = seq + len(run)
+                pending[topic] = (epoch, last)
+                if topic in known:
+                    old.append((last, topic))
+                else:
+                    new.append((topic, epoch, last))
+                if not keep:
+                    continue
+                if len(run) == 1:
+                    rows.append((topic, last, last, now, None, run[0]))
+                else:
+                    rows.extend(run_rows(topic, seq + 1, run, now))
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 if len(rows) == 1:
