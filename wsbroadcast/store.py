@@ -1419,13 +1419,13 @@ class SqliteStore(MessageStore):
         """Apply retention to about ``limit`` messages or topics: ``(messages removed, more to do)``.
 
         Age: the oldest runs by insertion (rowid) order while they are expired (a run
-        has one time), so what stays of a topic is contiguous. Count: topics appended
-        past ``history_size`` since their last trim, and every topic after opening or a
-        change of size; at most about ``limit`` messages are removed in all, the oldest
-        of each topic first (a run cut is rewritten as its kept part, so a step also
-        costs up to a run more). Topics are never forgotten here:
-        their row in the topics table keeps the numbering, also when every message
-        expired (``in_use`` is not needed).
+        has one time), so what stays of a topic is contiguous; whole runs, of about
+        ``limit`` messages (up to a run more). Count: topics appended past
+        ``history_size`` since their last trim, and every topic after opening or a
+        change of size; at most ``limit`` messages are removed in all, the oldest of
+        each topic first (a run cut is rewritten as its kept part: up to a run more to
+        write). Topics are never forgotten here: their row in the topics table keeps
+        the numbering, also when every message expired (``in_use`` is not needed).
         """
         with self._wlock:
             if self._closed or self._writer is None or self.read_only or self._lost:
@@ -1478,7 +1478,7 @@ class SqliteStore(MessageStore):
                     work.append((topic, dirty.pop(topic)))
                 more = more or bool(dirty)
                 if work:
-                    # at most about ``limit`` rows per step, however far a topic is past
+                    # at most ``limit`` messages per step, however far a topic is past
                     # its size (a burst between rounds, a smaller history_size): the
                     # rest of a topic is left in _dirty for the next step
                     budget = limit
@@ -1520,11 +1520,14 @@ class SqliteStore(MessageStore):
             ).fetchone()[0]
             conn.execute("DELETE FROM runs WHERE topic = ? AND last_seq <= ?", (topic, end))
             cut = conn.execute(
-                "SELECT first_seq, last_seq, lens, data FROM runs WHERE topic = ?"
-                " ORDER BY last_seq LIMIT 1", (topic,)
+                "SELECT first_seq, last_seq FROM runs WHERE topic = ? ORDER BY last_seq LIMIT 1",
+                (topic,),
             ).fetchone()
             if cut is not None and cut[0] <= end:
-                first, last, lens, data = cut
+                first, last = cut
+                lens, data = conn.execute(
+                    "SELECT lens, data FROM runs WHERE topic = ? AND last_seq = ?", (topic, last)
+                ).fetchone()
                 try:
                     texts = unpack_run(lens, data, last - first + 1, end + 1 - first)
                 except ValueError as exc:
