@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_startup_errors import run_serve
 
 import wsbroadcast.store as store_module
@@ -201,6 +204,24 @@ def test_age_trim_removes_whole_runs_of_one_time(tmp_path) -> None:
         assert store.since("a", 0, 10) == [] and store.oldest("c") == 0
 
 
+def test_an_age_trim_step_removes_about_its_limit_in_whole_runs(tmp_path) -> None:
+    path = str(tmp_path / "h.db")
+    clock = Clock(100.0)
+    with SqliteStore(path, history_size=1000, history_ttl=5.0, clock=clock) as store:
+        for _ in range(10):  # ten runs of three
+            store.append_batch([("t", "x")] * 3)
+        store.append_batch([("long", "y")] * 10)  # a run longer than a step's limit
+        clock.now = 200.0
+        steps = []
+        while True:
+            steps.append(store.trim_step(limit=4))
+            if not steps[-1][1]:
+                break
+        # a step stops at the run that reaches its limit
+        assert steps == [(6, True)] * 5 + [(10, False)]
+        assert store.oldest("t") == 0 and store.latest("t")[0] == 30
+
+
 # --------------------------------------------------------------------------- schema 1
 
 #: the statements version 1 created its file with
@@ -229,6 +250,8 @@ def make_v1(path: str) -> Dict[str, List[StoredMessage]]:
         (100.0, [("a", '"a1"'), ("b", "1"), ("a", '"a2"'), ("a", '"a3"'), ("b", "2")]),
         (200.0, [("a", x) for x in EDGE_TEXTS] + [("c", "[1]")]),
         (300.0, [("big", str(i)) for i in range(RUN_MESSAGES + 10)]),
+        # the characters of a run: four fill it exactly, one character more is another run
+        (350.0, [("wide", "w" * (RUN_CHARS // 4))] * 4 + [("wide", "x")]),
         (400.0, [("a", "Infinity"), ("c", "[2]")]),  # as an older version may have stored
     ]
     last: Dict[str, int] = {}
@@ -288,6 +311,7 @@ def test_a_version_1_file_is_migrated_on_a_writable_open(tmp_path, monkeypatch, 
     if step > 100 and chars > 1000:  # one read: each batch's messages of a topic are one run
         assert runs(path, "a") == [(2, 3), (4, 3 + len(EDGE_TEXTS)), (4 + len(EDGE_TEXTS),) * 2]
         assert runs(path, "big") == [(1, RUN_MESSAGES), (RUN_MESSAGES + 1, RUN_MESSAGES + 10)]
+        assert runs(path, "wide") == [(1, 4), (5, 5)]
     # reopened: nothing to migrate, the same history; numbering goes on
     clock = Clock(400.5)
     with SqliteStore(path, history_size=100000, history_ttl=150.0, clock=clock) as store:
@@ -357,3 +381,78 @@ def test_a_file_of_a_newer_schema_is_refused(tmp_path) -> None:
     assert len(lines) == 1 and "schema version 3" in lines[0] and "Traceback" not in lines[0], \
         done.stderr
 
+
+
+# --------------------------------------------------------------------------- model
+
+_TOPICS = ("a", "b")
+_op = st.one_of(
+    st.tuples(
+        st.just("append"),
+        st.floats(min_value=0, max_value=5, allow_nan=False),
+        # (NaN would be read back as null: see test_json_limits)
+        st.lists(st.tuples(st.sampled_from(_TOPICS), st.text(max_size=3).filter(lambda t: t != "NaN")),
+                 max_size=8),
+    ),
+    st.tuples(st.just("trim"), st.floats(min_value=0, max_value=5, allow_nan=False),
+              st.integers(min_value=1, max_value=4)),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    history_size=st.integers(min_value=0, max_value=6),
+    history_ttl=st.one_of(st.none(), st.floats(min_value=0, max_value=8, allow_nan=False)),
+    ops=st.lists(_op, max_size=20),
+    probes=st.lists(st.tuples(st.integers(min_value=-1, max_value=40),
+                              st.integers(min_value=0, max_value=9),
+                              st.one_of(st.none(), st.integers(min_value=0, max_value=12))),
+                    max_size=6),
+)
+def test_sqlite_runs_match_a_list_model(history_size, history_ttl, ops, probes) -> None:
+    """Batches, trims in steps of a few messages (cutting runs) and reads against a list
+    per topic; the rows are runs of consecutive seqs that hold exactly what is kept."""
+    clock = Clock(0.0)
+    model: Dict[str, List[StoredMessage]] = {t: [] for t in _TOPICS}
+    last = dict.fromkeys(_TOPICS, 0)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "h.db")
+        with SqliteStore(path, history_size, history_ttl, clock=clock) as store:
+
+            def check() -> None:
+                for topic in _TOPICS:
+                    kept = model[topic]
+                    assert store.latest(topic)[0] == last[topic]
+                    assert store.oldest(topic) == (kept[0].seq if kept else 0)
+                    assert store.since(topic, 0, 1000) == kept
+                    stored = runs(path, topic)
+                    assert [s for first, end in stored for s in range(first, end + 1)] == \
+                        [m.seq for m in kept]
+                    assert all(end - first < RUN_MESSAGES for first, end in stored)
+                    for seq, limit, max_bytes in probes:
+                        assert store.since(topic, seq, limit, max_bytes) == \
+                            model_since(kept, seq, limit, max_bytes), (topic, seq, limit, max_bytes)
+
+            for name, dt, arg in ops:
+                clock.now += dt
+                if name == "append":
+                    for topic, data in arg:
+                        last[topic] += 1
+                        if history_size:
+                            model[topic].append(StoredMessage(topic, last[topic], data, clock.now))
+                    store.append_batch(arg)
+                else:
+                    before = sum(map(len, model.values()))
+                    for topic in _TOPICS:
+                        model[topic] = [
+                            m for m in model[topic] if m.seq > last[topic] - history_size
+                            and (history_ttl is None or m.time >= clock.now - history_ttl)
+                        ]
+                    removed = 0
+                    while True:
+                        n, more = store.trim_step(limit=arg)
+                        removed += n
+                        if not more:
+                            break
+                    assert removed == before - sum(map(len, model.values()))
+                check()
