@@ -456,3 +456,24 @@ def test_sqlite_runs_match_a_list_model(history_size, history_ttl, ops, probes) 
                             break
                     assert removed == before - sum(map(len, model.values()))
                 check()
+
+
+def test_rows_an_older_version_added_to_a_schema_2_file_are_taken_in(tmp_path) -> None:
+    """Version 1 did not check the schema: run on a file of schema 2 it made its table
+    again and added a row per message, numbered on from the topics table."""
+    path = str(tmp_path / "h.db")
+    with SqliteStore(path, history_size=100) as store:
+        store.append_batch([("t", "1"), ("t", "2")])
+        epoch = store.epoch
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute(V1_SCHEMA[2])
+    db.execute("INSERT INTO messages (topic, seq, data, time) VALUES ('t', 3, '3', 5.0)")
+    db.execute("INSERT INTO messages (topic, seq, data, time) VALUES ('t', 4, '4', 5.0)")
+    db.execute("UPDATE topics SET last_seq = 4 WHERE topic = 't'")
+    db.close()
+    with SqliteStore(path, history_size=100) as store:
+        assert [(m.seq, m.data) for m in store.since("t", 0, 10)] == \
+            [(1, "1"), (2, "2"), (3, "3"), (4, "4")]
+        assert store.latest("t") == (4, epoch) and store.oldest("t") == 1
+    assert schema_of(path) == ("2", ["meta", "runs", "topics"])
+    assert runs(path, "t") == [(1, 2), (3, 4)]

@@ -996,11 +996,12 @@ class SqliteStore(MessageStore):
         conn.execute("PRAGMA synchronous=%s" % ("FULL" if self.full_sync else "NORMAL"))
         conn.execute("BEGIN IMMEDIATE")
         try:
-            version = self._schema_of(conn)
+            self._schema_of(conn)
             for stmt in _SCHEMA:
                 conn.execute(stmt)
-            if version == 1:
-                self._migrate(conn)
+            # schema 1, or rows an older version added to a file of schema 2 (it did
+            # not check the schema, and made its table again)
+            migrated = self._migrate(conn)
             conn.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (_new_epoch(),)
             )
@@ -1012,7 +1013,7 @@ class SqliteStore(MessageStore):
         except BaseException:
             _rollback(conn)
             raise
-        if version == 1 and not self._shared_reads:
+        if migrated and not self._shared_reads:
             # the migration went through the WAL: copy it into the file and empty it
             # now, rather than keep a WAL as large as the history
             try:
@@ -1043,34 +1044,38 @@ class SqliteStore(MessageStore):
             )
         return version
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Turn the version-1 rows (one per message) into runs, in the caller's transaction
-        (all or nothing: a crash leaves the file as it was), _MIGRATE_STEP rows at a time."""
+    def _migrate(self, conn: sqlite3.Connection) -> bool:
+        """Turn the rows of the version-1 table (one per message), if there is one, into
+        runs, in the caller's transaction (all or nothing: a crash leaves the file as it
+        was), _MIGRATE_STEP rows at a time. Returns whether there was such a table."""
         after = 0
         count = 0
         try:
-            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone():
-                while True:
-                    rows: List[Tuple[str, int, str, float]] = []
-                    chars = 0
-                    cur = conn.execute(
-                        "SELECT rowid, topic, seq, data, time FROM messages WHERE rowid > ?"
-                        " ORDER BY rowid", (after,)
-                    )
-                    try:
-                        for rowid, topic, seq, data, tm in cur:
-                            after = rowid
-                            rows.append((topic, seq, data, tm))
-                            chars += len(data)
-                            if len(rows) >= _MIGRATE_STEP or chars >= _MIGRATE_CHARS:
-                                break
-                    finally:
-                        cur.close()
-                    if not rows:
-                        break
-                    count += len(rows)
-                    conn.executemany(_INSERT_RUN, runs_of_messages(rows))
-                conn.execute("DROP TABLE messages")
+            if not conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+            ).fetchone():
+                return False
+            while True:
+                rows: List[Tuple[str, int, str, float]] = []
+                chars = 0
+                cur = conn.execute(
+                    "SELECT rowid, topic, seq, data, time FROM messages WHERE rowid > ?"
+                    " ORDER BY rowid", (after,)
+                )
+                try:
+                    for rowid, topic, seq, data, tm in cur:
+                        after = rowid
+                        rows.append((topic, seq, data, tm))
+                        chars += len(data)
+                        if len(rows) >= _MIGRATE_STEP or chars >= _MIGRATE_CHARS:
+                            break
+                finally:
+                    cur.close()
+                if not rows:
+                    break
+                count += len(rows)
+                conn.executemany(_INSERT_RUN, runs_of_messages(rows))
+            conn.execute("DROP TABLE messages")
         except sqlite3.Error as exc:
             raise StoreError(
                 "cannot migrate sqlite store %s to schema version %d (the file is left as it"
@@ -1080,6 +1085,7 @@ class SqliteStore(MessageStore):
             "sqlite store %s: migrated %d messages to schema version %d",
             self.path, count, _SCHEMA_VERSION,
         )
+        return True
 
     def _load(self) -> str:
         conn = self._conn()
