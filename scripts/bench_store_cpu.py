@@ -7,8 +7,10 @@ show``, loaded as a module of this tree's package). For each batch size and numb
 topics, a fresh store file (WAL, synchronous=NORMAL, the defaults) gets ``append_batch``
 calls of that many 100-byte messages, spread round-robin over the topics; the CPU time
 of the appending thread (``time.thread_time``: SQLite's work included, waits for the
-disk not) is divided by the messages appended. Then ``since()`` pages of 100 and 1000
-messages are read from a topic filled in batches of 234. Layouts are interleaved, each
+disk not) is divided by the messages appended. Then a count trim (to 1000 messages a
+topic, after 20000 appended in batches of 234; the trimmer thread's work, which the
+memory store does as it appends) per message removed, and ``since()`` pages of 100
+and 1000 messages read from a topic filled in batches of 234. Layouts are interleaved, each
 figure is the median of ``--repeat`` rounds, and the ratios are of the same run.
 
     nice -n 19 scripts/bench_store_cpu.py [--repeat 3] [--messages 20000] [--json out.json]
@@ -108,6 +110,31 @@ def cpu_since(module: Optional[ModuleType], folder: str, page: int, reads: int) 
                 os.remove(path + suffix)
 
 
+def cpu_trim(module: Optional[ModuleType], folder: str, batch: int, topics: int) -> float:
+    """Microseconds of CPU per message a count trim removes (to 1000 a topic), after
+    20000 messages appended in batches of ``batch`` over ``topics`` topics."""
+    path = os.path.join(folder, "t%d-%d.db" % (batch, topics))
+    store = new_store.MemoryStore(1000) if module is None else module.SqliteStore(path, 1000)
+    try:
+        if module is None:
+            return 0.0  # the memory store drops the oldest as it appends
+        names = ["bench.t%d" % t for t in range(topics)]
+        total = 20000
+        for b in range(0, total, batch):
+            store.append_batch([(names[i % topics], text(i)) for i in range(b, min(total, b + batch))])
+        store.checkpoint()
+        start = time.thread_time()
+        removed = store.trim()
+        spent = time.thread_time() - start
+        assert removed == total - 1000 * topics, removed
+        return spent * 1e6 / removed
+    finally:
+        store.close()
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            if os.path.exists(path + suffix):
+                os.remove(path + suffix)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--old-rev", default=OLD_REV, help="git revision of the one-row-per-message store")
@@ -123,6 +150,9 @@ def main() -> int:
             n = args.messages if batch > 1 else args.messages // 4
             cases.append(("append batch=%d topics=%d" % (batch, topics),
                           lambda m, f, b=batch, t=topics, n=n: cpu_append(m, f, b, t, n)))
+    for topics in TOPICS:
+        cases.append(("trim batch=234 topics=%d" % topics,
+                      lambda m, f, t=topics: cpu_trim(m, f, 234, t)))
     for page in PAGES:
         cases.append(("since limit=%d" % page,
                       lambda m, f, p=page: cpu_since(m, f, p, max(20, 20000 // p))))
@@ -142,8 +172,10 @@ def main() -> int:
     out: Dict[str, Dict[str, float]] = {}
     for name, _ in cases:
         o, n, m = (statistics.median(figures[name][k]) for k in ("old", "new", "memory"))
-        out[name] = {"old_us": o, "new_us": n, "memory_us": m, "new_old": n / o, "new_memory": n / m}
-        print("%-28s %8.3f %8.3f %8.3f %8.2f %8.2f" % (name, o, n, m, n / o, n / m))
+        out[name] = {"old_us": o, "new_us": n, "memory_us": m, "new_old": n / o,
+                     "new_memory": n / m if m else None}
+        print("%-28s %8.3f %8.3f %8s %8.2f %8s" % (name, o, n, "%.3f" % m if m else "-", n / o,
+                                                   "%.2f" % (n / m) if m else "-"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -477,3 +477,19 @@ def test_rows_an_older_version_added_to_a_schema_2_file_are_taken_in(tmp_path) -
         assert store.latest("t") == (4, epoch) and store.oldest("t") == 1
     assert schema_of(path) == ("2", ["meta", "runs", "topics"])
     assert runs(path, "t") == [(1, 2), (3, 4)]
+
+
+def test_a_count_trim_step_stops_before_a_run_it_would_cut(tmp_path) -> None:
+    # a run that goes whole later is not rewritten now: the step ends before it
+    path = str(tmp_path / "h.db")
+    with SqliteStore(path, history_size=1) as store:
+        for first in (1, 4, 7):
+            store.append_batch([("t", str(seq)) for seq in range(first, first + 3)])
+        seen = []
+        while True:
+            n, more = store.trim_step(limit=4)
+            seen.append((n, more, runs(path, "t")))
+            if not more:
+                break
+        assert seen == [(3, True, [(4, 6), (7, 9)]), (4, True, [(8, 9)]), (1, False, [(9, 9)])]
+        assert [m.data for m in store.since("t", 0, 10)] == ["9"]

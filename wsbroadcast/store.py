@@ -1469,19 +1469,21 @@ class SqliteStore(MessageStore):
                         removed += expired
                     if more:
                         return removed, True
-                work: List[Tuple[str, int]] = []
+                # topic -> its last seq: each topic once, from the scan or _dirty
+                work: Dict[str, int] = {}
                 if self._scan is not None:
                     rows = conn.execute(
                         "SELECT topic, last_seq FROM topics WHERE topic > ? ORDER BY topic LIMIT ?",
                         (self._scan, limit),
                     ).fetchall()
-                    work.extend((t, last) for t, last in rows if last > size)
+                    work.update((t, last) for t, last in rows if last > size)
                     self._scan = rows[-1][0] if len(rows) == limit else None
                     more = self._scan is not None
                 dirty = self._dirty
                 while dirty and len(work) < limit:
                     topic = next(iter(dirty))
-                    work.append((topic, dirty.pop(topic)))
+                    last = dirty.pop(topic)
+                    work[topic] = max(last, work.get(topic, 0))
                 more = more or bool(dirty)
                 if work:
                     # at most ``limit`` messages per step, however far a topic is past
@@ -1489,7 +1491,7 @@ class SqliteStore(MessageStore):
                     # rest of a topic is left in _dirty for the next step
                     budget = limit
                     conn.execute("BEGIN IMMEDIATE")
-                    for topic, last in work:
+                    for topic, last in work.items():
                         if budget > 0:
                             n, done = self._trim_topic(conn, topic, last - size, budget)
                             removed += n
@@ -1511,15 +1513,24 @@ class SqliteStore(MessageStore):
         """Remove the messages of ``topic`` up to seq ``upto``, at most ``budget`` of them
         (the oldest): ``(messages removed, all up to upto are)``. Runs that end by then
         are deleted; the one that holds the last message removed and more is rewritten
-        as what it keeps."""
+        as what it keeps: only at ``upto``, or when its first run is longer than the
+        budget (else the step stops before a run it would cut)."""
         row = conn.execute(
             "SELECT first_seq FROM runs WHERE topic = ? ORDER BY last_seq LIMIT 1", (topic,)
         ).fetchone()
         if row is None:
             return 0, True
-        end = min(upto, int(row[0]) + budget - 1)
+        oldest = int(row[0])
+        end = min(upto, oldest + budget - 1)
+        if end < upto:
+            run = conn.execute(
+                "SELECT first_seq, last_seq FROM runs WHERE topic = ? AND last_seq >= ?"
+                " ORDER BY last_seq LIMIT 1", (topic, end)
+            ).fetchone()
+            if run is not None and oldest < run[0] <= end < run[1] <= upto:
+                end = run[0] - 1  # the run goes whole in a later step
         removed = 0
-        if row[0] <= end:
+        if oldest <= end:
             removed = conn.execute(
                 "SELECT coalesce(sum(last_seq - first_seq + 1), 0) FROM runs"
                 " WHERE topic = ? AND last_seq <= ?", (topic, end)
