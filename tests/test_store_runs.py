@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -18,6 +20,7 @@ import wsbroadcast.store as store_module
 from wsbroadcast.errors import StoreError
 from wsbroadcast.store import SqliteStore, StoredMessage
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_MESSAGES = getattr(store_module, "_RUN_MESSAGES", 256)
 RUN_CHARS = getattr(store_module, "_RUN_CHARS", 65536)
 
@@ -347,6 +350,35 @@ def test_an_interrupted_migration_leaves_the_version_1_file_as_it_was(tmp_path) 
         assert_holds(store, want)
     assert schema_of(path)[0] == "2"
 
+
+#: a process that migrates a file three rows at a time and dies (no cleanup at all)
+#: while reading its third group of rows, with runs written and nothing committed
+_DIE_MIGRATING = """
+import os, sys
+import wsbroadcast.store as store
+store._MIGRATE_STEP = 3
+real, calls = store.runs_of_messages, []
+def dying(rows):
+    calls.append(1)
+    if len(calls) == 3:
+        os._exit(9)
+    return real(rows)
+store.runs_of_messages = dying
+store.SqliteStore(sys.argv[1])
+"""
+
+
+def test_a_process_dying_mid_migration_loses_nothing(tmp_path) -> None:
+    path = str(tmp_path / "h.db")
+    want = make_v1(path)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", _DIE_MIGRATING, path], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 9, done.stderr
+    assert schema_of(path) == ("1", ["messages", "meta", "topics"])
+    with SqliteStore(path, history_size=100000) as store:  # its lock is stale: taken over
+        assert_holds(store, want)
+    assert schema_of(path) == ("2", ["meta", "runs", "topics"])
 
 def test_a_read_only_version_1_file_is_read_as_it_is(tmp_path, caplog) -> None:
     path = str(tmp_path / "h.db")
