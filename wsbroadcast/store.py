@@ -1074,6 +1074,8 @@ class SqliteStore(MessageStore):
                 if not rows:
                     break
                 count += len(rows)
+                # the rows go as their runs come, so that the runs take the pages freed
+                conn.execute("DELETE FROM messages WHERE rowid <= ?", (after,))
                 conn.executemany(_INSERT_RUN, runs_of_messages(rows))
             conn.execute("DROP TABLE messages")
         except sqlite3.Error as exc:
