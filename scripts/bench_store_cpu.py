@@ -31,7 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -64,11 +65,24 @@ def text(i: int) -> str:
     return json.dumps("m%06d" % i + "x" * 91)
 
 
+@contextmanager
+def opened(module: Optional[ModuleType], path: str, history_size: int) -> Iterator[Any]:
+    """A store of ``module`` at ``path`` (None: a MemoryStore of this tree), closed and
+    its files removed afterwards."""
+    store = (new_store.MemoryStore(history_size) if module is None
+             else module.SqliteStore(path, history_size))
+    try:
+        yield store
+    finally:
+        store.close()
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            if os.path.exists(path + suffix):
+                os.remove(path + suffix)
+
+
 def cpu_append(module: Optional[ModuleType], folder: str, batch: int, topics: int, messages: int) -> float:
     """Microseconds of CPU per message appended (module None: a MemoryStore of this tree)."""
-    path = os.path.join(folder, "a%d-%d.db" % (batch, topics))
-    store = new_store.MemoryStore(1000) if module is None else module.SqliteStore(path, 1000)
-    try:
+    with opened(module, os.path.join(folder, "a%d-%d.db" % (batch, topics)), 1000) as store:
         names = ["bench.t%d" % t for t in range(topics)]
         batches = [[(names[(b * batch + i) % topics], text(b * batch + i)) for i in range(batch)]
                    for b in range(max(1, messages // batch))]
@@ -78,19 +92,11 @@ def cpu_append(module: Optional[ModuleType], folder: str, batch: int, topics: in
             store.append_batch(items)
         spent = time.thread_time() - start
         return spent * 1e6 / (sum(map(len, batches[1:])) or 1)
-    finally:
-        store.close()
-        for suffix in ("", "-wal", "-shm", ".lock"):
-            if os.path.exists(path + suffix):
-                os.remove(path + suffix)
 
 
 def cpu_since(module: Optional[ModuleType], folder: str, page: int, reads: int) -> float:
     """Microseconds of CPU per message read by since() pages of ``page`` messages."""
-    path = os.path.join(folder, "s%d.db" % page)
-    store = (new_store.MemoryStore(100000) if module is None
-             else module.SqliteStore(path, history_size=100000))
-    try:
+    with opened(module, os.path.join(folder, "s%d.db" % page), 100000) as store:
         total = 20000
         for b in range(0, total, 234):
             store.append_batch([("bench.read", text(i)) for i in range(b, min(total, b + 234))])
@@ -104,21 +110,14 @@ def cpu_since(module: Optional[ModuleType], folder: str, page: int, reads: int) 
         spent = time.thread_time() - start
         assert got == reads * page, got
         return spent * 1e6 / got
-    finally:
-        store.close()
-        for suffix in ("", "-wal", "-shm", ".lock"):
-            if os.path.exists(path + suffix):
-                os.remove(path + suffix)
 
 
 def cpu_trim(module: Optional[ModuleType], folder: str, batch: int, topics: int) -> float:
     """Microseconds of CPU per message a count trim removes (to 1000 a topic), after
     20000 messages appended in batches of ``batch`` over ``topics`` topics."""
-    path = os.path.join(folder, "t%d-%d.db" % (batch, topics))
-    store = new_store.MemoryStore(1000) if module is None else module.SqliteStore(path, 1000)
-    try:
-        if module is None:
-            return 0.0  # the memory store drops the oldest as it appends
+    if module is None:
+        return 0.0  # the memory store drops the oldest as it appends
+    with opened(module, os.path.join(folder, "t%d-%d.db" % (batch, topics)), 1000) as store:
         names = ["bench.t%d" % t for t in range(topics)]
         total = 20000
         for b in range(0, total, batch):
@@ -131,11 +130,6 @@ def cpu_trim(module: Optional[ModuleType], folder: str, batch: int, topics: int)
         removed = total - 1000 * topics
         assert len(store.since(names[0], 0, 2000)) == 1000
         return spent * 1e6 / removed
-    finally:
-        store.close()
-        for suffix in ("", "-wal", "-shm", ".lock"):
-            if os.path.exists(path + suffix):
-                os.remove(path + suffix)
 
 
 def main() -> int:
