@@ -24,7 +24,7 @@ from httputil import publish as http_publish
 from serverproc import ServerProcess
 from wsraw import RawWS, connect, expect_pong_next, subscribe, wait_for
 
-from wsbroadcast.store import SqliteStore
+from wsbroadcast.store import SqliteStore, unpack_run
 
 TOPIC = "hist.t"
 
@@ -538,10 +538,13 @@ def test_get_history_reads_the_sqlite_store(make_server, tmp_path) -> None:
     # the answer is what the file holds
     db = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
     try:
-        rows = db.execute("SELECT seq, data FROM messages WHERE topic = ? AND seq > 20 "
-                          "ORDER BY seq", (TOPIC,)).fetchall()
+        runs = db.execute("SELECT first_seq, last_seq, lens, data FROM runs WHERE topic = ?"
+                          " ORDER BY last_seq", (TOPIC,)).fetchall()
     finally:
         db.close()
+    rows = [(first + i, text) for first, last, lens, data in runs
+            for i, text in enumerate(unpack_run(lens, data, last - first + 1))
+            if first + i > 20]
     assert [(r["seq"], r["data"]) for r in history(srv.port, TOPIC, since=20)] == \
         [(seq, json.loads(data)) for seq, data in rows]
     status, body = http_json(srv.port, "GET", "/history?topic=hist.*")

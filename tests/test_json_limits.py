@@ -190,9 +190,11 @@ def test_non_finite_numbers_stored_by_an_older_version_are_sent_as_null(tmp_path
         v1.close()
         assert proc.terminate() == 0
     with sqlite3.connect(store) as db:  # what an older version wrote for 1e400, -1e400 and NaN
-        db.execute("UPDATE messages SET data = 'Infinity' WHERE seq = 1")
-        db.execute("UPDATE messages SET data = '[-Infinity, NaN, 1.5]' WHERE seq = 3")
-        db.execute("UPDATE messages SET data = '{\"v\": [Infinity, \"Infinity\"]}' WHERE seq = 4")
+        # each publish was its own commit: a run of one, whose data is the message's text
+        db.execute("UPDATE runs SET data = 'Infinity' WHERE last_seq = 1 AND lens IS NULL")
+        db.execute("UPDATE runs SET data = '[-Infinity, NaN, 1.5]' WHERE last_seq = 3 AND lens IS NULL")
+        db.execute("UPDATE runs SET data = '{\"v\": [Infinity, \"Infinity\"]}'"
+                   " WHERE last_seq = 4 AND lens IS NULL")
     db.close()
     expected = [None, "NaN and Infinity in a string", [None, None, 1.5], {"v": [None, "Infinity"]}]
     with ServerProcess("--store", store, env=_env()) as proc:

@@ -337,18 +337,18 @@ def test_sqlite_failure_mid_batch_is_all_or_nothing(tmp_path) -> None:
     path = str(tmp_path / "h.db")
     with SqliteStore(path) as store:
         epoch = _fill(store)
-        # A second connection adds a trigger that aborts the INSERT of one row; the
-        # rows before it in the same executemany were already written.
+        # A second connection adds a trigger that aborts the INSERT of one row (a run of
+        # topic new); the run of t before it in the same executemany was already written.
         other = sqlite3.connect(path)
         other.execute(
-            "CREATE TRIGGER boom BEFORE INSERT ON messages WHEN NEW.data = 'boom'"
+            "CREATE TRIGGER boom BEFORE INSERT ON runs WHEN instr(NEW.data, 'boom')"
             " BEGIN SELECT RAISE(ABORT, 'boom'); END"
         )
         other.commit()
         with pytest.raises(StoreError, match="boom"):
-            store.append_batch([("t", "3"), ("new", "1"), ("t", "boom"), ("t", "5")])
+            store.append_batch([("t", "3"), ("new", "1"), ("new", "boom"), ("t", "5")])
         # a fresh connection sees nothing of the failed batch either
-        assert other.execute("SELECT MAX(seq) FROM messages WHERE topic = 't'").fetchone() == (2,)
+        assert other.execute("SELECT MAX(last_seq) FROM runs WHERE topic = 't'").fetchone() == (2,)
         assert other.execute("SELECT last_seq FROM topics WHERE topic = 't'").fetchone() == (2,)
         assert other.execute("SELECT COUNT(*) FROM topics WHERE topic = 'new'").fetchone() == (0,)
         other.execute("DROP TRIGGER boom")

@@ -9,7 +9,8 @@ One interface (:class:`MessageStore`), two implementations:
 - :class:`SqliteStore`: one SQLite file in WAL mode. Each topic's epoch and last
   seq live in their own table, so seqs survive trimming, ``history_size`` 0 and
   restarts (same file => same epoch, seqs continue); topics are never forgotten,
-  and only a bounded cache of their metadata is kept in memory.
+  and only a bounded cache of their metadata is kept in memory. A topic's messages
+  appended in one commit are one row (a *run*, see :func:`pack_run`).
 
 Threading contract: ``append_batch`` and ``latest`` are called by one thread at a
 time (the hub holds its lock around them; ``in_use`` and ``trim_step(in_use=...)``
@@ -33,6 +34,7 @@ import sqlite3
 import sys
 import threading
 import time
+from array import array
 from contextlib import contextmanager
 from typing import (
     Callable,
@@ -625,11 +627,26 @@ _SCHEMA = (
     " key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS topics ("
     " topic TEXT PRIMARY KEY, epoch TEXT NOT NULL, last_seq INTEGER NOT NULL) WITHOUT ROWID",
-    "CREATE TABLE IF NOT EXISTS messages ("
-    " topic TEXT NOT NULL, seq INTEGER NOT NULL, data TEXT NOT NULL, time REAL NOT NULL,"
-    " PRIMARY KEY (topic, seq))",
+    # one row per run: messages first_seq..last_seq of a topic, appended in one commit
+    # (one time); the small columns first, so that reading them never touches the
+    # overflow pages of a long ``data``
+    "CREATE TABLE IF NOT EXISTS runs ("
+    " topic TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,"
+    " time REAL NOT NULL, lens BLOB, data TEXT NOT NULL, PRIMARY KEY (topic, last_seq))",
 )
-_SCHEMA_VERSION = "1"
+#: the layout this version writes: 1 had one row per message (table ``messages``),
+#: 2 has one row per run (table ``runs``); a version-1 file is migrated on a writable open
+_SCHEMA_VERSION = 2
+_RUN_COLUMNS = "topic, first_seq, last_seq, time, lens, data"
+_INSERT_RUN = "INSERT INTO runs (%s) VALUES (?, ?, ?, ?, ?, ?)" % _RUN_COLUMNS
+#: most messages in one run, and most characters (code points) of a run of more than
+#: one: what one row costs to read, whatever a since() asks for
+_RUN_MESSAGES = 256
+_RUN_CHARS = 65536
+#: version-1 messages, and characters of them, a migration holds at once (its memory;
+#: the file is migrated in one transaction all the same)
+_MIGRATE_STEP = 4096
+_MIGRATE_CHARS = 8 * 1024 * 1024
 _MAX_IDLE_READERS = 8
 _READER_CACHE_KIB = 256
 #: topics whose epoch and last seq a SqliteStore keeps in memory
@@ -637,6 +654,114 @@ _META_CACHE = 65536
 #: WAL pages past which a commit checkpoints by itself: a backstop only, as the store's
 #: checkpoint() (the trimmer thread, every round) keeps the WAL well below it
 _WAL_BACKSTOP_PAGES = 16384
+
+
+# Runs: the texts of one run are stored joined in ``data``; ``lens`` holds their lengths
+# in code points (Python's str indexes), 4-byte little-endian unsigned, or is NULL for a
+# run of one, whose ``data`` is then its text as it is. A run of more than one holds at
+# most _RUN_CHARS code points, so each length fits.
+_LENS_TYPE = next(t for t in ("I", "L") if array(t).itemsize == 4)
+_LENS_SWAP = sys.byteorder != "little"
+RunRow = Tuple[str, int, int, float, Optional[bytes], str]
+
+
+def pack_run(texts: Sequence[str]) -> Tuple[Optional[bytes], str]:
+    """``(lens, data)`` of a run of ``texts`` (at least one)."""
+    if len(texts) == 1:
+        return None, texts[0]
+    lens = array(_LENS_TYPE, map(len, texts))
+    if _LENS_SWAP:
+        lens.byteswap()
+    return lens.tobytes(), "".join(texts)
+
+
+def unpack_run(lens: Optional[bytes], data: str, count: int, start: int = 0,
+               stop: Optional[int] = None) -> List[str]:
+    """Texts ``start:stop`` of a run of ``count`` stored as ``(lens, data)``; ValueError
+    if the run does not hold ``count`` texts."""
+    if lens is None:
+        if count != 1:
+            raise ValueError("a run of %d messages without lengths" % count)
+        return [data][start:stop]
+    sizes = array(_LENS_TYPE)
+    sizes.frombytes(lens)  # ValueError when not a multiple of 4 bytes
+    if _LENS_SWAP:
+        sizes.byteswap()
+    ends = list(itertools.accumulate(sizes))
+    if len(ends) != count or ends[-1] != len(data):
+        raise ValueError("the lengths of a run of %d messages do not match its data" % count)
+    ends = ends[start:stop]
+    if not ends:
+        return []
+    begin = ends[0] - sizes[start]
+    return [data[i:j] for i, j in zip([begin] + ends, ends)]
+
+
+def split_runs(texts: Sequence[str]) -> List[Tuple[int, int]]:
+    """Cut ``texts`` (consecutive messages) into runs: ``[(start, end), ...]`` index ranges
+    of at most _RUN_MESSAGES texts and, when more than one, _RUN_CHARS code points."""
+    n = len(texts)
+    if n <= _RUN_MESSAGES and (n == 1 or sum(map(len, texts)) <= _RUN_CHARS):
+        return [(0, n)]
+    out: List[Tuple[int, int]] = []
+    start = 0
+    chars = 0
+    for i, text in enumerate(texts):
+        size = len(text)
+        if i > start and (i - start >= _RUN_MESSAGES or chars + size > _RUN_CHARS):
+            out.append((start, i))
+            start, chars = i, 0
+        chars += size
+    out.append((start, n))
+    return out
+
+
+def run_rows(topic: str, first: int, texts: Sequence[str], now: float) -> List[RunRow]:
+    """The rows of the runs of ``texts``, messages ``first``, ``first + 1``, ... of ``topic``."""
+    if len(texts) == 1:
+        return [(topic, first, first, now, None, texts[0])]
+    rows: List[RunRow] = []
+    for start, end in split_runs(texts):
+        lens, data = pack_run(texts[start:end] if start or end < len(texts) else texts)
+        rows.append((topic, first + start, first + end - 1, now, lens, data))
+    return rows
+
+
+class _OpenRun:
+    """A run being gathered from version-1 rows."""
+
+    __slots__ = ("topic", "first", "last", "time", "texts", "chars")
+
+    def __init__(self, topic: str, seq: int, data: str, tm: float) -> None:
+        self.topic = topic
+        self.first = self.last = seq
+        self.time = tm
+        self.texts = [data]
+        self.chars = len(data)
+
+
+def runs_of_messages(messages: Iterable[Tuple[str, int, str, float]]) -> List[RunRow]:
+    """Rows of runs holding ``messages`` (``(topic, seq, data, time)``, one row each of a
+    version-1 file, in insertion order): a topic's consecutive seqs of one time make a run.
+    The runs come in the order of their first message, so their times keep that order."""
+    runs: List[_OpenRun] = []
+    open_runs: Dict[str, _OpenRun] = {}
+    for topic, seq, data, tm in messages:
+        run = open_runs.get(topic)
+        if (
+            run is not None
+            and run.last == seq - 1
+            and run.time == tm
+            and len(run.texts) < _RUN_MESSAGES
+            and run.chars + len(data) <= _RUN_CHARS
+        ):
+            run.last = seq
+            run.texts.append(data)
+            run.chars += len(data)
+        else:
+            run = open_runs[topic] = _OpenRun(topic, seq, data, tm)
+            runs.append(run)
+    return [(r.topic, r.first, r.last, r.time) + pack_run(r.texts) for r in runs]
 
 
 class SqliteStore(MessageStore):
@@ -670,9 +795,16 @@ class SqliteStore(MessageStore):
     never seen torn); if a reader connection cannot be opened, reads fall back to
     the writer connection.
 
+    Layout (schema 2): the messages of a topic appended by one ``append_batch`` are
+    stored as runs, one row each, of at most _RUN_MESSAGES messages and (when more
+    than one) _RUN_CHARS characters, so that a row costs a bounded amount to read;
+    a run has one time. A file of schema 1 (a row per message) is migrated when
+    opened writable, in one transaction; opened read-only it is read as it is. A
+    file of a newer schema is refused with StoreError.
+
     Count retention is applied by :meth:`trim` (call it periodically, e.g. with
     :class:`RetentionTrimmer`), so between trims a topic can hold more than
-    ``history_size`` rows.
+    ``history_size`` messages.
     """
 
     def __init__(
@@ -725,6 +857,9 @@ class SqliteStore(MessageStore):
         self._scan: Optional[str] = ""
         self._scan_size = history_size
         self._closed = False
+        # the file has the version-1 layout (one row per message): only when opened
+        # read-only, which cannot migrate it; set by open()
+        self._v1 = False
 
         # _pool_lock guards _idle, the reader connections not in use. A reader
         # connection is used by one thread at a time (taken out of _idle, given back).
@@ -826,6 +961,10 @@ class SqliteStore(MessageStore):
                 if self._shared_reads:
                     raise StoreError("cannot open sqlite store %s: %s" % (self.path, exc)) from exc
                 first = exc
+            except BaseException:
+                if conn is not None:
+                    conn.close()
+                raise
         uris = [self._reader_uri]
         if self._file is not None and not os.path.exists(self._file + "-wal"):
             # closed cleanly, in a directory where SQLite cannot make its -shm file
@@ -857,18 +996,98 @@ class SqliteStore(MessageStore):
         conn.execute("PRAGMA synchronous=%s" % ("FULL" if self.full_sync else "NORMAL"))
         conn.execute("BEGIN IMMEDIATE")
         try:
+            self._schema_of(conn)
             for stmt in _SCHEMA:
                 conn.execute(stmt)
+            # schema 1, or rows an older version added to a file of schema 2 (it did
+            # not check the schema, and made its table again)
+            migrated = self._migrate(conn)
             conn.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (_new_epoch(),)
             )
             conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (_SCHEMA_VERSION,)
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)",
+                (str(_SCHEMA_VERSION),),
             )
             conn.execute("COMMIT")
         except BaseException:
             _rollback(conn)
             raise
+        if migrated and not self._shared_reads:
+            # the migration went through the WAL: copy it into the file and empty it
+            # now, rather than keep a WAL as large as the history
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error as exc:
+                logger.warning("sqlite store %s: checkpoint after migrating: %s", self.path, exc)
+
+    def _schema_of(self, conn: sqlite3.Connection) -> int:
+        """The layout version of the file (0: a new one); StoreError for a version this
+        one does not know (written by a newer wsbroadcast)."""
+        tables = {str(r[0]) for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+        )}
+        row = None
+        if "meta" in tables:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is None:
+            return 1 if "messages" in tables else 0
+        try:
+            version = int(row[0])
+        except (TypeError, ValueError):
+            version = -1
+        if not 1 <= version <= _SCHEMA_VERSION:
+            raise StoreError(
+                "sqlite store %s has schema version %s, which this wsbroadcast does not know"
+                " (it knows 1 to %d): a newer wsbroadcast wrote it"
+                % (self.path, row[0], _SCHEMA_VERSION)
+            )
+        return version
+
+    def _migrate(self, conn: sqlite3.Connection) -> bool:
+        """Turn the rows of the version-1 table (one per message), if there is one, into
+        runs, in the caller's transaction (all or nothing: a crash leaves the file as it
+        was), _MIGRATE_STEP rows at a time. Returns whether there was such a table."""
+        after = 0
+        count = 0
+        try:
+            if not conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+            ).fetchone():
+                return False
+            while True:
+                rows: List[Tuple[str, int, str, float]] = []
+                chars = 0
+                cur = conn.execute(
+                    "SELECT rowid, topic, seq, data, time FROM messages WHERE rowid > ?"
+                    " ORDER BY rowid", (after,)
+                )
+                try:
+                    for rowid, topic, seq, data, tm in cur:
+                        after = rowid
+                        rows.append((topic, seq, data, tm))
+                        chars += len(data)
+                        if len(rows) >= _MIGRATE_STEP or chars >= _MIGRATE_CHARS:
+                            break
+                finally:
+                    cur.close()
+                if not rows:
+                    break
+                count += len(rows)
+                # the rows go as their runs come, so that the runs take the pages freed
+                conn.execute("DELETE FROM messages WHERE rowid <= ?", (after,))
+                conn.executemany(_INSERT_RUN, runs_of_messages(rows))
+            conn.execute("DROP TABLE messages")
+        except sqlite3.Error as exc:
+            raise StoreError(
+                "cannot migrate sqlite store %s to schema version %d (the file is left as it"
+                " was): %s" % (self.path, _SCHEMA_VERSION, exc)
+            ) from exc
+        logger.info(
+            "sqlite store %s: migrated %d messages to schema version %d",
+            self.path, count, _SCHEMA_VERSION,
+        )
+        return True
 
     def _load(self) -> str:
         conn = self._conn()
@@ -876,6 +1095,14 @@ class SqliteStore(MessageStore):
             row = conn.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
             if row is None:
                 raise StoreError("sqlite store %s has no epoch (not a wsbroadcast store?)" % self.path)
+            if self.read_only:
+                self._v1 = self._schema_of(conn) == 1
+                if self._v1:
+                    logger.warning(
+                        "sqlite store %s has the layout of an older version (schema 1): read"
+                        " as it is; open it writable once to migrate it",
+                        self.path,
+                    )
         except sqlite3.Error as exc:
             conn.close()
             raise StoreError("cannot read sqlite store %s: %s" % (self.path, exc)) from exc
@@ -1021,32 +1248,77 @@ class SqliteStore(MessageStore):
         out: List[StoredMessage] = []
         try:
             with self._reader() as conn:
+                if self._v1:
+                    self._since_v1(conn, topic, seq, limit, bound, out)
+                    return out
+                # a row per run: at most ``limit`` rows hold the page (each has a message
+                # at least); the first may begin before seq
                 cur = conn.execute(
-                    "SELECT topic, seq, data, time FROM messages"
-                    " WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    "SELECT first_seq, last_seq, time, lens, data FROM runs"
+                    " WHERE topic = ? AND last_seq > ? ORDER BY last_seq LIMIT ?",
                     (topic, seq, limit),
                 )
                 try:
-                    # row by row: past the bound at most one row more is read, none
-                    # once the bound is reached
-                    while not bound.full:
+                    # run by run: past the bound at most one message more is read, none
+                    # once the bound is reached (a run costs at most _RUN_CHARS to read)
+                    while not bound.full and len(out) < limit:
                         row = cur.fetchone()
-                        if row is None or not bound.admit(row[2]):
+                        if row is None:
                             break
+                        first, last, tm, lens, data = row
+                        at = max(first, seq + 1)
+                        try:
+                            texts = unpack_run(lens, data, last - first + 1, at - first,
+                                               at - first + limit - len(out))
+                        except ValueError as exc:
+                            raise StoreError(
+                                "sqlite store %s: run %d-%d of %r is damaged: %s"
+                                % (self.path, first, last, topic, exc)
+                            ) from None
+                        size = len(texts)
+                        if max_bytes is not None:
+                            texts = list(itertools.takewhile(
+                                lambda text: not bound.full and bound.admit(text), texts
+                            ))
                         # an older version may have stored NaN/Infinity
-                        out.append(StoredMessage(row[0], row[1], strict_text(row[2]), row[3]))
+                        out.extend(map(StoredMessage._make, zip(
+                            itertools.repeat(topic), itertools.count(at),
+                            map(strict_text, texts), itertools.repeat(tm),
+                        )))
+                        if len(texts) < size:
+                            break  # a message did not fit: the bound is reached
                 finally:
                     cur.close()  # ends the read before the connection goes back to the pool
         except sqlite3.Error as exc:
             raise StoreError("cannot read history of %r: %s" % (topic, exc)) from exc
         return out
 
+    @staticmethod
+    def _since_v1(conn: sqlite3.Connection, topic: str, seq: int, limit: int,
+                  bound: ByteBound, out: List[StoredMessage]) -> None:
+        """since() of a read-only file of the version-1 layout (a row per message)."""
+        cur = conn.execute(
+            "SELECT topic, seq, data, time FROM messages"
+            " WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (topic, seq, limit),
+        )
+        try:
+            while not bound.full:
+                row = cur.fetchone()
+                if row is None or not bound.admit(row[2]):
+                    break
+                out.append(StoredMessage(row[0], row[1], strict_text(row[2]), row[3]))
+        finally:
+            cur.close()
+
     def oldest(self, topic: str) -> int:
         try:
             with self._reader() as conn:
-                row = conn.execute(
-                    "SELECT MIN(seq) FROM messages WHERE topic = ?", (topic,)
-                ).fetchone()
+                if self._v1:
+                    query = "SELECT MIN(seq) FROM messages WHERE topic = ?"
+                else:  # runs do not overlap: the first by last_seq begins first
+                    query = "SELECT first_seq FROM runs WHERE topic = ? ORDER BY last_seq LIMIT 1"
+                row = conn.execute(query, (topic,)).fetchone()
         except sqlite3.Error as exc:
             raise StoreError("cannot read history of %r: %s" % (topic, exc)) from exc
         return int(row[0]) if row and row[0] is not None else 0
@@ -1064,37 +1336,54 @@ class SqliteStore(MessageStore):
             if not items:
                 return []
             now = self._clock()
-            keep_rows = self.history_size > 0
-            pending: Dict[str, Tuple[str, int]] = {}
+            # topic -> its texts in this batch, and its (epoch, seq before the batch)
+            texts: Dict[str, List[str]] = {}
+            before: Dict[str, Tuple[str, int]] = {}
             known: Set[str] = set()
-            rows: List[Tuple[str, int, str, float]] = []
             out: List[Tuple[int, str]] = []
             conn = self._conn()
             try:
                 for topic, data in items:
-                    meta = pending.get(topic)
-                    if meta is None:
+                    run = texts.get(topic)
+                    if run is None:
+                        run = texts[topic] = []
                         meta = self._lookup(topic)
                         if meta is None:
                             meta = (self.epoch, 0)
                         else:
                             known.add(topic)
-                    epoch, last = meta
-                    seq = last + 1
-                    pending[topic] = (epoch, seq)
-                    out.append((seq, epoch))
-                    if keep_rows:
-                        rows.append((topic, seq, data, now))
+                        before[topic] = meta
+                    else:
+                        meta = before[topic]
+                    run.append(data)
+                    out.append((meta[1] + len(run), meta[0]))
             except sqlite3.Error as exc:
                 raise StoreError("cannot read topics: %s" % exc) from exc
-            new = [(t, e, s) for t, (e, s) in pending.items() if t not in known]
-            old = [(s, t) for t, (e, s) in pending.items() if t in known]
+            pending: Dict[str, Tuple[str, int]] = {}
+            new: List[Tuple[str, str, int]] = []
+            old: List[Tuple[int, str]] = []
+            rows: List[RunRow] = []
+            keep = self.history_size > 0
+            for topic, run in texts.items():
+                epoch, seq = before[topic]
+                last = seq + len(run)
+                pending[topic] = (epoch, last)
+                if topic in known:
+                    old.append((last, topic))
+                else:
+                    new.append((topic, epoch, last))
+                if not keep:
+                    continue
+                if len(run) == 1:
+                    rows.append((topic, last, last, now, None, run[0]))
+                else:
+                    rows.extend(run_rows(topic, seq + 1, run, now))
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                if rows:
-                    conn.executemany(
-                        "INSERT INTO messages (topic, seq, data, time) VALUES (?, ?, ?, ?)", rows
-                    )
+                if len(rows) == 1:
+                    conn.execute(_INSERT_RUN, rows[0])
+                elif rows:
+                    conn.executemany(_INSERT_RUN, rows)
                 if new:
                     conn.executemany(
                         "INSERT INTO topics (topic, epoch, last_seq) VALUES (?, ?, ?)", new
@@ -1123,7 +1412,7 @@ class SqliteStore(MessageStore):
             # Committed: only now does the cache move forward.
             self._remember(pending)
             size = self.history_size
-            if keep_rows:
+            if rows:
                 for topic, (_e, seq) in pending.items():
                     if seq > size:
                         self._dirty[topic] = seq
@@ -1135,14 +1424,16 @@ class SqliteStore(MessageStore):
     def trim_step(
         self, now: Optional[float] = None, limit: int = TRIM_STEP, in_use: Optional[InUse] = None
     ) -> Tuple[int, bool]:
-        """Apply retention to about ``limit`` rows or topics: ``(rows removed, more to do)``.
+        """Apply retention to about ``limit`` messages or topics: ``(messages removed, more to do)``.
 
-        Age: the oldest rows by insertion (rowid) order while they are expired, so what
-        stays of a topic is contiguous. Count: topics appended past ``history_size``
-        since their last trim, and every topic after opening or a change of size; at
-        most about ``limit`` rows are deleted in all, the oldest of each topic first.
-        Topics are never forgotten here: their row in the topics table keeps the
-        numbering, also when every message expired (``in_use`` is not needed).
+        Age: the oldest runs by insertion (rowid) order while they are expired (a run
+        has one time), so what stays of a topic is contiguous; whole runs, of about
+        ``limit`` messages (up to a run more). Count: topics appended past
+        ``history_size`` since their last trim, and every topic after opening or a
+        change of size; at most ``limit`` messages are removed in all, the oldest of
+        each topic first (a run cut is rewritten as its kept part: up to a run more to
+        write). Topics are never forgotten here: their row in the topics table keeps
+        the numbering, also when every message expired (``in_use`` is not needed).
         """
         with self._wlock:
             if self._closed or self._writer is None or self.read_only or self._lost:
@@ -1159,57 +1450,55 @@ class SqliteStore(MessageStore):
                     cutoff = (self._clock() if now is None else now) - ttl
                     upto = None
                     rows = conn.execute(
-                        "SELECT rowid, time FROM messages ORDER BY rowid LIMIT ?", (limit,)
+                        "SELECT rowid, time, last_seq - first_seq + 1 FROM runs"
+                        " ORDER BY rowid LIMIT ?", (limit,)
                     ).fetchall()
-                    for rowid, tm in rows:
+                    expired = 0
+                    for rowid, tm, count in rows:
                         if tm >= cutoff:
                             break
+                        if expired >= limit:
+                            more = True
+                            break
                         upto = rowid
+                        expired += count
                     else:
                         more = len(rows) == limit
                     if upto is not None:
                         conn.execute("BEGIN IMMEDIATE")
-                        removed += conn.execute(
-                            "DELETE FROM messages WHERE rowid <= ?", (upto,)
-                        ).rowcount
+                        conn.execute("DELETE FROM runs WHERE rowid <= ?", (upto,))
                         conn.execute("COMMIT")
+                        removed += expired
                     if more:
                         return removed, True
-                work: List[Tuple[str, int]] = []
+                # topic -> its last seq: each topic once, from the scan or _dirty
+                work: Dict[str, int] = {}
                 if self._scan is not None:
                     rows = conn.execute(
                         "SELECT topic, last_seq FROM topics WHERE topic > ? ORDER BY topic LIMIT ?",
                         (self._scan, limit),
                     ).fetchall()
-                    work.extend((t, last) for t, last in rows if last > size)
+                    work.update((t, last) for t, last in rows if last > size)
                     self._scan = rows[-1][0] if len(rows) == limit else None
                     more = self._scan is not None
                 dirty = self._dirty
                 while dirty and len(work) < limit:
                     topic = next(iter(dirty))
-                    work.append((topic, dirty.pop(topic)))
+                    last = dirty.pop(topic)
+                    work[topic] = max(last, work.get(topic, 0))
                 more = more or bool(dirty)
                 if work:
-                    # at most about ``limit`` rows per step, however far a topic is past
+                    # at most ``limit`` messages per step, however far a topic is past
                     # its size (a burst between rounds, a smaller history_size): the
                     # rest of a topic is left in _dirty for the next step
                     budget = limit
                     conn.execute("BEGIN IMMEDIATE")
-                    for topic, last in work:
-                        upto = last - size
+                    for topic, last in work.items():
                         if budget > 0:
-                            row = conn.execute(
-                                "SELECT min(seq) FROM messages WHERE topic = ?", (topic,)
-                            ).fetchone()
-                            first = upto + 1 if row[0] is None else int(row[0])
-                            end = min(upto, first + budget - 1)
-                            if first <= end:
-                                n = conn.execute(
-                                    "DELETE FROM messages WHERE topic = ? AND seq <= ?", (topic, end)
-                                ).rowcount
-                                removed += n
-                                budget -= max(n, 1)
-                            if end >= upto:
+                            n, done = self._trim_topic(conn, topic, last - size, budget)
+                            removed += n
+                            budget -= max(n, 1)
+                            if done:
                                 continue
                         dirty[topic] = max(last, dirty.get(topic, 0))
                         more = True
@@ -1220,6 +1509,58 @@ class SqliteStore(MessageStore):
             if removed:
                 logger.debug("sqlite store %s: trimmed %d messages", self.path, removed)
             return removed, more
+
+    def _trim_topic(self, conn: sqlite3.Connection, topic: str, upto: int,
+                    budget: int) -> Tuple[int, bool]:
+        """Remove the messages of ``topic`` up to seq ``upto``, at most ``budget`` of them
+        (the oldest): ``(messages removed, all up to upto are)``. Runs that end by then
+        are deleted; the one that holds the last message removed and more is rewritten
+        as what it keeps: only at ``upto``, or when its first run is longer than the
+        budget (else the step stops before a run it would cut)."""
+        row = conn.execute(
+            "SELECT first_seq FROM runs WHERE topic = ? ORDER BY last_seq LIMIT 1", (topic,)
+        ).fetchone()
+        if row is None:
+            return 0, True
+        oldest = int(row[0])
+        end = min(upto, oldest + budget - 1)
+        if end < upto:
+            run = conn.execute(
+                "SELECT first_seq, last_seq FROM runs WHERE topic = ? AND last_seq >= ?"
+                " ORDER BY last_seq LIMIT 1", (topic, end)
+            ).fetchone()
+            if run is not None and oldest < run[0] <= end < run[1] <= upto:
+                end = run[0] - 1  # the run goes whole in a later step
+        removed = 0
+        if oldest <= end:
+            removed = conn.execute(
+                "SELECT coalesce(sum(last_seq - first_seq + 1), 0) FROM runs"
+                " WHERE topic = ? AND last_seq <= ?", (topic, end)
+            ).fetchone()[0]
+            conn.execute("DELETE FROM runs WHERE topic = ? AND last_seq <= ?", (topic, end))
+            cut = conn.execute(
+                "SELECT first_seq, last_seq FROM runs WHERE topic = ? ORDER BY last_seq LIMIT 1",
+                (topic,),
+            ).fetchone()
+            if cut is not None and cut[0] <= end:
+                first, last = cut
+                lens, data = conn.execute(
+                    "SELECT lens, data FROM runs WHERE topic = ? AND last_seq = ?", (topic, last)
+                ).fetchone()
+                try:
+                    texts = unpack_run(lens, data, last - first + 1, end + 1 - first)
+                except ValueError as exc:
+                    raise StoreError(
+                        "run %d-%d of %r is damaged: %s" % (first, last, topic, exc)
+                    ) from None
+                lens, data = pack_run(texts)
+                conn.execute(
+                    "UPDATE runs SET first_seq = ?, lens = ?, data = ?"
+                    " WHERE topic = ? AND last_seq = ?",
+                    (end + 1, lens, data, topic, last),
+                )
+                removed += end + 1 - first
+        return removed, end >= upto
 
     def close(self) -> None:
         with self._wlock:
