@@ -12,7 +12,7 @@ first, the server's close frame read back) until the server holds none. The
 figure is the server process's CPU (utime + stime from /proc/PID/stat) over each
 phase divided by K: CPU, not wall time, so that it holds on a busy machine (run
 it under ``nice -n 19``; wall rates are printed for information only). Rounds
-run on the same server; the median round is reported.
+run on the same servers, which take turns; the median round is reported.
 
 ``--profile-python`` (3.11 or older: cProfile there is per thread) runs
 wsbroadcast once more with every thread profiled and prints the top functions
@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import json
 import os
+import re
 import selectors
 import socket
 import statistics
@@ -42,6 +44,20 @@ _CLOSE_FRAME = bytes([0x88, 0x82, 1, 2, 3, 4, 0x03 ^ 1, 0xE8 ^ 2])  # masked clo
 
 
 # ---------------------------------------------------------------------- server side
+def _thread_cpu() -> Dict[str, float]:
+    """CPU seconds (from the scheduler, in ns) of the live threads of this process by kind."""
+    out: Dict[str, float] = {}
+    for t in threading.enumerate():
+        try:
+            with open("/proc/self/task/%d/schedstat" % t.native_id) as f:  # type: ignore[str-format]
+                ns = int(f.read().split()[0])
+        except OSError:
+            continue
+        kind = re.sub(r"^Thread-[0-9]+ ", "", re.sub(r"-conn-.*", "-conn", t.name))
+        out[kind] = out.get(kind, 0.0) + ns / 1e9
+    return out
+
+
 def _serve(name: str, profile: bool) -> None:
     """Run one server on a free port; answer 'count' and 'profile' on stdin."""
     profiles: List[Any] = []
@@ -64,8 +80,8 @@ def _serve(name: str, profile: bool) -> None:
         threading.Thread.run = profiled_run  # type: ignore[method-assign]
     count: Callable[[], Tuple[int, int]]
     base_threads = threading.active_count()
-    if name == "wsbroadcast":
-        sys.path.insert(0, str(ROOT))
+    if name.partition("=")[0] == "wsbroadcast":
+        sys.path.insert(0, name.partition("=")[2] or str(ROOT))
         import logging
 
         from wsbroadcast import Server
@@ -112,11 +128,16 @@ def _serve(name: str, profile: bool) -> None:
                     else:
                         stats.add(holder)
             if stats is not None:
-                stats.sort_stats("tottime").print_stats(30)
+                rows = int(os.environ.get("BENCH_ROWS", "30"))
+                stats.sort_stats(os.environ.get("BENCH_SORT", "tottime")).print_stats(rows)
+                for fn in filter(None, os.environ.get("BENCH_CALLEES", "").split(",")):
+                    stats.print_callees(fn)
             text = out.getvalue()
             print("%d" % len(text.encode()), flush=True)
             sys.stdout.write(text)
             sys.stdout.flush()
+        elif cmd == "threads":
+            print(json.dumps(_thread_cpu()), flush=True)
         elif cmd == "quit":
             break
     os._exit(0)
@@ -125,7 +146,7 @@ def _serve(name: str, profile: bool) -> None:
 # ---------------------------------------------------------------------- client side
 class ServerProc:
     def __init__(self, python: str, name: str, profile: bool = False) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, PYTHONPATH=name.partition("=")[2] or str(ROOT))
         args = [python, str(Path(__file__).resolve()), "--serve", name] + (["--profiling"] if profile else [])
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=str(ROOT))
         assert self.proc.stdout is not None
@@ -133,6 +154,7 @@ class ServerProc:
         if not line.startswith("PORT "):
             raise SystemExit("%s did not start: %r" % (name, line))
         self.port = int(line.split()[1])
+        self.name = name
 
     def ask(self, cmd: str) -> str:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -149,16 +171,20 @@ class ServerProc:
         assert self.proc.stdout is not None
         return self.proc.stdout.read(size).decode()
 
-    def cpu(self) -> float:
+    def threads(self) -> Dict[str, float]:
+        return json.loads(self.ask("threads"))
+
+    def cpu(self) -> Tuple[float, float]:
+        """The server's (user, system) CPU seconds so far."""
         with open("/proc/%d/stat" % self.proc.pid) as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
+        return int(fields[11]) / _TICK, int(fields[12]) / _TICK
 
-    def wait_count(self, registered: int, threads: Optional[int], timeout: float = 60.0) -> None:
+    def wait_count(self, registered: Optional[int], threads: Optional[int], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             r, t = self.count()
-            if r == registered and (threads is None or t == threads):
+            if (registered is None or r == registered) and (threads is None or t == threads):
                 return
             if time.monotonic() > deadline:
                 raise SystemExit("server did not reach %d registered / %s threads (has %d / %d)"
@@ -254,19 +280,28 @@ def one_round(srv: ServerProc, k: int, clean: bool) -> Dict[str, float]:
     srv.wait_count(k, None)
     c1, w1 = srv.cpu(), time.monotonic()
     close_all(socks, clean)
-    srv.wait_count(0, 0)
+    # (websocket-server may keep a client whose thread has ended in its list)
+    srv.wait_count(0 if srv.name != "websocket-server" else None, 0)
     c2, w2 = srv.cpu(), time.monotonic()
-    return {"connect_us": (c1 - c0) / k * 1e6, "close_us": (c2 - c1) / k * 1e6,
+    return {"connect_us": (sum(c1) - sum(c0)) / k * 1e6, "close_us": (sum(c2) - sum(c1)) / k * 1e6,
+            "connect_sys_us": (c1[1] - c0[1]) / k * 1e6, "close_sys_us": (c2[1] - c1[1]) / k * 1e6,
             "connect_rate": k / (w1 - w0), "close_rate": k / (w2 - w1)}
 
 
-def measure(python: str, name: str, k: int, rounds: int, clean: bool) -> Dict[str, float]:
-    srv = ServerProc(python, name)
+def measure(python: str, names: List[str], k: int, rounds: int, clean: bool) -> Dict[str, Dict[str, float]]:
+    """The median round of each server; the servers take turns, round by round (same conditions)."""
+    procs = {}
     try:
-        results = [one_round(srv, k, clean) for _ in range(rounds)]
+        for name in names:
+            procs[name] = ServerProc(python, name)
+        results: Dict[str, List[Dict[str, float]]] = {name: [] for name in names}
+        for _ in range(rounds):
+            for name in names:
+                results[name].append(one_round(procs[name], k, clean))
     finally:
-        srv.close()
-    return {key: statistics.median(r[key] for r in results) for key in results[0]}
+        for srv in procs.values():
+            srv.close()
+    return {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in results.items()}
 
 
 def profile(python: str, k: int) -> str:
@@ -288,7 +323,9 @@ def main() -> None:
     ap.add_argument("--profiling", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--connections", "-k", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--servers", default="wsbroadcast,websocket-server")
+    ap.add_argument("--servers", default="wsbroadcast,websocket-server",
+                    help="wsbroadcast (this tree), wsbroadcast=DIR (the package in DIR: another "
+                         "version, to compare in the same run), websocket-server")
     ap.add_argument("--close", choices=("abrupt", "clean"), default="abrupt")
     ap.add_argument("--python", default="/work/venvs/bench/bin/python"
                     if os.path.exists("/work/venvs/bench/bin/python") else sys.executable)
@@ -300,16 +337,20 @@ def main() -> None:
         return
     print("K=%d connections at once, %d rounds (median), close %s, %s; load %s"
           % (args.connections, args.rounds, args.close, args.python, os.getloadavg()[0]))
-    print("%-18s %14s %14s %14s %14s" % ("server", "connect us CPU", "close us CPU", "connects/s", "closes/s"))
+    print("%-18s %20s %20s %11s %9s" % ("server", "connect us CPU (sys)", "close us CPU (sys)",
+                                         "connects/s", "closes/s"))
+    names = []
     for name in args.servers.split(","):
         if name == "websocket-server":
             probe = subprocess.run([args.python, "-c", "import websocket_server"], capture_output=True)
             if probe.returncode:
                 print("%-18s not importable from %s" % (name, args.python))
                 continue
-        r = measure(args.python, name, args.connections, args.rounds, args.close == "clean")
-        print("%-18s %14.0f %14.0f %14.0f %14.0f" % (name, r["connect_us"], r["close_us"],
-                                                       r["connect_rate"], r["close_rate"]), flush=True)
+        names.append(name)
+    for name, r in measure(args.python, names, args.connections, args.rounds, args.close == "clean").items():
+        print("%-18s %14.0f (%3.0f) %14.0f (%3.0f) %11.0f %9.0f" % (
+            name.replace("wsbroadcast=", "wsbroadcast@"), r["connect_us"], r["connect_sys_us"], r["close_us"],
+            r["close_sys_us"], r["connect_rate"], r["close_rate"]), flush=True)
     print("(server CPU per connection, from /proc/PID/stat; wall rates depend on the machine's load)")
     if args.profile_python:
         print("\ncProfile of wsbroadcast's connect phase (%d connections, all threads, by tottime):"

@@ -20,7 +20,7 @@ import re
 import socket
 import struct
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -33,6 +33,7 @@ from .envelope import PLAIN, SUBPROTOCOL, V1, encode_json, parse_json
 from .errors import AuthError, BrokerUnavailable, ErrorCode, StoreError, TopicError
 from .hosts import is_loopback
 from .metrics import stats_document
+from .requesthead import PlainRequest, parse_plain_head
 from .serving import Served
 from .store import StoredMessage, data_bytes
 from .topics import is_wildcard, validate_pattern, validate_topic
@@ -84,6 +85,8 @@ _CHUNK = 65536
 #: chunk within one): a client that stops reading costs one chunk and is then dropped
 _ANSWER_TIMEOUTS = 6
 _LINGER_RESET = struct.pack("ii", 1, 0)
+#: a request as routed: h11's, or one read by the fast path (a WebSocket upgrade)
+_Request = Union[h11.Request, PlainRequest]
 
 
 class HttpError(Exception):
@@ -205,10 +208,29 @@ class HttpSession:
         self.config = server.config
         self.sock = sock
         self.addr = addr
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER)
+        # h11's state machine, made when a request needs it: an upgrade read by the fast
+        # path (parse_plain_head) never does; till then what is received waits in _unparsed
+        self._h11: Optional[h11.Connection] = None
+        self._unparsed = bytearray()
+        self._eof = False
+        #: what followed a request read by the fast path
+        self._trailing = b""
         #: told True when the connection begins to wait for a request (after the first), False
         #: when one has come: an idle connection may be evicted when the server is full
         self.on_wait: Optional[Callable[[bool], None]] = None
+
+    @property
+    def http11(self) -> h11.Connection:
+        """h11's connection state (made on first use, given what was received till then)."""
+        conn = self._h11
+        if conn is None:
+            conn = self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER)
+            if self._unparsed:
+                conn.receive_data(bytes(self._unparsed))
+                self._unparsed = bytearray()
+            if self._eof:
+                conn.receive_data(b"")
+        return conn
 
     # ------------------------------------------------------------------ I/O
     def _recv(self, deadline: float) -> bytes:
@@ -222,7 +244,12 @@ class HttpSession:
                 data = self.sock.recv(65536)
             except socket.timeout:
                 raise _Timeout() from None
-        self.h11.receive_data(data)
+        if self._h11 is not None:
+            self._h11.receive_data(data)
+        elif data:
+            self._unparsed += data
+        else:
+            self._eof = True
         return data
 
     def _recv_now(self) -> Optional[bytes]:
@@ -257,15 +284,23 @@ class HttpSession:
         Raises the ``HttpError`` of a refused head. The head is checked as sent,
         before h11 unfolds and normalises it: the bytes h11 already holds (what
         followed the previous request) and those received here, to the blank line.
+        A WebSocket upgrade of the common shape comes back as a ``PlainRequest``
+        read without h11 (see ``_plain_upgrade``); h11 reads it only if it is
+        answered otherwise (``_catch_up``).
         """
-        head = bytearray(self.h11.trailing_data[0])
+        head = bytearray(self._unparsed if self._h11 is None else self._h11.trailing_data[0])
         start = 0
         while True:
             end = _HEAD_END.search(head, start)
             if end is not None:
-                problem = check_head(bytes(head[:end.end()]))
+                raw = bytes(head[:end.end()])
+                problem = check_head(raw)
                 if problem is not None:
                     raise problem
+                plain = self._plain_upgrade(raw)
+                if plain is not None:
+                    self._trailing = bytes(head[end.end():])
+                    return plain
                 break
             if len(head) > _MAX_HEADER:
                 break  # h11 refuses it
@@ -276,16 +311,35 @@ class HttpSession:
             head += data
         return self._next(deadline)
 
+    def _plain_upgrade(self, raw: bytes) -> Optional[PlainRequest]:
+        """``raw`` read by the fast path when it is a GET upgrade to the WebSocket path."""
+        req = parse_plain_head(raw)
+        if (req is None or req.method != b"GET"
+                or (_header(req.headers, b"upgrade") or "").lower() != "websocket"
+                or urlsplit(req.target.decode("latin-1")).path != self.config.path):
+            return None
+        return req
+
+    def _catch_up(self, event: Any) -> Any:
+        """The h11 event of a request the fast path read, when it gets another answer than
+        the upgrade (h11 reads the same request from what it is given: the head and on)."""
+        if type(event) is not PlainRequest:
+            return event
+        caught = self.http11.next_event()
+        if not isinstance(caught, h11.Request):  # (parse_plain_head reads only what h11 reads)
+            raise h11.RemoteProtocolError("request not read alike")
+        return caught
+
     def _next(self, deadline: float) -> Any:
         while True:
-            event = self.h11.next_event()
+            event = self.http11.next_event()
             if event is h11.NEED_DATA:
                 self._recv(deadline)
                 continue
             return event
 
     def _send(self, *events: Any) -> None:
-        data = b"".join(self.h11.send(e) or b"" for e in events)
+        data = b"".join(self.http11.send(e) or b"" for e in events)
         self.sock.settimeout(self.config.handshake_timeout)
         self.sock.sendall(data)
 
@@ -338,7 +392,7 @@ class HttpSession:
                 return None
             if isinstance(event, (h11.ConnectionClosed,)) or event is h11.PAUSED:
                 return None
-            if not isinstance(event, h11.Request):
+            if not isinstance(event, (h11.Request, PlainRequest)):
                 return None
             if on_wait is not None:
                 on_wait(False)
@@ -349,8 +403,12 @@ class HttpSession:
                     self.refuse(err, head=event.method == b"HEAD")
                     return None
                 try:
+                    event = self._catch_up(event)
                     self.error(err, head=event.method == b"HEAD")
                 except h11.LocalProtocolError:
+                    return None
+                except h11.RemoteProtocolError as exc:
+                    self._bad_request(exc)
                     return None
             except _Timeout:
                 return None
@@ -371,15 +429,15 @@ class HttpSession:
                 self._drain_body(deadline)
             except (_Timeout, h11.RemoteProtocolError):
                 return None
-            if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-                self.h11.start_next_cycle()
+            if self.http11.our_state is h11.DONE and self.http11.their_state is h11.DONE:
+                self.http11.start_next_cycle()
             else:
                 return None
 
     def _drain_body(self, deadline: float) -> None:
         """Read the rest of a request body nobody wanted (bounded), so keep-alive can go on."""
         left = self.config.max_message_size
-        while self.h11.their_state is h11.SEND_BODY and left >= 0:
+        while self.http11.their_state is h11.SEND_BODY and left >= 0:
             event = self._next(deadline)
             if isinstance(event, h11.Data):
                 left -= len(event.data)
@@ -398,7 +456,7 @@ class HttpSession:
         for at most ``_LINGER_SECONDS`` and ``_LINGER_BYTES``, so that closing does not
         reset the connection before the client has read the answer.
         """
-        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        if self.http11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         body, hdrs = _error_parts(err)
         lines = [b"HTTP/1.1 %d %s" % (err.status, _REASONS.get(err.status, b"Error")),
@@ -427,7 +485,7 @@ class HttpSession:
         except OSError:
             pass
 
-    def _fault(self, req: h11.Request, exc: Exception) -> None:
+    def _fault(self, req: _Request, exc: Exception) -> None:
         """A request that raised: one log line (the traceback at debug level), then a 500."""
         tb = exc.__traceback__
         while tb is not None and tb.tb_next is not None:
@@ -440,7 +498,7 @@ class HttpSession:
         self.refuse(HttpError(ErrorCode.INTERNAL, "internal server error", status=500, close=True),
                     head=req.method == b"HEAD")
 
-    def _route(self, req: h11.Request, deadline: float) -> Optional[Upgrade]:
+    def _route(self, req: _Request, deadline: float) -> Optional[Upgrade]:
         target = req.target.decode("latin-1")
         url = urlsplit(target)
         path = url.path
@@ -503,7 +561,7 @@ class HttpSession:
         return None
 
     # ------------------------------------------------------------------ endpoints
-    def _credentials(self, req: h11.Request, url: Any) -> Any:
+    def _credentials(self, req: _Request, url: Any) -> Any:
         """Claims of an HTTP request (API key or token); None when it may do anything."""
         try:
             claims = self.server.auth.authenticate_http(req.headers, _query_token(url))
@@ -511,14 +569,14 @@ class HttpSession:
             raise HttpError(ErrorCode.UNAUTHORIZED, str(exc)) from None
         return None if claims.is_allow_all else claims
 
-    def _cors(self, req: h11.Request) -> List[Tuple[str, str]]:
+    def _cors(self, req: _Request) -> List[Tuple[str, str]]:
         """Headers letting the request's Origin read the answer, when it is an allowed one."""
         origin = _header(req.headers, b"origin")
         if origin is None or not self.server.origin_allowed(origin, _header(req.headers, b"host")):
             return []
         return [("access-control-allow-origin", origin), ("vary", "Origin")]
 
-    def _check_stats_access(self, req: h11.Request, url: Any) -> None:
+    def _check_stats_access(self, req: _Request, url: Any) -> None:
         """/stats and /dashboard: the API key or a token for every topic when auth is on,
         else loopback clients only (unless ``public_stats``)."""
         if self.server.auth.enabled or self.server.auth.has_api_key:
@@ -530,7 +588,7 @@ class HttpSession:
             raise HttpError(ErrorCode.FORBIDDEN, "served to loopback clients only "
                                                  "(start the server with --public-stats)")
 
-    def _read_body(self, req: h11.Request, deadline: float) -> bytes:
+    def _read_body(self, req: _Request, deadline: float) -> bytes:
         limit = self.config.max_message_size
         length = _header(req.headers, b"content-length")
         # a body over the limit is not read: the answer says Connection: close and the
@@ -550,7 +608,7 @@ class HttpSession:
             else:
                 raise HttpError(ErrorCode.BAD_REQUEST, "incomplete body")
 
-    def _publish(self, req: h11.Request, url: Any, deadline: float) -> None:
+    def _publish(self, req: _Request, url: Any, deadline: float) -> None:
         server = self.server
         if server.shutting_down:
             raise HttpError(ErrorCode.UNAVAILABLE, "server is shutting down")
@@ -595,7 +653,7 @@ class HttpSession:
                                                  "(ask for one topic at a time)" % (what, topic))
         return topic
 
-    def _presence(self, req: h11.Request, url: Any, head: bool) -> None:
+    def _presence(self, req: _Request, url: Any, head: bool) -> None:
         topic = self._topic_param(parse_qs(url.query, keep_blank_values=True), "presence")
         claims = self._credentials(req, url)
         if claims is not None and not claims.can_subscribe(topic):
@@ -608,7 +666,7 @@ class HttpSession:
             topic, view.total, view.users, ",".join(m.text for m in view.listed))
         self.respond(200, body.encode("utf-8"), head=head)
 
-    def _history(self, req: h11.Request, url: Any, head: bool) -> None:
+    def _history(self, req: _Request, url: Any, head: bool) -> None:
         query = parse_qs(url.query, keep_blank_values=True)
         topic = self._topic_param(query, "history")
         since = min(_int_param(query, "since", 0, 0, None), _MAX_SEQ)
@@ -645,7 +703,7 @@ class HttpSession:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                 raise
 
-        send(self.h11.send(h11.Response(status_code=200, headers=hdrs, reason=_REASONS[200])))
+        send(self.http11.send(h11.Response(status_code=200, headers=hdrs, reason=_REASONS[200])))
         if not head:
             pending: List[bytes] = []
             size = 0
@@ -655,20 +713,20 @@ class HttpSession:
                     pending.append(piece)
                     size += len(piece)
                     if size >= _CHUNK:
-                        send(self.h11.send(h11.Data(data=b"".join(pending))))
+                        send(self.http11.send(h11.Data(data=b"".join(pending))))
                         pending, size = [], 0
             if pending:
-                send(self.h11.send(h11.Data(data=b"".join(pending))))
-        send(self.h11.send(h11.EndOfMessage()))
+                send(self.http11.send(h11.Data(data=b"".join(pending))))
+        send(self.http11.send(h11.EndOfMessage()))
 
     # ------------------------------------------------------------------ upgrade
-    def _upgrade(self, req: h11.Request, url: Any, deadline: float) -> Optional[Upgrade]:
+    def _upgrade(self, req: _Request, url: Any, deadline: float) -> Optional[Upgrade]:
         upgrade, accept = negotiate_upgrade(self.server, req.headers, req.target, self.addr[0])
         if (upgrade.refuse is None and upgrade.kind == V1 and upgrade.claims is not None
                 and upgrade.claims.channels):
             # sent by the writer after the granted subscriptions are in place (Hub.grant)
             upgrade.greeting = accept
-            upgrade.trailing, _closed = self.h11.trailing_data
+            upgrade.trailing = self._upgrade_trailing(req)
             return upgrade
         try:
             rest = self._send_now(accept)
@@ -679,8 +737,14 @@ class HttpSession:
             if upgrade.refuse is None:
                 self.server._release(self.addr[0])  # admitted, but it never started
             raise
-        upgrade.trailing, _closed = self.h11.trailing_data
+        upgrade.trailing = self._upgrade_trailing(req)
         return upgrade
+
+    def _upgrade_trailing(self, req: _Request) -> bytes:
+        """What the client sent after the upgrade request (its first frames, perhaps)."""
+        if type(req) is PlainRequest:
+            return self._trailing
+        return self.http11.trailing_data[0]
 
 
 def negotiate_upgrade(server: Served, headers: Sequence[Tuple[bytes, bytes]], target: bytes,
