@@ -13,6 +13,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from wsbroadcast.http import check_head, check_plain_head
 from wsbroadcast.requesthead import MAX_HEAD, parse_plain_head
 
 
@@ -36,6 +37,9 @@ def assert_agrees(head: bytes) -> bool:
     assert req is not None, "fast path accepted a head h11 refuses: %r" % head
     assert (fast.method, fast.target, fast.http_version) == (req.method, req.target, req.http_version)
     assert fast.headers == list(req.headers)
+    # the framing checks of a raw head give the same answer for the head read
+    mine, theirs = check_plain_head(fast), check_head(head)
+    assert (mine and (mine.status, mine.message)) == (theirs and (theirs.status, theirs.message))
     return True
 
 
@@ -96,6 +100,7 @@ def heads(draw: Any) -> bytes:
 @example(b"GET /ws HTTP/1.0\r\n\r\n")
 @example(b"\r\nGET /ws HTTP/1.1\r\nHost: a\r\n\r\n")
 @example(b"GET /ws HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+@example(b"GET /ws HTTP/1.1\r\nHost: a\r\nOrigin: x\r\norigin: y\r\n\r\n")
 def test_fast_path_reads_what_h11_reads_or_declines(head: bytes) -> None:
     assert_agrees(head)
 

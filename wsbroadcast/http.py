@@ -182,6 +182,18 @@ def check_head(head: bytes) -> Optional[HttpError]:
     return None
 
 
+def check_plain_head(req: PlainRequest) -> Optional[HttpError]:
+    """``check_head`` of a head ``parse_plain_head`` read: of its rules, only the
+    second copy of a header in ``_SINGLE`` can apply to one."""
+    seen = set()
+    for name, _value in req.headers:
+        if name in _SINGLE:
+            if name in seen:
+                return _framing("more than one %s header" % name.decode("latin-1"))
+            seen.add(name)
+    return None
+
+
 def _error_parts(err: HttpError) -> Tuple[bytes, List[Tuple[str, str]]]:
     """The JSON body and extra headers of an error answer."""
     body = encode_json({"error": str(err.code), "message": err.message}).encode()
@@ -285,8 +297,8 @@ class HttpSession:
         before h11 unfolds and normalises it: the bytes h11 already holds (what
         followed the previous request) and those received here, to the blank line.
         A WebSocket upgrade of the common shape comes back as a ``PlainRequest``
-        read without h11 (see ``_plain_upgrade``); h11 reads it only if it is
-        answered otherwise (``_catch_up``).
+        read without h11 (``parse_plain_head``, ``_is_upgrade_here``); h11 reads it
+        only if it is answered otherwise (``_catch_up``).
         """
         head = bytearray(self._unparsed if self._h11 is None else self._h11.trailing_data[0])
         start = 0
@@ -294,11 +306,11 @@ class HttpSession:
             end = _HEAD_END.search(head, start)
             if end is not None:
                 raw = bytes(head[:end.end()])
-                problem = check_head(raw)
+                plain = parse_plain_head(raw)
+                problem = check_head(raw) if plain is None else check_plain_head(plain)
                 if problem is not None:
                     raise problem
-                plain = self._plain_upgrade(raw)
-                if plain is not None:
+                if plain is not None and self._is_upgrade_here(plain):
                     self._trailing = bytes(head[end.end():])
                     return plain
                 break
@@ -311,14 +323,14 @@ class HttpSession:
             head += data
         return self._next(deadline)
 
-    def _plain_upgrade(self, raw: bytes) -> Optional[PlainRequest]:
-        """``raw`` read by the fast path when it is a GET upgrade to the WebSocket path."""
-        req = parse_plain_head(raw)
-        if (req is None or req.method != b"GET"
-                or (_header(req.headers, b"upgrade") or "").lower() != "websocket"
-                or urlsplit(req.target.decode("latin-1")).path != self.config.path):
-            return None
-        return req
+    def _is_upgrade_here(self, req: PlainRequest) -> bool:
+        """True when ``req`` is a GET upgrade to the WebSocket path (the fast path's requests)."""
+        if req.method != b"GET" or (_header(req.headers, b"upgrade") or "").lower() != "websocket":
+            return False
+        path = self.config.path
+        target = req.target.decode("latin-1")
+        # (a path has no '?' or '#', and a target read by the fast path no space or control byte)
+        return target == path or target.startswith(path + "?") or urlsplit(target).path == path
 
     def _catch_up(self, event: Any) -> Any:
         """The h11 event of a request the fast path read, when it gets another answer than
@@ -397,7 +409,10 @@ class HttpSession:
             if on_wait is not None:
                 on_wait(False)
             try:
-                upgrade = self._route(event, deadline)
+                if type(event) is PlainRequest:  # (routed already: an upgrade on the WebSocket path)
+                    upgrade = self._upgrade(event, deadline)
+                else:
+                    upgrade = self._route(event, deadline)
             except HttpError as err:
                 if err.close:
                     self.refuse(err, head=event.method == b"HEAD")
@@ -513,7 +528,7 @@ class HttpSession:
                                     [("allow", "GET")])
                 raise HttpError(ErrorCode.UPGRADE_REQUIRED, "this endpoint speaks WebSocket",
                                 [("upgrade", "websocket"), ("connection", "Upgrade")])
-            return self._upgrade(req, url, deadline)
+            return self._upgrade(req, deadline)
         if upgrade:
             raise HttpError(ErrorCode.NOT_FOUND, "no WebSocket endpoint at this path")
         methods = _ROUTES.get(path)
@@ -720,7 +735,7 @@ class HttpSession:
         send(self.http11.send(h11.EndOfMessage()))
 
     # ------------------------------------------------------------------ upgrade
-    def _upgrade(self, req: _Request, url: Any, deadline: float) -> Optional[Upgrade]:
+    def _upgrade(self, req: _Request, deadline: float) -> Optional[Upgrade]:
         upgrade, accept = negotiate_upgrade(self.server, req.headers, req.target, self.addr[0])
         if (upgrade.refuse is None and upgrade.kind == V1 and upgrade.claims is not None
                 and upgrade.claims.channels):
@@ -757,78 +772,116 @@ def negotiate_upgrade(server: Served, headers: Sequence[Tuple[bytes, bytes]], ta
     ``server.admit`` (``Upgrade.refuse`` says when it must be closed at once) and
     the bytes of the 101 answer are returned with the ``Upgrade``.
     """
-    headers = list(headers)  # (looked up several times below; h11's Headers iterate slowly)
-    if not server.host_allowed(_header(headers, b"host")):
+    hs = _Handshake(headers)
+    host = hs.first_host
+    if not server.host_allowed(host):
         raise HttpError(ErrorCode.FORBIDDEN_HOST, "this Host is not served here (see --allowed-host)")
     if server.shutting_down:
         raise HttpError(ErrorCode.UNAVAILABLE, "server is shutting down")
-    origin = _header(headers, b"origin")
-    if origin is not None and not server.origin_allowed(origin, _header(headers, b"host"), scheme):
+    origin = hs.origin
+    if origin is not None and not server.origin_allowed(origin, host, scheme):
         raise HttpError(ErrorCode.FORBIDDEN_ORIGIN, "origin not allowed")
     claims = None
     if server.auth.enabled:
         try:
             token = _query_token(urlsplit(target.decode("latin-1")))
-            claims = server.auth.authenticate_request(headers, token)
+            claims = server.auth.authenticate_request(list(headers), token)
         except AuthError as exc:
             raise HttpError(ErrorCode.UNAUTHORIZED, str(exc)) from None
         if claims.is_allow_all and claims.sub is None and not claims.channels:
             claims = None
-    offered: List[str] = []
-    for value in (v for k, v in headers if k == b"sec-websocket-protocol"):
-        offered.extend(p.strip() for p in value.decode("latin-1").split(","))
-    kind = V1 if SUBPROTOCOL in offered else PLAIN
-    key = _header(headers, b"sec-websocket-key")
+    kind = V1 if SUBPROTOCOL in hs.offered else PLAIN
+    key = hs.key
     if key is not None and not _valid_key(key):
         raise HttpError(ErrorCode.BAD_REQUEST, "Sec-WebSocket-Key must be 16 bytes in base64")
-    if key is None or not _is_websocket_handshake(headers):
+    if key is None or not hs.valid:
         raise HttpError(ErrorCode.BAD_REQUEST, "invalid WebSocket handshake")
     agreement = None
     extensions: List[Extension] = []
-    answer = [b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket", b"Connection: Upgrade",
-              b"Sec-WebSocket-Accept: " + generate_accept_token(key.encode("latin-1"))]
+    answer = b"%s%s\r\n" % (_SWITCHING, generate_accept_token(key.encode("latin-1")))
     if kind == V1:
-        answer.append(b"Sec-WebSocket-Protocol: " + SUBPROTOCOL.encode("ascii"))
-    if server.config.compression:
-        offers = [v.decode("latin-1") for k, v in headers if k == b"sec-websocket-extensions"]
+        answer += _V1_PROTOCOL
+    if server.config.compression and hs.extension_offers:
+        offers = [v.decode("latin-1") for v in hs.extension_offers]
         agreement = negotiate(offers)
         if agreement is not None:
             extensions.append(InboundDeflate(agreement, server.config.max_message_size))
             accepts = server_extensions_handshake(
                 [o for value in offers for o in split_comma_header(value.encode("latin-1"))], extensions)
             if accepts:
-                answer.append(b"Sec-WebSocket-Extensions: " + accepts)
+                answer += b"Sec-WebSocket-Extensions: " + accepts + b"\r\n"
     refuse = server.admit(ip)
     upgrade = Upgrade(extensions, kind, claims, b"", refuse)
     upgrade.deflate = agreement
-    return upgrade, b"\r\n".join(answer) + b"\r\n\r\n"
+    return upgrade, answer + b"\r\n"
 
 
-def _is_websocket_handshake(headers: Sequence[Tuple[bytes, bytes]]) -> bool:
-    """The headers of an opening handshake (RFC 6455 4.2.1): Host, Upgrade: websocket,
-    Connection: Upgrade and version 13 (the key is checked by the caller), and ASCII
-    subprotocol and extension lists."""
-    host = upgrade = version = None
-    connection = False
-    for name, value in headers:
-        name = name.lower()
-        if name == b"host":
-            host = value
-            try:
-                value.decode("idna")
-            except UnicodeError:
-                return False
-        elif name in (b"sec-websocket-protocol", b"sec-websocket-extensions"):
-            if not value.isascii():  # (token lists: ASCII only)
-                return False
-        elif name == b"upgrade":
-            upgrade = value
-        elif name == b"sec-websocket-version":
-            version = value
-        elif name == b"connection":
-            connection = connection or any(t.lower() == "upgrade" for t in split_comma_header(value))
-    return (host is not None and connection and version == b"13"
-            and upgrade is not None and upgrade.lower() == b"websocket")
+#: the start of every 101 answer, up to the value of Sec-WebSocket-Accept
+_SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Accept: ")
+_V1_PROTOCOL = b"Sec-WebSocket-Protocol: " + SUBPROTOCOL.encode("ascii") + b"\r\n"
+
+
+class _Handshake:
+    """What an upgrade request's headers say, read in one pass.
+
+    ``valid``: the headers of an opening handshake (RFC 6455 4.2.1): Host,
+    Upgrade: websocket, Connection: Upgrade and version 13 (the key is checked by
+    the caller), every Host a name IDNA can read, ASCII subprotocol and extension
+    lists. (Host, Upgrade and the version are single headers: ``check_head``
+    refuses a second copy; the last copy counts otherwise.)
+    """
+
+    __slots__ = ("first_host", "origin", "key", "offered", "extension_offers", "valid")
+
+    def __init__(self, headers: Sequence[Tuple[bytes, bytes]]) -> None:
+        first_host = origin = key = None
+        host = upgrade = version = None
+        connection = False
+        lists_ok = hosts_ok = True
+        offered: List[str] = []
+        extension_offers: List[bytes] = []
+        for name, value in headers:
+            if name == b"host":
+                if first_host is None:
+                    first_host = value.decode("latin-1")
+                host = value
+                if hosts_ok and not _plain_host(value):
+                    try:
+                        value.decode("idna")
+                    except UnicodeError:
+                        hosts_ok = False
+            elif name == b"sec-websocket-protocol":
+                offered.extend(p.strip() for p in value.decode("latin-1").split(","))
+                lists_ok = lists_ok and value.isascii()  # (token lists: ASCII only)
+            elif name == b"sec-websocket-extensions":
+                extension_offers.append(value)
+                lists_ok = lists_ok and value.isascii()
+            elif name == b"upgrade":
+                upgrade = value
+            elif name == b"sec-websocket-version":
+                version = value
+            elif name == b"connection":
+                connection = connection or any(t.lower() == "upgrade" for t in split_comma_header(value))
+            elif name == b"origin":
+                if origin is None:
+                    origin = value.decode("latin-1")
+            elif name == b"sec-websocket-key":
+                if key is None:
+                    key = value.decode("latin-1")
+        self.first_host = first_host
+        self.origin = origin
+        self.key = key
+        self.offered = offered
+        self.extension_offers = extension_offers
+        self.valid = (hosts_ok and lists_ok and host is not None and connection and version == b"13"
+                      and upgrade is not None and upgrade.lower() == b"websocket")
+
+
+def _plain_host(value: bytes) -> bool:
+    """True for a Host the IDNA codec reads as it is (its own shortcut, on 3.9 to 3.13 alike):
+    ASCII without an ACE prefix ("xn--")."""
+    return value.isascii() and b"xn--" not in value.lower()
 
 
 def _valid_key(key: str) -> bool:
