@@ -223,6 +223,14 @@ def test_bad_websocket_handshakes_are_400(server, extra, key):
     c.close()
 
 
+def test_a_connection_header_not_in_ascii_is_400_not_a_fault(server):
+    # (it used to reach a decoder for ASCII only: 500 and an error logged, for any client)
+    request = upgrade_request().replace(b"Connection: Upgrade", b"Connection: \xe9, Upgrade")
+    status, _, body = wsraw.http_request(server.port, request)
+    assert status == 400 and error_code(body) == "bad_request", body
+    assert len(server.hub) == 0
+
+
 @pytest.mark.parametrize("raw", [
     b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00",  # the HTTP/2 preface
     b"GET /healthz HTTP/1.2\r\nHost: localhost\r\n\r\n",

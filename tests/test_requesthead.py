@@ -1,9 +1,12 @@
-"""parse_plain_head against h11: for any head it reads the request h11 reads, or declines.
+"""The upgrade's fast paths against what they stand for.
+
+parse_plain_head against h11: for any head it reads the request h11 reads, or declines.
 
 Heads are generated valid and hostile (bare LF or CR, space before the colon, obs-fold,
 duplicate headers, NUL, high bytes, huge lines, other versions, lower-case methods,
 body framing headers); whatever the fast path accepts, h11 must accept as the same
-request (method, target, headers as h11 gives them, version).
+request (method, target, headers as h11 gives them, version). The one-pass header scan
+of the handshake (_Handshake) against the header-by-header checks it replaced.
 """
 
 from typing import Any, Optional
@@ -12,8 +15,9 @@ import h11
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from wsproto.utilities import split_comma_header
 
-from wsbroadcast.http import check_head, check_plain_head
+from wsbroadcast.http import _Handshake, _header, _plain_host, check_head, check_plain_head
 from wsbroadcast.requesthead import MAX_HEAD, parse_plain_head
 
 
@@ -133,3 +137,61 @@ def test_head_size_limit_at_and_past_its_edge(size: int) -> None:
     head = start + b"v" * (size - len(start) - 4) + b"\r\n\r\n"
     assert len(head) == size
     assert (parse_plain_head(head) is not None) == (size <= MAX_HEAD)
+
+
+# ---------------------------------------------------------------------- the upgrade's header scan
+def reference_handshake_valid(headers: Any) -> bool:
+    """The header-by-header checks _Handshake replaced (RFC 6455 4.2.1), as they were, except
+    that a Connection value not in ASCII (which made them raise) fails them, like the other
+    token lists."""
+    host = upgrade = version = None
+    connection = False
+    for name, value in headers:
+        name = name.lower()
+        if name == b"host":
+            host = value
+            try:
+                value.decode("idna")
+            except UnicodeError:
+                return False
+        elif name in (b"sec-websocket-protocol", b"sec-websocket-extensions"):
+            if not value.isascii():
+                return False
+        elif name == b"upgrade":
+            upgrade = value
+        elif name == b"sec-websocket-version":
+            version = value
+        elif name == b"connection":
+            if not value.isascii():
+                return False
+            connection = connection or any(t.lower() == "upgrade" for t in split_comma_header(value))
+    return (host is not None and connection and version == b"13"
+            and upgrade is not None and upgrade.lower() == b"websocket")
+
+
+_HS_NAMES = st.sampled_from([b"host", b"upgrade", b"connection", b"sec-websocket-version", b"sec-websocket-key",
+                             b"sec-websocket-protocol", b"sec-websocket-extensions", b"origin", b"x-other"])
+_HS_VALUES = st.one_of(
+    st.sampled_from([b"websocket", b"WebSocket", b"Upgrade", b"keep-alive, upgrade", b"upgrade2", b"13", b"8",
+                     b"example.com", b"xn--bcher-kva.example", b"XN--bcher-kva.ch", b"xn--zz-", b"xn--", b"a..b",
+                     b"\xe9t\xe9.fr", b"a" * 70 + b".com", b"wsbroadcast.v1, chat", b"permessage-deflate", b""]),
+    st.binary(max_size=12))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.tuples(_HS_NAMES, _HS_VALUES), max_size=8))
+def test_handshake_scan_agrees_with_the_header_by_header_checks(headers: Any) -> None:
+    hs = _Handshake(headers)
+    assert hs.valid == reference_handshake_valid(headers)
+    assert (hs.first_host, hs.origin, hs.key) == (_header(headers, b"host"), _header(headers, b"origin"),
+                                                  _header(headers, b"sec-websocket-key"))
+    offered = [p.strip() for k, v in headers if k == b"sec-websocket-protocol" for p in v.decode("latin-1").split(",")]
+    assert hs.offered == offered
+    assert hs.extension_offers == [v for k, v in headers if k == b"sec-websocket-extensions"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=20), _HS_VALUES, st.text(max_size=12).map(lambda s: s.encode("utf-8"))))
+def test_plain_host_is_read_alike_by_the_idna_codec(value: bytes) -> None:
+    if _plain_host(value):
+        assert value.decode("idna") == value.decode("ascii")

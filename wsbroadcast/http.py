@@ -827,8 +827,8 @@ class _Handshake:
 
     ``valid``: the headers of an opening handshake (RFC 6455 4.2.1): Host,
     Upgrade: websocket, Connection: Upgrade and version 13 (the key is checked by
-    the caller), every Host a name IDNA can read, ASCII subprotocol and extension
-    lists. (Host, Upgrade and the version are single headers: ``check_head``
+    the caller), every Host a name IDNA can read, ASCII Connection, subprotocol and
+    extension lists. (Host, Upgrade and the version are single headers: ``check_head``
     refuses a second copy; the last copy counts otherwise.)
     """
 
@@ -862,7 +862,10 @@ class _Handshake:
             elif name == b"sec-websocket-version":
                 version = value
             elif name == b"connection":
-                connection = connection or any(t.lower() == "upgrade" for t in split_comma_header(value))
+                if not value.isascii():
+                    lists_ok = False
+                elif not connection:
+                    connection = any(t.lower() == "upgrade" for t in split_comma_header(value))
             elif name == b"origin":
                 if origin is None:
                     origin = value.decode("latin-1")
