@@ -416,6 +416,10 @@ class Server:
         listener = self._listener
         turn_away = self._turn_away
         assert listener is not None and turn_away is not None and self.pending is not None
+        # what socket.accept() does, without turning the listener's family and type into
+        # enums again for every connection
+        accept = listener._accept  # type: ignore[attr-defined]
+        family, kind, proto = listener.family, listener.type, listener.proto
         backoff = 0.0  # the listener's pause after a resource error (0: none yet)
         resume_at = 0.0  # when a paused listener is watched again (0: not paused)
         try:
@@ -436,7 +440,7 @@ class Server:
                     continue
                 for _ in range(64):
                     try:
-                        sock, addr = listener.accept()
+                        fd, addr = accept()
                     except (BlockingIOError, InterruptedError):
                         break
                     except OSError as exc:
@@ -456,7 +460,7 @@ class Server:
                         break
                     backoff = 0.0
                     self.accepted += 1
-                    self._admit_tcp(sock, addr)
+                    self._admit_tcp(socket.socket(family, kind, proto, fd), addr)
         finally:
             sel.close()
             turn_away.close()
