@@ -187,7 +187,7 @@ class ServerProc:
             if (registered is None or r == registered) and (threads is None or t == threads):
                 return
             if time.monotonic() > deadline:
-                raise SystemExit("server did not reach %d registered / %s threads (has %d / %d)"
+                raise SystemExit("server did not reach %s registered / %s threads (has %d / %d)"
                                  % (registered, threads, r, t))
             time.sleep(0.01)
 
@@ -304,8 +304,8 @@ def measure(python: str, names: List[str], k: int, rounds: int, clean: bool) -> 
     return {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in results.items()}
 
 
-def profile(python: str, k: int) -> str:
-    srv = ServerProc(python, "wsbroadcast", profile=True)
+def profile(python: str, k: int, name: str = "wsbroadcast") -> str:
+    srv = ServerProc(python, name, profile=True)
     try:
         socks = open_all(srv.port, k)
         srv.wait_count(k, None)
@@ -331,6 +331,7 @@ def main() -> None:
                     if os.path.exists("/work/venvs/bench/bin/python") else sys.executable)
     ap.add_argument("--profile-python", help="also profile wsbroadcast's connect phase with this Python "
                                              "(3.11 or older)")
+    ap.add_argument("--profile-server", default="wsbroadcast", help="the wsbroadcast to profile (or wsbroadcast=DIR)")
     args = ap.parse_args()
     if args.serve:
         _serve(args.serve, args.profiling)
@@ -353,9 +354,9 @@ def main() -> None:
             r["close_sys_us"], r["connect_rate"], r["close_rate"]), flush=True)
     print("(server CPU per connection, from /proc/PID/stat; wall rates depend on the machine's load)")
     if args.profile_python:
-        print("\ncProfile of wsbroadcast's connect phase (%d connections, all threads, by tottime):"
-              % args.connections)
-        print(profile(args.profile_python, args.connections))
+        print("\ncProfile of %s's connect phase (%d connections, all threads, thread CPU time):"
+              % (args.profile_server, args.connections))
+        print(profile(args.profile_python, args.connections, args.profile_server))
 
 
 if __name__ == "__main__":
