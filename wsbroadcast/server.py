@@ -18,6 +18,7 @@ import os
 import selectors
 import socket
 import ssl
+import sys
 import threading
 import time
 from typing import Any, Dict, Optional, Tuple
@@ -272,6 +273,8 @@ class Server:
         self._threads_lock = threading.Condition()
         self._threads: Dict[threading.Thread, socket.socket] = {}
         self._demo: Optional[bytes] = None
+        #: the accepted sockets have tune_socket's options from the listener already
+        self._tuned_by_listener = False
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -345,6 +348,9 @@ class Server:
             sel = selectors.DefaultSelector()
             listener = self._listener
             assert listener is not None  # bound above
+            # Linux gives an accepted socket the listener's TCP_NODELAY and SO_SNDBUF: set
+            # there once, they cost no system calls per connection
+            self._tuned_by_listener = sys.platform.startswith("linux") and self._tune(listener)
             sel.register(listener, selectors.EVENT_READ)
             sel.register(self._wake_r, selectors.EVENT_READ)
             self._accept_thread = threading.Thread(target=self._accept_loop, args=(sel,),
@@ -494,7 +500,8 @@ class Server:
         assert pending is not None
         handed = False  # the socket went to run_connection, which sees it closed
         try:
-            self.tune_socket(sock)
+            if not self._tuned_by_listener:
+                self.tune_socket(sock)
             stream: Any = sock
             tls = None
             if self._ssl is not None:
@@ -573,12 +580,17 @@ class Server:
 
     def tune_socket(self, sock: socket.socket) -> None:
         """Options every client socket gets: no Nagle delay, a capped send buffer."""
+        self._tune(sock)
+
+    def _tune(self, sock: socket.socket) -> bool:
+        """``tune_socket``; False when an option could not be set."""
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.config.socket_sndbuf:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.socket_sndbuf)
         except OSError:
-            pass
+            return False
+        return True
 
     def _on_open(self, conn: Connection, greeting: bytes = b"") -> None:
         """The subscriptions a connection starts with; ``greeting``: its deferred 101 answer."""
