@@ -223,6 +223,29 @@ def test_bad_websocket_handshakes_are_400(server, extra, key):
     c.close()
 
 
+@pytest.mark.parametrize("request_head, status", [
+    (upgrade_request(key=b"short"), 400),
+    (upgrade_request(extra=b"Origin: https://evil.example\r\n"), 403),
+    (upgrade_request(host="evil.example"), 403),
+], ids=["bad-key", "foreign-origin", "foreign-host"])
+def test_a_refused_upgrade_leaves_the_connection_serving(server, request_head, status):
+    # (an upgrade of the common shape is read without h11: refused, h11 reads it then to answer)
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(request_head)
+        assert wsraw.read_response(s)[0] == status
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert wsraw.read_response(s)[0] == 200
+    assert len(server.hub) == 0
+
+
+def test_a_connection_header_not_in_ascii_is_400_not_a_fault(server):
+    # (it used to reach a decoder for ASCII only: 500 and an error logged, for any client)
+    request = upgrade_request().replace(b"Connection: Upgrade", b"Connection: \xe9, Upgrade")
+    status, _, body = wsraw.http_request(server.port, request)
+    assert status == 400 and error_code(body) == "bad_request", body
+    assert len(server.hub) == 0
+
+
 @pytest.mark.parametrize("raw", [
     b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00",  # the HTTP/2 preface
     b"GET /healthz HTTP/1.2\r\nHost: localhost\r\n\r\n",

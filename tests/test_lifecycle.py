@@ -140,3 +140,18 @@ def test_client_shared_by_threads_never_interleaves_frames(server):
     assert server.writer.stats.close_codes == {}
     pub.close()
     sub.close()
+
+
+@pytest.mark.timeout(10)
+def test_a_connection_thread_is_alive_and_joinable_before_it_runs():
+    # the accept loop does not wait for a connection thread to run (Thread.start would wait,
+    # here for ever): a thread started but not running yet is alive, and join waits for it
+    from wsbroadcast.server import _ConnectionThread
+
+    ran = threading.Event()
+    thread = _ConnectionThread(target=ran.set, name="wsbroadcast-conn-test", daemon=True)
+    with thread._started._cond:  # the new thread cannot mark itself running until this is let go
+        thread.start()
+        assert thread.is_alive() and not ran.is_set()
+    thread.join(5)
+    assert ran.is_set() and not thread.is_alive()

@@ -288,3 +288,21 @@ def test_a_stuck_tls_reader_is_closed_soon_while_tls_subscribers_get_everything(
     finally:
         for c in (stuck, v1, plain):
             c.close()
+
+
+@pytest.mark.parametrize("sndbuf", [None, 32 * 1024])
+def test_client_sockets_get_no_nagle_and_the_send_buffer_cap(make_server, sndbuf):
+    # (on Linux the accepted sockets take both options from the listener, set once)
+    srv = make_server() if sndbuf is None else make_server(socket_sndbuf=sndbuf)
+    reference = socket.socket()
+    reference.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, srv.config.socket_sndbuf)
+    expected = reference.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    reference.close()
+    ws = wsraw.connect(srv.port)
+    try:
+        assert wsraw.wait_for(lambda: len(srv.hub) == 1)
+        sock = srv.hub.connections()[0].sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == expected
+    finally:
+        ws.close()

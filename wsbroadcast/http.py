@@ -20,7 +20,7 @@ import re
 import socket
 import struct
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -33,6 +33,7 @@ from .envelope import PLAIN, SUBPROTOCOL, V1, encode_json, parse_json
 from .errors import AuthError, BrokerUnavailable, ErrorCode, StoreError, TopicError
 from .hosts import is_loopback
 from .metrics import stats_document
+from .requesthead import PlainRequest, parse_plain_head
 from .serving import Served
 from .store import StoredMessage, data_bytes
 from .topics import is_wildcard, validate_pattern, validate_topic
@@ -84,6 +85,8 @@ _CHUNK = 65536
 #: chunk within one): a client that stops reading costs one chunk and is then dropped
 _ANSWER_TIMEOUTS = 6
 _LINGER_RESET = struct.pack("ii", 1, 0)
+#: a request as routed: h11's, or one read by the fast path (a WebSocket upgrade)
+_Request = Union[h11.Request, PlainRequest]
 
 
 class HttpError(Exception):
@@ -179,6 +182,18 @@ def check_head(head: bytes) -> Optional[HttpError]:
     return None
 
 
+def check_plain_head(req: PlainRequest) -> Optional[HttpError]:
+    """``check_head`` of a head ``parse_plain_head`` read: of its rules, only the
+    second copy of a header in ``_SINGLE`` can apply to one."""
+    seen = set()
+    for name, _value in req.headers:
+        if name in _SINGLE:
+            if name in seen:
+                return _framing("more than one %s header" % name.decode("latin-1"))
+            seen.add(name)
+    return None
+
+
 def _error_parts(err: HttpError) -> Tuple[bytes, List[Tuple[str, str]]]:
     """The JSON body and extra headers of an error answer."""
     body = encode_json({"error": str(err.code), "message": err.message}).encode()
@@ -205,10 +220,29 @@ class HttpSession:
         self.config = server.config
         self.sock = sock
         self.addr = addr
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER)
+        # h11's state machine, made when a request needs it: an upgrade read by the fast
+        # path (parse_plain_head) never does; till then what is received waits in _unparsed
+        self._h11: Optional[h11.Connection] = None
+        self._unparsed = bytearray()
+        self._eof = False
+        #: what followed a request read by the fast path
+        self._trailing = b""
         #: told True when the connection begins to wait for a request (after the first), False
         #: when one has come: an idle connection may be evicted when the server is full
         self.on_wait: Optional[Callable[[bool], None]] = None
+
+    @property
+    def http11(self) -> h11.Connection:
+        """h11's connection state (made on first use, given what was received till then)."""
+        conn = self._h11
+        if conn is None:
+            conn = self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER)
+            if self._unparsed:
+                conn.receive_data(bytes(self._unparsed))
+                self._unparsed = bytearray()
+            if self._eof:
+                conn.receive_data(b"")
+        return conn
 
     # ------------------------------------------------------------------ I/O
     def _recv(self, deadline: float) -> bytes:
@@ -222,7 +256,12 @@ class HttpSession:
                 data = self.sock.recv(65536)
             except socket.timeout:
                 raise _Timeout() from None
-        self.h11.receive_data(data)
+        if self._h11 is not None:
+            self._h11.receive_data(data)
+        elif data:
+            self._unparsed += data
+        else:
+            self._eof = True
         return data
 
     def _recv_now(self) -> Optional[bytes]:
@@ -257,15 +296,23 @@ class HttpSession:
         Raises the ``HttpError`` of a refused head. The head is checked as sent,
         before h11 unfolds and normalises it: the bytes h11 already holds (what
         followed the previous request) and those received here, to the blank line.
+        A WebSocket upgrade of the common shape comes back as a ``PlainRequest``
+        read without h11 (``parse_plain_head``, ``_is_upgrade_here``); h11 reads it
+        only if it is answered otherwise (``_catch_up``).
         """
-        head = bytearray(self.h11.trailing_data[0])
+        head = bytearray(self._unparsed if self._h11 is None else self._h11.trailing_data[0])
         start = 0
         while True:
             end = _HEAD_END.search(head, start)
             if end is not None:
-                problem = check_head(bytes(head[:end.end()]))
+                raw = bytes(head[:end.end()])
+                plain = parse_plain_head(raw)
+                problem = check_head(raw) if plain is None else check_plain_head(plain)
                 if problem is not None:
                     raise problem
+                if plain is not None and self._is_upgrade_here(plain):
+                    self._trailing = bytes(head[end.end():])
+                    return plain
                 break
             if len(head) > _MAX_HEADER:
                 break  # h11 refuses it
@@ -276,16 +323,35 @@ class HttpSession:
             head += data
         return self._next(deadline)
 
+    def _is_upgrade_here(self, req: PlainRequest) -> bool:
+        """True when ``req`` is a GET upgrade to the WebSocket path (the fast path's requests)."""
+        if req.method != b"GET" or (_header(req.headers, b"upgrade") or "").lower() != "websocket":
+            return False
+        path = self.config.path
+        target = req.target.decode("latin-1")
+        # (a path has no '?' or '#', and a target read by the fast path no space or control byte)
+        return target == path or target.startswith(path + "?") or urlsplit(target).path == path
+
+    def _catch_up(self, event: Any) -> Any:
+        """The h11 event of a request the fast path read, when it gets another answer than
+        the upgrade (h11 reads the same request from what it is given: the head and on)."""
+        if type(event) is not PlainRequest:
+            return event
+        caught = self.http11.next_event()
+        if not isinstance(caught, h11.Request):  # (parse_plain_head reads only what h11 reads)
+            raise h11.RemoteProtocolError("request not read alike")
+        return caught
+
     def _next(self, deadline: float) -> Any:
         while True:
-            event = self.h11.next_event()
+            event = self.http11.next_event()
             if event is h11.NEED_DATA:
                 self._recv(deadline)
                 continue
             return event
 
     def _send(self, *events: Any) -> None:
-        data = b"".join(self.h11.send(e) or b"" for e in events)
+        data = b"".join(self.http11.send(e) or b"" for e in events)
         self.sock.settimeout(self.config.handshake_timeout)
         self.sock.sendall(data)
 
@@ -338,19 +404,26 @@ class HttpSession:
                 return None
             if isinstance(event, (h11.ConnectionClosed,)) or event is h11.PAUSED:
                 return None
-            if not isinstance(event, h11.Request):
+            if not isinstance(event, (h11.Request, PlainRequest)):
                 return None
             if on_wait is not None:
                 on_wait(False)
             try:
-                upgrade = self._route(event, deadline)
+                if type(event) is PlainRequest:  # (routed already: an upgrade on the WebSocket path)
+                    upgrade = self._upgrade(event, deadline)
+                else:
+                    upgrade = self._route(event, deadline)
             except HttpError as err:
                 if err.close:
                     self.refuse(err, head=event.method == b"HEAD")
                     return None
                 try:
+                    event = self._catch_up(event)
                     self.error(err, head=event.method == b"HEAD")
                 except h11.LocalProtocolError:
+                    return None
+                except h11.RemoteProtocolError as exc:
+                    self._bad_request(exc)
                     return None
             except _Timeout:
                 return None
@@ -371,15 +444,15 @@ class HttpSession:
                 self._drain_body(deadline)
             except (_Timeout, h11.RemoteProtocolError):
                 return None
-            if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-                self.h11.start_next_cycle()
+            if self.http11.our_state is h11.DONE and self.http11.their_state is h11.DONE:
+                self.http11.start_next_cycle()
             else:
                 return None
 
     def _drain_body(self, deadline: float) -> None:
         """Read the rest of a request body nobody wanted (bounded), so keep-alive can go on."""
         left = self.config.max_message_size
-        while self.h11.their_state is h11.SEND_BODY and left >= 0:
+        while self.http11.their_state is h11.SEND_BODY and left >= 0:
             event = self._next(deadline)
             if isinstance(event, h11.Data):
                 left -= len(event.data)
@@ -398,7 +471,7 @@ class HttpSession:
         for at most ``_LINGER_SECONDS`` and ``_LINGER_BYTES``, so that closing does not
         reset the connection before the client has read the answer.
         """
-        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        if self.http11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         body, hdrs = _error_parts(err)
         lines = [b"HTTP/1.1 %d %s" % (err.status, _REASONS.get(err.status, b"Error")),
@@ -427,7 +500,7 @@ class HttpSession:
         except OSError:
             pass
 
-    def _fault(self, req: h11.Request, exc: Exception) -> None:
+    def _fault(self, req: _Request, exc: Exception) -> None:
         """A request that raised: one log line (the traceback at debug level), then a 500."""
         tb = exc.__traceback__
         while tb is not None and tb.tb_next is not None:
@@ -440,7 +513,7 @@ class HttpSession:
         self.refuse(HttpError(ErrorCode.INTERNAL, "internal server error", status=500, close=True),
                     head=req.method == b"HEAD")
 
-    def _route(self, req: h11.Request, deadline: float) -> Optional[Upgrade]:
+    def _route(self, req: _Request, deadline: float) -> Optional[Upgrade]:
         target = req.target.decode("latin-1")
         url = urlsplit(target)
         path = url.path
@@ -455,7 +528,7 @@ class HttpSession:
                                     [("allow", "GET")])
                 raise HttpError(ErrorCode.UPGRADE_REQUIRED, "this endpoint speaks WebSocket",
                                 [("upgrade", "websocket"), ("connection", "Upgrade")])
-            return self._upgrade(req, url, deadline)
+            return self._upgrade(req, deadline)
         if upgrade:
             raise HttpError(ErrorCode.NOT_FOUND, "no WebSocket endpoint at this path")
         methods = _ROUTES.get(path)
@@ -503,7 +576,7 @@ class HttpSession:
         return None
 
     # ------------------------------------------------------------------ endpoints
-    def _credentials(self, req: h11.Request, url: Any) -> Any:
+    def _credentials(self, req: _Request, url: Any) -> Any:
         """Claims of an HTTP request (API key or token); None when it may do anything."""
         try:
             claims = self.server.auth.authenticate_http(req.headers, _query_token(url))
@@ -511,14 +584,14 @@ class HttpSession:
             raise HttpError(ErrorCode.UNAUTHORIZED, str(exc)) from None
         return None if claims.is_allow_all else claims
 
-    def _cors(self, req: h11.Request) -> List[Tuple[str, str]]:
+    def _cors(self, req: _Request) -> List[Tuple[str, str]]:
         """Headers letting the request's Origin read the answer, when it is an allowed one."""
         origin = _header(req.headers, b"origin")
         if origin is None or not self.server.origin_allowed(origin, _header(req.headers, b"host")):
             return []
         return [("access-control-allow-origin", origin), ("vary", "Origin")]
 
-    def _check_stats_access(self, req: h11.Request, url: Any) -> None:
+    def _check_stats_access(self, req: _Request, url: Any) -> None:
         """/stats and /dashboard: the API key or a token for every topic when auth is on,
         else loopback clients only (unless ``public_stats``)."""
         if self.server.auth.enabled or self.server.auth.has_api_key:
@@ -530,7 +603,7 @@ class HttpSession:
             raise HttpError(ErrorCode.FORBIDDEN, "served to loopback clients only "
                                                  "(start the server with --public-stats)")
 
-    def _read_body(self, req: h11.Request, deadline: float) -> bytes:
+    def _read_body(self, req: _Request, deadline: float) -> bytes:
         limit = self.config.max_message_size
         length = _header(req.headers, b"content-length")
         # a body over the limit is not read: the answer says Connection: close and the
@@ -550,7 +623,7 @@ class HttpSession:
             else:
                 raise HttpError(ErrorCode.BAD_REQUEST, "incomplete body")
 
-    def _publish(self, req: h11.Request, url: Any, deadline: float) -> None:
+    def _publish(self, req: _Request, url: Any, deadline: float) -> None:
         server = self.server
         if server.shutting_down:
             raise HttpError(ErrorCode.UNAVAILABLE, "server is shutting down")
@@ -595,7 +668,7 @@ class HttpSession:
                                                  "(ask for one topic at a time)" % (what, topic))
         return topic
 
-    def _presence(self, req: h11.Request, url: Any, head: bool) -> None:
+    def _presence(self, req: _Request, url: Any, head: bool) -> None:
         topic = self._topic_param(parse_qs(url.query, keep_blank_values=True), "presence")
         claims = self._credentials(req, url)
         if claims is not None and not claims.can_subscribe(topic):
@@ -608,7 +681,7 @@ class HttpSession:
             topic, view.total, view.users, ",".join(m.text for m in view.listed))
         self.respond(200, body.encode("utf-8"), head=head)
 
-    def _history(self, req: h11.Request, url: Any, head: bool) -> None:
+    def _history(self, req: _Request, url: Any, head: bool) -> None:
         query = parse_qs(url.query, keep_blank_values=True)
         topic = self._topic_param(query, "history")
         since = min(_int_param(query, "since", 0, 0, None), _MAX_SEQ)
@@ -645,7 +718,7 @@ class HttpSession:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                 raise
 
-        send(self.h11.send(h11.Response(status_code=200, headers=hdrs, reason=_REASONS[200])))
+        send(self.http11.send(h11.Response(status_code=200, headers=hdrs, reason=_REASONS[200])))
         if not head:
             pending: List[bytes] = []
             size = 0
@@ -655,20 +728,20 @@ class HttpSession:
                     pending.append(piece)
                     size += len(piece)
                     if size >= _CHUNK:
-                        send(self.h11.send(h11.Data(data=b"".join(pending))))
+                        send(self.http11.send(h11.Data(data=b"".join(pending))))
                         pending, size = [], 0
             if pending:
-                send(self.h11.send(h11.Data(data=b"".join(pending))))
-        send(self.h11.send(h11.EndOfMessage()))
+                send(self.http11.send(h11.Data(data=b"".join(pending))))
+        send(self.http11.send(h11.EndOfMessage()))
 
     # ------------------------------------------------------------------ upgrade
-    def _upgrade(self, req: h11.Request, url: Any, deadline: float) -> Optional[Upgrade]:
+    def _upgrade(self, req: _Request, deadline: float) -> Optional[Upgrade]:
         upgrade, accept = negotiate_upgrade(self.server, req.headers, req.target, self.addr[0])
         if (upgrade.refuse is None and upgrade.kind == V1 and upgrade.claims is not None
                 and upgrade.claims.channels):
             # sent by the writer after the granted subscriptions are in place (Hub.grant)
             upgrade.greeting = accept
-            upgrade.trailing, _closed = self.h11.trailing_data
+            upgrade.trailing = self._upgrade_trailing(req)
             return upgrade
         try:
             rest = self._send_now(accept)
@@ -679,8 +752,14 @@ class HttpSession:
             if upgrade.refuse is None:
                 self.server._release(self.addr[0])  # admitted, but it never started
             raise
-        upgrade.trailing, _closed = self.h11.trailing_data
+        upgrade.trailing = self._upgrade_trailing(req)
         return upgrade
+
+    def _upgrade_trailing(self, req: _Request) -> bytes:
+        """What the client sent after the upgrade request (its first frames, perhaps)."""
+        if type(req) is PlainRequest:
+            return self._trailing
+        return self.http11.trailing_data[0]
 
 
 def negotiate_upgrade(server: Served, headers: Sequence[Tuple[bytes, bytes]], target: bytes,
@@ -693,78 +772,119 @@ def negotiate_upgrade(server: Served, headers: Sequence[Tuple[bytes, bytes]], ta
     ``server.admit`` (``Upgrade.refuse`` says when it must be closed at once) and
     the bytes of the 101 answer are returned with the ``Upgrade``.
     """
-    headers = list(headers)  # (looked up several times below; h11's Headers iterate slowly)
-    if not server.host_allowed(_header(headers, b"host")):
+    hs = _Handshake(headers)
+    host = hs.first_host
+    if not server.host_allowed(host):
         raise HttpError(ErrorCode.FORBIDDEN_HOST, "this Host is not served here (see --allowed-host)")
     if server.shutting_down:
         raise HttpError(ErrorCode.UNAVAILABLE, "server is shutting down")
-    origin = _header(headers, b"origin")
-    if origin is not None and not server.origin_allowed(origin, _header(headers, b"host"), scheme):
+    origin = hs.origin
+    if origin is not None and not server.origin_allowed(origin, host, scheme):
         raise HttpError(ErrorCode.FORBIDDEN_ORIGIN, "origin not allowed")
     claims = None
     if server.auth.enabled:
         try:
             token = _query_token(urlsplit(target.decode("latin-1")))
-            claims = server.auth.authenticate_request(headers, token)
+            claims = server.auth.authenticate_request(list(headers), token)
         except AuthError as exc:
             raise HttpError(ErrorCode.UNAUTHORIZED, str(exc)) from None
         if claims.is_allow_all and claims.sub is None and not claims.channels:
             claims = None
-    offered: List[str] = []
-    for value in (v for k, v in headers if k == b"sec-websocket-protocol"):
-        offered.extend(p.strip() for p in value.decode("latin-1").split(","))
-    kind = V1 if SUBPROTOCOL in offered else PLAIN
-    key = _header(headers, b"sec-websocket-key")
+    kind = V1 if SUBPROTOCOL in hs.offered else PLAIN
+    key = hs.key
     if key is not None and not _valid_key(key):
         raise HttpError(ErrorCode.BAD_REQUEST, "Sec-WebSocket-Key must be 16 bytes in base64")
-    if key is None or not _is_websocket_handshake(headers):
+    if key is None or not hs.valid:
         raise HttpError(ErrorCode.BAD_REQUEST, "invalid WebSocket handshake")
     agreement = None
     extensions: List[Extension] = []
-    answer = [b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket", b"Connection: Upgrade",
-              b"Sec-WebSocket-Accept: " + generate_accept_token(key.encode("latin-1"))]
+    answer = b"%s%s\r\n" % (_SWITCHING, generate_accept_token(key.encode("latin-1")))
     if kind == V1:
-        answer.append(b"Sec-WebSocket-Protocol: " + SUBPROTOCOL.encode("ascii"))
-    if server.config.compression:
-        offers = [v.decode("latin-1") for k, v in headers if k == b"sec-websocket-extensions"]
+        answer += _V1_PROTOCOL
+    if server.config.compression and hs.extension_offers:
+        offers = [v.decode("latin-1") for v in hs.extension_offers]
         agreement = negotiate(offers)
         if agreement is not None:
             extensions.append(InboundDeflate(agreement, server.config.max_message_size))
             accepts = server_extensions_handshake(
                 [o for value in offers for o in split_comma_header(value.encode("latin-1"))], extensions)
             if accepts:
-                answer.append(b"Sec-WebSocket-Extensions: " + accepts)
+                answer += b"Sec-WebSocket-Extensions: " + accepts + b"\r\n"
     refuse = server.admit(ip)
     upgrade = Upgrade(extensions, kind, claims, b"", refuse)
     upgrade.deflate = agreement
-    return upgrade, b"\r\n".join(answer) + b"\r\n\r\n"
+    return upgrade, answer + b"\r\n"
 
 
-def _is_websocket_handshake(headers: Sequence[Tuple[bytes, bytes]]) -> bool:
-    """The headers of an opening handshake (RFC 6455 4.2.1): Host, Upgrade: websocket,
-    Connection: Upgrade and version 13 (the key is checked by the caller), and ASCII
-    subprotocol and extension lists."""
-    host = upgrade = version = None
-    connection = False
-    for name, value in headers:
-        name = name.lower()
-        if name == b"host":
-            host = value
-            try:
-                value.decode("idna")
-            except UnicodeError:
-                return False
-        elif name in (b"sec-websocket-protocol", b"sec-websocket-extensions"):
-            if not value.isascii():  # (token lists: ASCII only)
-                return False
-        elif name == b"upgrade":
-            upgrade = value
-        elif name == b"sec-websocket-version":
-            version = value
-        elif name == b"connection":
-            connection = connection or any(t.lower() == "upgrade" for t in split_comma_header(value))
-    return (host is not None and connection and version == b"13"
-            and upgrade is not None and upgrade.lower() == b"websocket")
+#: the start of every 101 answer, up to the value of Sec-WebSocket-Accept
+_SWITCHING = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Accept: ")
+_V1_PROTOCOL = b"Sec-WebSocket-Protocol: " + SUBPROTOCOL.encode("ascii") + b"\r\n"
+
+
+class _Handshake:
+    """What an upgrade request's headers say, read in one pass.
+
+    ``valid``: the headers of an opening handshake (RFC 6455 4.2.1): Host,
+    Upgrade: websocket, Connection: Upgrade and version 13 (the key is checked by
+    the caller), every Host a name IDNA can read, ASCII Connection, subprotocol and
+    extension lists. (Host, Upgrade and the version are single headers: ``check_head``
+    refuses a second copy; the last copy counts otherwise.)
+    """
+
+    __slots__ = ("first_host", "origin", "key", "offered", "extension_offers", "valid")
+
+    def __init__(self, headers: Sequence[Tuple[bytes, bytes]]) -> None:
+        first_host = origin = key = None
+        host = upgrade = version = None
+        connection = False
+        lists_ok = hosts_ok = True
+        offered: List[str] = []
+        extension_offers: List[bytes] = []
+        for name, value in headers:
+            if name == b"host":
+                if first_host is None:
+                    first_host = value.decode("latin-1")
+                host = value
+                if hosts_ok and not _plain_host(value):
+                    try:
+                        value.decode("idna")
+                    except UnicodeError:
+                        hosts_ok = False
+            elif name == b"sec-websocket-protocol":
+                offered.extend(p.strip() for p in value.decode("latin-1").split(","))
+                lists_ok = lists_ok and value.isascii()  # (token lists: ASCII only)
+            elif name == b"sec-websocket-extensions":
+                extension_offers.append(value)
+                lists_ok = lists_ok and value.isascii()
+            elif name == b"upgrade":
+                upgrade = value
+            elif name == b"sec-websocket-version":
+                version = value
+            elif name == b"connection":
+                if not value.isascii():
+                    lists_ok = False
+                elif not connection:
+                    connection = any(t.lower() == "upgrade" for t in split_comma_header(value))
+            elif name == b"origin":
+                if origin is None:
+                    origin = value.decode("latin-1")
+            elif name == b"sec-websocket-key":
+                if key is None:
+                    key = value.decode("latin-1")
+        self.first_host = first_host
+        self.origin = origin
+        self.key = key
+        self.offered = offered
+        self.extension_offers = extension_offers
+        self.valid = (hosts_ok and lists_ok and host is not None and connection and version == b"13"
+                      and upgrade is not None and upgrade.lower() == b"websocket")
+
+
+def _plain_host(value: bytes) -> bool:
+    """True for a Host the IDNA codec reads as it is (its own shortcut, on 3.9 to 3.13 alike):
+    ASCII without an ACE prefix ("xn--")."""
+    return value.isascii() and b"xn--" not in value.lower()
 
 
 def _valid_key(key: str) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
@@ -20,7 +19,7 @@ from wsproto.connection import Connection as FrameProtocol
 from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
-from .connection import Connection
+from .connection import Connection, Flag
 from .envelope import parse_client_frame
 from .errors import CloseCode
 from .writer import CLOSE, SEND, SEND_WIRE
@@ -146,7 +145,7 @@ class Reader:
         # the writer lets a close frame out and detaches the connection; the thread waits
         # for that, blocked (so that thousands of connections dropping at once end at the
         # writer's pace, instead of all asking for the GIL at once), then closes the socket
-        done = threading.Event()
+        done = Flag()  # (lighter than an Event: one lock, set by the writer)
         self.writer.release(conn, done)
         while not done.wait(30.0):
             if not self.writer.alive:  # (stopped: it detached what it was handed as it stopped)

@@ -18,6 +18,7 @@ import os
 import selectors
 import socket
 import ssl
+import sys
 import threading
 import time
 from typing import Any, Dict, Optional, Tuple
@@ -143,19 +144,50 @@ _STARTED = threading.Event()
 _STARTED.set()
 
 
-class _ConnectionThread(threading.Thread):
-    """A connection's thread, lighter once started.
+class _StartFlag(threading.Event):
+    """A connection thread's start-up flag, which ``Thread.start`` does not wait on."""
 
-    ``threading.Thread`` keeps its start-up flag (an Event: a Condition, a lock and a
-    deque, about 1.2 KiB) for its whole life, though once ``start()`` has returned it
-    is only ever read as set. With thousands of idle connections that is a good part
-    of what each costs: the started thread gets one shared flag that is set.
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        return True  # (see _ConnectionThread.join for a real wait)
+
+
+class _ConnectionThread(threading.Thread):
+    """A connection's thread: started without waiting for it to run, lighter once running.
+
+    ``Thread.start`` blocks until the new thread has run its first steps, which costs
+    the accept loop two hand-overs of the GIL per connection (a storm of connections
+    takes turns twice over). Here ``start`` returns at once; ``join`` and ``is_alive``
+    know a thread started but not running yet. Once it runs, its start-up flag (an
+    Event: a Condition, a lock and a deque, about 1.2 KiB, only ever read as set from
+    then on) is replaced by one shared flag that is set: with thousands of idle
+    connections that is a good part of what each costs.
     """
 
+    _launched = False
+
     def start(self) -> None:
+        self._started.__class__ = _StartFlag
         super().start()
-        if isinstance(getattr(self, "_started", None), threading.Event):
-            self._started = _STARTED
+        self._launched = True
+
+    def run(self) -> None:
+        self._started = _STARTED  # (set before run() is called)
+        super().run()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        flag = self._started
+        if self._launched and not flag.is_set():  # started, not running yet
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if not threading.Event.wait(flag, timeout):
+                return
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
+        super().join(timeout)
+
+    def is_alive(self) -> bool:
+        if self._launched and not self._started.is_set():
+            return True  # started, not running yet
+        return super().is_alive()
 
 
 class Server:
@@ -241,6 +273,8 @@ class Server:
         self._threads_lock = threading.Condition()
         self._threads: Dict[threading.Thread, socket.socket] = {}
         self._demo: Optional[bytes] = None
+        #: the accepted sockets have tune_socket's options from the listener already
+        self._tuned_by_listener = False
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -314,6 +348,9 @@ class Server:
             sel = selectors.DefaultSelector()
             listener = self._listener
             assert listener is not None  # bound above
+            # Linux gives an accepted socket the listener's TCP_NODELAY and SO_SNDBUF: set
+            # there once, they cost no system calls per connection
+            self._tuned_by_listener = sys.platform.startswith("linux") and self._tune(listener)
             sel.register(listener, selectors.EVENT_READ)
             sel.register(self._wake_r, selectors.EVENT_READ)
             self._accept_thread = threading.Thread(target=self._accept_loop, args=(sel,),
@@ -385,6 +422,10 @@ class Server:
         listener = self._listener
         turn_away = self._turn_away
         assert listener is not None and turn_away is not None and self.pending is not None
+        # what socket.accept() does, without turning the listener's family and type into
+        # enums again for every connection
+        accept = listener._accept  # type: ignore[attr-defined]
+        family, kind, proto = listener.family, listener.type, listener.proto
         backoff = 0.0  # the listener's pause after a resource error (0: none yet)
         resume_at = 0.0  # when a paused listener is watched again (0: not paused)
         try:
@@ -405,7 +446,7 @@ class Server:
                     continue
                 for _ in range(64):
                     try:
-                        sock, addr = listener.accept()
+                        fd, addr = accept()
                     except (BlockingIOError, InterruptedError):
                         break
                     except OSError as exc:
@@ -425,7 +466,7 @@ class Server:
                         break
                     backoff = 0.0
                     self.accepted += 1
-                    self._admit_tcp(sock, addr)
+                    self._admit_tcp(socket.socket(family, kind, proto, fd), addr)
         finally:
             sel.close()
             turn_away.close()
@@ -459,7 +500,8 @@ class Server:
         assert pending is not None
         handed = False  # the socket went to run_connection, which sees it closed
         try:
-            self.tune_socket(sock)
+            if not self._tuned_by_listener:
+                self.tune_socket(sock)
             stream: Any = sock
             tls = None
             if self._ssl is not None:
@@ -538,12 +580,17 @@ class Server:
 
     def tune_socket(self, sock: socket.socket) -> None:
         """Options every client socket gets: no Nagle delay, a capped send buffer."""
+        self._tune(sock)
+
+    def _tune(self, sock: socket.socket) -> bool:
+        """``tune_socket``; False when an option could not be set."""
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.config.socket_sndbuf:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.socket_sndbuf)
         except OSError:
-            pass
+            return False
+        return True
 
     def _on_open(self, conn: Connection, greeting: bytes = b"") -> None:
         """The subscriptions a connection starts with; ``greeting``: its deferred 101 answer."""

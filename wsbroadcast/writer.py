@@ -28,9 +28,9 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
-from .connection import Connection
+from .connection import Connection, Flag
 from .deflate import Compressors
 from .envelope import message_text
 from .errors import CloseCode
@@ -38,6 +38,8 @@ from .logutil import RateLimitedLog
 from .wsframe import close_frame, ping_frame, text_frame, text_payload
 
 logger = logging.getLogger(__name__)
+#: what a reader waits on for its connection to be detached (set by the writer)
+Done = Union[threading.Event, Flag]
 
 # per connection, and any client can cause them: at most one record per interval, with a count
 _slow_log = RateLimitedLog(logger)
@@ -55,7 +57,7 @@ CLOSE_ALL = 7  # (CLOSE_ALL, code, reason)
 CALL = 8  # (CALL, callable)  runs in the writer thread, in order
 SLOW = 9  # (SLOW, conn)  close as a slow consumer
 SEND_WIRE = 10  # (SEND_WIRE, conn, bytes)  bytes as they are (not a frame); b"": the TLS layer's own output
-RELEASE = 11  # (RELEASE, conn, threading.Event or None)  its reader has ended: close the socket
+RELEASE = 11  # (RELEASE, conn, Done or None)  its reader has ended: close the socket
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _DONTWAIT = socket.MSG_DONTWAIT
@@ -108,7 +110,7 @@ class Writer:
         self._dirty: List[Connection] = []
         self._closing: Set[Connection] = set()
         #: released connections whose close frame is still on its way -> their ``done``
-        self._lingering: Dict[Connection, Optional[threading.Event]] = {}
+        self._lingering: Dict[Connection, Optional[Done]] = {}
         self._n_waiting = 0
         self._round_t0: List[float] = []  # publish times of the messages of this round
         self._run_msgs: List[tuple] = []  # DELIVER ops of the current run
@@ -132,7 +134,7 @@ class Writer:
         """
         self._attaching.append(conn)
 
-    def release(self, conn: Connection, done: Optional[threading.Event] = None) -> None:
+    def release(self, conn: Connection, done: Optional[Done] = None) -> None:
         """The reader of ``conn`` has ended: the writer detaches it, never to touch it again.
 
         Queued after what was put before (a close frame among it gets out first, within
@@ -140,7 +142,7 @@ class Writer:
         """
         self.put(((RELEASE, conn, done),))
 
-    def release_all(self, ended: Sequence[Tuple[Connection, Optional[threading.Event]]]) -> None:
+    def release_all(self, ended: Sequence[Tuple[Connection, Optional[Done]]]) -> None:
         """``release`` of several connections, as one item on the channel."""
         self.put(tuple((RELEASE, conn, done) for conn, done in ended))
 
@@ -602,7 +604,7 @@ class Writer:
                 conn.attached = True
                 self._conns.add(conn)
 
-    def _reap(self, conn: Connection, done: Optional[threading.Event]) -> None:
+    def _reap(self, conn: Connection, done: Optional[Done]) -> None:
         """End a connection whose reader has ended (see release)."""
         if conn.close_sent and not conn.flushed and not conn.dead:
             # its close frame is still on its way: ended when flushed, or at the deadline
@@ -610,7 +612,7 @@ class Writer:
         else:
             self._end(conn, done)
 
-    def _end(self, conn: Connection, done: Optional[threading.Event] = None) -> None:
+    def _end(self, conn: Connection, done: Optional[Done] = None) -> None:
         """Detach a released connection: its reader, told by ``done``, closes the socket.
 
         (Not closed here: a close lets go of the GIL, and the writer would then wait for
