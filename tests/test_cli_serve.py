@@ -117,8 +117,11 @@ def test_serve_flags_take_effect(tmp_path):
             x.close()
     # --full-sync leaves a WAL history file behind that holds the messages' seqs
     import sqlite3
-    with sqlite3.connect(db) as conn:
+    conn = sqlite3.connect(db)  # (its context manager commits, it does not close)
+    try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
 
 
 @pytest.mark.timeout(60)
@@ -171,6 +174,7 @@ def test_sigint_closes_clients_with_1001_and_exits_0():
         assert a.expect_close()[0] == 1001
         assert a.at_eof()
         assert any("signal %d" % signal.SIGINT in line for line in srv.lines)
+        a.close()
     finally:
         srv.kill()
 
