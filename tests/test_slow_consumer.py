@@ -15,7 +15,8 @@ from conftest import SCALE
 from httputil import metric
 from serverproc import ServerProcess
 
-from wsbroadcast import Client
+from wsbroadcast import Client, Server
+from wsbroadcast.store import MemoryStore
 
 PAYLOAD = "p" * 4096
 
@@ -306,3 +307,61 @@ def test_client_sockets_get_no_nagle_and_the_send_buffer_cap(make_server, sndbuf
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == expected
     finally:
         ws.close()
+
+
+class _GatedStore(MemoryStore):
+    """A memory store whose open() waits until the test lets it go (a slow start-up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opening = threading.Event()
+        self.go = threading.Event()
+
+    def open(self) -> None:
+        self.opening.set()
+        assert self.go.wait(30 * SCALE)
+        super().open()
+
+
+@pytest.mark.timeout(60)
+def test_a_connection_queued_while_the_server_starts_gets_the_socket_options():
+    # a client that connects while start() is still opening the store sits in the listen
+    # backlog: it must get the same options as every later one
+    store = _GatedStore()
+    srv = Server("127.0.0.1", 0, message_store=store, socket_sndbuf=32 * 1024,
+                 close_timeout=2.0 * SCALE)
+    errors = []
+    starter = threading.Thread(target=lambda: _call_into(errors, srv.start), name="test-starter")
+    starter.start()
+    early = None
+    try:
+        assert store.opening.wait(30 * SCALE)
+        assert srv._listener is not None
+        port = srv._listener.getsockname()[1]
+        early = socket.create_connection(("127.0.0.1", port), timeout=10 * SCALE)  # queued
+        store.go.set()
+        starter.join(30 * SCALE)
+        assert not starter.is_alive() and not errors, errors
+        reference = socket.socket()
+        reference.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
+        expected = reference.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        reference.close()
+        early.sendall(wsraw.upgrade_request(port))
+        assert wsraw.read_response(early, 10 * SCALE, upgrade=True)[0] == 101
+        assert wsraw.wait_for(lambda: len(srv.hub) == 1)
+        sock = srv.hub.connections()[0].sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == expected
+    finally:
+        store.go.set()
+        starter.join(30 * SCALE)
+        if early is not None:
+            early.close()
+        srv.shutdown()
+
+
+def _call_into(errors, fn):
+    try:
+        fn()
+    except BaseException as exc:  # (reported by the test thread)
+        errors.append(exc)

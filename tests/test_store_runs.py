@@ -525,3 +525,16 @@ def test_a_count_trim_step_stops_before_a_run_it_would_cut(tmp_path) -> None:
                 break
         assert seen == [(3, True, [(4, 6), (7, 9)]), (4, True, [(8, 9)]), (1, False, [(9, 9)])]
         assert [m.data for m in store.since("t", 0, 10)] == ["9"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("lens, data, count", [
+    (b"", "", 0),  # a damaged row: last_seq below first_seq, no lengths
+    (None, "a", 0),
+    (b"\x01\x00\x00\x00", "a", 2),
+    (b"\x01\x00\x00", "a", 1),  # not a whole length
+    (b"\x01\x00\x00\x00\x01\x00\x00\x00", "abc", 2),
+])
+def test_a_run_whose_lengths_do_not_match_is_a_value_error(lens, data, count):
+    with pytest.raises(ValueError):
+        store_module.unpack_run(lens, data, count)

@@ -21,7 +21,7 @@ import ssl
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from .admission import OVER_LIMIT, PendingTable, Slot, TurnAway, open_fds, pending_per_ip, plan_limits
 from .auth import Authenticator, install_redaction
@@ -91,12 +91,14 @@ def _store_error(spec: str, exc: StoreError) -> ConfigError:
     return ConfigError("%s; give a writable SQLite file with --store, or --store memory" % problem)
 
 
-def listen_socket(host: str, port: int, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+def listen_socket(host: str, port: int, reuse_port: bool = False, listen: bool = True,
+                  prepare: Optional[Callable[[socket.socket], Any]] = None) -> socket.socket:
     """A non-blocking socket listening on (host, port); ConfigError saying what to change.
 
     ``reuse_port``: bound with SO_REUSEPORT, so that other processes of this user bind
     the same port and the kernel spreads connections over their listeners.
     ``listen=False``: bound only (holds the port, gets no connections).
+    ``prepare``: called with the bound socket before it listens (no connection yet).
     """
     if reuse_port and not hasattr(socket, "SO_REUSEPORT"):
         raise ConfigError("this system has no SO_REUSEPORT: run one process per port (leave out --workers)")
@@ -110,6 +112,8 @@ def listen_socket(host: str, port: int, reuse_port: bool = False, listen: bool =
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
+        if prepare is not None:
+            prepare(sock)
         if listen:
             sock.listen(_BACKLOG)
         sock.setblocking(False)
@@ -309,7 +313,8 @@ class Server:
             return self
         cfg = self.config
         if listen:
-            self._listener = listen_socket(cfg.host, cfg.port, reuse_port=cfg.reuse_port)
+            self._listener = listen_socket(cfg.host, cfg.port, reuse_port=cfg.reuse_port,
+                                           prepare=self._tune_listener)
             self.host_rule = self.host_rule.with_loopback_only(
                 is_loopback(self._listener.getsockname()[0]))
         try:
@@ -348,9 +353,6 @@ class Server:
             sel = selectors.DefaultSelector()
             listener = self._listener
             assert listener is not None  # bound above
-            # Linux gives an accepted socket the listener's TCP_NODELAY and SO_SNDBUF: set
-            # there once, they cost no system calls per connection
-            self._tuned_by_listener = sys.platform.startswith("linux") and self._tune(listener)
             sel.register(listener, selectors.EVENT_READ)
             sel.register(self._wake_r, selectors.EVENT_READ)
             self._accept_thread = threading.Thread(target=self._accept_loop, args=(sel,),
@@ -577,6 +579,12 @@ class Server:
         finally:
             if upgrade.refuse is None:
                 self._release(addr[0])
+
+    def _tune_listener(self, sock: socket.socket) -> None:
+        """Linux gives an accepted socket the listener's TCP_NODELAY and SO_SNDBUF: set there
+        before it listens (so that no connection is queued untuned), they cost no system
+        calls per connection."""
+        self._tuned_by_listener = sys.platform.startswith("linux") and self._tune(sock)
 
     def tune_socket(self, sock: socket.socket) -> None:
         """Options every client socket gets: no Nagle delay, a capped send buffer."""

@@ -688,7 +688,7 @@ def unpack_run(lens: Optional[bytes], data: str, count: int, start: int = 0,
     if _LENS_SWAP:
         sizes.byteswap()
     ends = list(itertools.accumulate(sizes))
-    if len(ends) != count or ends[-1] != len(data):
+    if len(ends) != count or not ends or ends[-1] != len(data):
         raise ValueError("the lengths of a run of %d messages do not match its data" % count)
     ends = ends[start:stop]
     if not ends:
