@@ -415,8 +415,10 @@ def test_history_ttl_background_trim(make_server, tmp_path, kind: str) -> None:
     ws = connect(srv.port)
     try:
         if kind == "memory":
-            # nothing stored, nobody subscribed: the memory store forgot the topic, which
-            # comes back at seq 1 under a new epoch (PROTOCOL.md section 6)
+            # nothing stored, nobody subscribed: the memory store forgets the topic (in the
+            # trim step after the one that emptied it), which comes back at seq 1 under a new
+            # epoch (PROTOCOL.md section 6)
+            assert wait_for(lambda: srv.store.forgotten >= 1, timeout=15 * SCALE)
             ack = subscribe(ws, TOPIC, "gone", since=2, epoch=epoch)
             assert (ack["seq"], ack["recovered"]) == (0, False) and ack["epoch"] != epoch, ack
             expect_pong_next(ws)
