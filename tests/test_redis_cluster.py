@@ -215,6 +215,57 @@ def test_presence_and_join_leave_on_a_cluster(cluster, make_server):
     presence_on_two_nodes(make_server, cluster.url)
 
 
+def ws_publish(ws: Any, topic: str, data: Any, ident: str) -> dict:
+    """Publish over the WebSocket; the answer carrying ``ident``."""
+    ws.send_json({"type": "publish", "topic": topic, "data": data, "id": ident})
+    deadline = time.monotonic() + T
+    while True:
+        reply = ws.recv_json(max(0.01, deadline - time.monotonic()))
+        if reply.get("id") == ident:
+            return reply
+
+
+@pytest.mark.timeout(60)
+def test_a_connection_closed_under_a_command_is_unavailable_not_a_fault(cluster, make_server):
+    """redis-py's cluster client, resetting a node after a failure, closes connections other
+    threads are reading: they see ValueError or AttributeError, not a Redis error. The
+    publisher gets an answer and keeps its connection (not a 1011 close)."""
+    srv = make_server(redis_url=cluster.url)
+    broker = srv.broker
+    ws = connect(srv.port)
+    try:
+        # the wildcard set's read fails so: the publish goes on (to the classic channels too)
+        def closed_file(**_kw: Any) -> Any:
+            raise ValueError("I/O operation on closed file.")
+
+        real_read, broker._wild_read = broker._wild_read, closed_file
+        broker._wild_until = 0.0
+        try:
+            assert ws_publish(ws, "under.a", 1, "p1")["type"] == "ack"
+        finally:
+            broker._wild_read = real_read
+        # the publish's own connection: answered unavailable, the next publish goes through
+        real_conn = broker._redis.get_redis_connection
+        failed: List[Any] = []
+
+        def buffer_gone(node: Any) -> Any:
+            if not failed:
+                failed.append(node)
+                raise AttributeError("'NoneType' object has no attribute 'readline'")
+            return real_conn(node)
+
+        broker._redis.get_redis_connection = buffer_gone
+        try:
+            reply = ws_publish(ws, "under.b", 2, "p2")
+            assert failed and (reply["type"], reply.get("code")) == ("error", "unavailable"), reply
+            assert ws_publish(ws, "under.b", 3, "p3")["type"] == "ack"
+        finally:
+            broker._redis.get_redis_connection = real_conn
+        wsraw.expect_pong_next(ws)
+    finally:
+        ws.close()
+
+
 def migrate_slot(rc: RedisCluster, slot: int, src: int, dst: int, between: Any = None,
                  moved: Any = None) -> None:
     """Move ``slot`` from the primary on ``src`` to the one on ``dst`` key by key (redis-cli's steps)."""

@@ -77,6 +77,7 @@ from .broker_redis import (
     _PUBLISH_LUA,
     _STORE_LUA,
     _UNAVAILABLE,
+    CLOSED_UNDER_US,
     HANDBACK_BATCH,
     HEALTH_INTERVAL,
     RedisBroker,
@@ -393,7 +394,7 @@ class ClusterBroker(RedisBroker):
                 return self._wild_on
             try:
                 on = bool(self._wild_read(keys=[self._wild_key], args=[]))
-            except (RedisError, RedisClusterException, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError, *CLOSED_UNDER_US) as exc:
                 logger.debug("wildcard set not read (%s): publishing to the classic channels too", exc)
                 on = True
             self._wild_on, self._wild_until = on, now + WILDCARD_LEASE
@@ -443,7 +444,7 @@ class ClusterBroker(RedisBroker):
             for topic, (epoch, *pairs) in by_topic.items():
                 self._fanout_script(keys=[self._meta(topic), self._stream(topic)], args=[
                     self._sharded(topic), self._ch_prefix + topic if wild else "", epoch, *pairs])
-        except (RedisError, RedisClusterException, OSError, ValueError) as exc:
+        except (RedisError, RedisClusterException, OSError, *CLOSED_UNDER_US) as exc:
             self._map_stale = True
             logger.warning("stored %d message(s) but could not send them out now (%s): listeners "
                            "get them from the stream later", len(stored), exc)
@@ -463,8 +464,8 @@ class ClusterBroker(RedisBroker):
                 if wait:
                     pipe.execute_command("WAIT", wait, self.target.wait_timeout_ms)
                 answers = pipe.execute(raise_on_error=False)
-            except (*_UNAVAILABLE, ValueError) as exc:
-                # ValueError: the map was reloaded meanwhile and closed this connection under us
+            except (*_UNAVAILABLE, *CLOSED_UNDER_US) as exc:
+                # (CLOSED_UNDER_US: the map was reloaded meanwhile and closed this connection)
                 self._map_stale = True
                 raise self._failed("publish", exc) from exc
             except (RedisError, UnicodeError) as exc:
@@ -477,7 +478,7 @@ class ClusterBroker(RedisBroker):
                 if kind == "NOSCRIPT":
                     try:
                         client.script_load(self._script.script)
-                    except _UNAVAILABLE as exc:
+                    except (*_UNAVAILABLE, *CLOSED_UNDER_US) as exc:
                         raise self._failed("publish", exc) from exc
                     continue
                 if kind in ("MOVED", "ASK"):
@@ -508,7 +509,7 @@ class ClusterBroker(RedisBroker):
         try:
             last, pub, raw = self._history_script(
                 keys=[self._meta(topic), self._stream(topic)], args=["%d-0" % (max(seq, 0) + 1), count])
-        except _UNAVAILABLE as exc:
+        except (*_UNAVAILABLE, *CLOSED_UNDER_US) as exc:
             raise self._failed("history read", exc) from exc
         except RedisError as exc:
             raise StoreError("cannot read history of %r from redis: %s" % (topic, exc)) from exc
@@ -557,7 +558,7 @@ class ClusterBroker(RedisBroker):
             self._wild_since = None
             try:
                 self._redis.zrem(self._wild_key, self.node or "?")
-            except _UNAVAILABLE as exc:
+            except (*_UNAVAILABLE, *CLOSED_UNDER_US) as exc:
                 logger.debug("wildcard entry not removed (it expires): %s", exc)
 
     # ------------------------------------------------------------------ listener
