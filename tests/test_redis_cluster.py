@@ -217,12 +217,7 @@ def test_presence_and_join_leave_on_a_cluster(cluster, make_server):
 
 def ws_publish(ws: Any, topic: str, data: Any, ident: str) -> dict:
     """Publish over the WebSocket; the answer carrying ``ident``."""
-    ws.send_json({"type": "publish", "topic": topic, "data": data, "id": ident})
-    deadline = time.monotonic() + T
-    while True:
-        reply = ws.recv_json(max(0.01, deadline - time.monotonic()))
-        if reply.get("id") == ident:
-            return reply
+    return wsraw.request(ws, {"type": "publish", "topic": topic, "data": data, "id": ident}, T)
 
 
 @pytest.mark.timeout(60)

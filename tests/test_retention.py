@@ -17,7 +17,7 @@ import pytest
 
 from conftest import SCALE
 from serverproc import ServerProcess
-from wsraw import RawWS, connect, wait_for
+from wsraw import RawWS, connect, request, wait_for
 
 from wsbroadcast import store as store_mod
 from wsbroadcast.errors import ConfigError
@@ -41,16 +41,6 @@ def healthz(port: int) -> Dict[str, Any]:
         return json.loads(conn.getresponse().read())
     finally:
         conn.close()
-
-
-def request(ws: RawWS, frame: Dict[str, Any]) -> Dict[str, Any]:
-    """Send a frame with an id and return the answer carrying that id (skipping deliveries)."""
-    ws.send_json(frame)
-    deadline = time.monotonic() + 10 * SCALE
-    while True:
-        reply = ws.recv_json(timeout=max(0.1, deadline - time.monotonic()))
-        if reply.get("id") == frame["id"]:
-            return reply
 
 
 def flood(ws: RawWS, prefix: str, topics: int, size: int) -> None:

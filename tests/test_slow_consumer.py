@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import threadutil
 import wsraw
 from conftest import SCALE
 from httputil import metric
@@ -330,9 +331,7 @@ def test_a_connection_queued_while_the_server_starts_gets_the_socket_options():
     store = _GatedStore()
     srv = Server("127.0.0.1", 0, message_store=store, socket_sndbuf=32 * 1024,
                  close_timeout=2.0 * SCALE)
-    errors = []
-    starter = threading.Thread(target=lambda: _call_into(errors, srv.start), name="test-starter")
-    starter.start()
+    starter = threadutil.start(srv.start, name="test-starter")
     early = None
     try:
         assert store.opening.wait(30 * SCALE)
@@ -340,8 +339,7 @@ def test_a_connection_queued_while_the_server_starts_gets_the_socket_options():
         port = srv._listener.getsockname()[1]
         early = socket.create_connection(("127.0.0.1", port), timeout=10 * SCALE)  # queued
         store.go.set()
-        starter.join(30 * SCALE)
-        assert not starter.is_alive() and not errors, errors
+        starter.finish(30 * SCALE)
         reference = socket.socket()
         reference.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
         expected = reference.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
@@ -358,10 +356,3 @@ def test_a_connection_queued_while_the_server_starts_gets_the_socket_options():
         if early is not None:
             early.close()
         srv.shutdown()
-
-
-def _call_into(errors, fn):
-    try:
-        fn()
-    except BaseException as exc:  # (reported by the test thread)
-        errors.append(exc)

@@ -10,7 +10,7 @@ import socket
 import struct
 import time
 import zlib
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 #: multiply every timing constant of the tests (slow or loaded machines)
 SCALE = float(os.environ.get("WSBROADCAST_TEST_TIMEOUT_SCALE", "1"))
@@ -318,6 +318,16 @@ def subscribe(ws: RawWS, topic: str, ident: Any = "s", timeout: float = 2 * DEFA
     reply = ws.recv_json(timeout)
     assert reply.get("id") == ident, reply
     return reply
+
+
+def request(ws: RawWS, frame: Dict[str, Any], timeout: float = 2 * DEFAULT_TIMEOUT) -> Dict[str, Any]:
+    """Send a frame with an id and return the answer carrying that id (skipping deliveries)."""
+    ws.send_json(frame)
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = ws.recv_json(timeout=max(0.1, deadline - time.monotonic()))
+        if reply.get("id") == frame["id"]:
+            return reply
 
 
 def expect_pong_next(ws: RawWS, ident: Any = "barrier", timeout: float = 2 * DEFAULT_TIMEOUT) -> None:

@@ -464,8 +464,8 @@ class ClusterBroker(RedisBroker):
                 if wait:
                     pipe.execute_command("WAIT", wait, self.target.wait_timeout_ms)
                 answers = pipe.execute(raise_on_error=False)
-            except (*_UNAVAILABLE, *CLOSED_UNDER_US) as exc:
-                # (CLOSED_UNDER_US: the map was reloaded meanwhile and closed this connection)
+            except _UNAVAILABLE as exc:
+                # (CLOSED_UNDER_US among them: the map was reloaded meanwhile and closed it)
                 self._map_stale = True
                 raise self._failed("publish", exc) from exc
             except (RedisError, UnicodeError) as exc:
@@ -478,7 +478,7 @@ class ClusterBroker(RedisBroker):
                 if kind == "NOSCRIPT":
                     try:
                         client.script_load(self._script.script)
-                    except (*_UNAVAILABLE, *CLOSED_UNDER_US) as exc:
+                    except _UNAVAILABLE as exc:
                         raise self._failed("publish", exc) from exc
                     continue
                 if kind in ("MOVED", "ASK"):
@@ -509,7 +509,7 @@ class ClusterBroker(RedisBroker):
         try:
             last, pub, raw = self._history_script(
                 keys=[self._meta(topic), self._stream(topic)], args=["%d-0" % (max(seq, 0) + 1), count])
-        except (*_UNAVAILABLE, *CLOSED_UNDER_US) as exc:
+        except _UNAVAILABLE as exc:
             raise self._failed("history read", exc) from exc
         except RedisError as exc:
             raise StoreError("cannot read history of %r from redis: %s" % (topic, exc)) from exc
@@ -558,7 +558,7 @@ class ClusterBroker(RedisBroker):
             self._wild_since = None
             try:
                 self._redis.zrem(self._wild_key, self.node or "?")
-            except (*_UNAVAILABLE, *CLOSED_UNDER_US) as exc:
+            except _UNAVAILABLE as exc:
                 logger.debug("wildcard entry not removed (it expires): %s", exc)
 
     # ------------------------------------------------------------------ listener

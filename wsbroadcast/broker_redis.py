@@ -198,14 +198,15 @@ _HAS_PROTOCOL = "protocol" in inspect.signature(redis.Connection.__init__).param
 
 _GLOB_SPECIALS = "\\*?[]"
 
-#: errors meaning "not now" (a cluster's too: a shard failing over, a slot moving)
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError,
-                ClusterError, TryAgainError, RedisClusterException)
 #: what a redis-py call raises when another thread closed its connection under it (the
 #: cluster client resets a node's connections after a failure, in use or not): ValueError
 #: ("I/O operation on closed file") or AttributeError (the parser's buffer is gone); the
 #: calls guarded by it are redis-py's only
 CLOSED_UNDER_US = (ValueError, AttributeError)
+#: errors meaning "not now" (a cluster's too: a shard failing over, a slot moving; a
+#: connection closed under the call)
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError,
+                ClusterError, TryAgainError, RedisClusterException, *CLOSED_UNDER_US)
 #: a wanted "pattern" standing for the join/leave channel of the topic that follows it
 _JL = "\0jl\0"
 #: presence writes queued at most while Redis does not take them (then a full resync)
@@ -416,7 +417,7 @@ class RedisBroker(Broker):
                 for i, item in enumerate(items):
                     release.extend((self._ch_prefix + item[0], res[2 * i], res[2 * i + 1], item[1]))
                 self._release(keys=keys[::2], args=release)
-        except (*_UNAVAILABLE, *CLOSED_UNDER_US) as exc:
+        except _UNAVAILABLE as exc:
             raise self._failed("publish", exc) from exc
         except (RedisError, UnicodeError) as exc:
             raise StoreError("cannot store messages in redis: %s" % exc) from exc
@@ -436,7 +437,7 @@ class RedisBroker(Broker):
             pipe.hsetnx(meta, "epoch", secrets.token_hex(8))
             pipe.hmget(meta, ["seq", "epoch", "pub"])
             _, (seq, epoch, pub) = pipe.execute()
-        except (*_UNAVAILABLE, *CLOSED_UNDER_US) as exc:
+        except _UNAVAILABLE as exc:
             raise self._failed("latest", exc) from exc
         except RedisError as exc:
             raise StoreError("cannot read %r from redis: %s" % (topic, exc)) from exc
@@ -489,7 +490,7 @@ class RedisBroker(Broker):
                 raw = [e for e in raw if int(e[0].split(b"-", 1)[0]) <= shown]
             else:
                 raw = self._redis.xrange(self._stream(topic), "%d-0" % (max(seq, 0) + 1), "+", count=count)
-        except (*_UNAVAILABLE, *CLOSED_UNDER_US) as exc:
+        except _UNAVAILABLE as exc:
             raise self._failed("history read", exc) from exc
         except RedisError as exc:
             raise StoreError("cannot read history of %r from redis: %s" % (topic, exc)) from exc
@@ -499,7 +500,7 @@ class RedisBroker(Broker):
     def oldest(self, topic: str) -> int:
         try:
             raw: Any = self._redis.xrange(self._stream(topic), "-", "+", count=1)
-        except (*_UNAVAILABLE, *CLOSED_UNDER_US) as exc:
+        except _UNAVAILABLE as exc:
             raise self._failed("history read", exc) from exc
         except RedisError as exc:
             raise StoreError("cannot read history of %r from redis: %s" % (topic, exc)) from exc
@@ -623,7 +624,7 @@ class RedisBroker(Broker):
             dead = [c for n, a in zip(nodes, alive) if a is None for c, _t in by_node[n]]
             if dead:
                 self._redis.hdel(key, *dead)  # type: ignore[arg-type]  # bytes field names
-        except (*_UNAVAILABLE, *CLOSED_UNDER_US) as exc:
+        except _UNAVAILABLE as exc:
             raise self._failed("presence", exc) from exc
         except RedisError as exc:
             raise BrokerUnavailable("cannot read presence from redis: %s" % exc) from exc
