@@ -95,6 +95,44 @@ def test_presence_and_join_leave_cover_both_nodes(make_server, redis_url):
     quiet.close()
 
 
+def late_listener(server) -> None:
+    """Make ``server``'s broker listener apply new interest half a second late (as on a loaded
+    machine: what it subscribes to in Redis comes well after the interest was taken)."""
+    broker = server.broker
+    real = broker._reconcile
+
+    def late(*args, **kwargs):
+        time.sleep(0.5)  # (the delay injected, not a wait for anything)
+        return real(*args, **kwargs)
+
+    broker._reconcile = late
+
+
+@pytest.mark.timeout(60)
+def test_the_ack_of_join_leave_comes_once_other_nodes_joins_reach_this_node(make_server, redis_url):
+    """Joins and leaves are never replayed: a subscribe with join_leave is acked only once this
+    node's broker gets the other nodes' joins, so a join right after the ack is not lost."""
+    a = make_server(redis_url=redis_url)
+    b = make_server(redis_url=redis_url)
+    late_listener(a)
+    lis = wsraw.connect(a.port)
+    assert wsraw.subscribe(lis, "late", 1, join_leave=True)["type"] == "ack"
+    other = wsraw.connect(b.port)
+    assert wsraw.subscribe(other, "late", 1)["type"] == "ack"
+    joined = lis.recv_json(T)
+    assert (joined["type"], joined["topic"]) == ("join", "late"), joined
+    # a listener of a topic already listened to on this node waits for nothing more
+    second = wsraw.connect(a.port)
+    assert wsraw.subscribe(second, "late", 1, join_leave=True)["type"] == "ack"
+    assert lis.recv_json(T)["type"] == "join"
+    other.close()
+    for ws in (lis, second):
+        left = ws.recv_json(T)
+        assert (left["type"], left["client"]["conn"]) == ("leave", joined["client"]["conn"]), left
+    for ws in (lis, second):
+        ws.close()
+
+
 @pytest.mark.timeout(60)
 def test_killed_node_leaves_presence_within_the_ttl(make_server, redis_url):
     a = make_server(redis_url=redis_url)

@@ -268,6 +268,33 @@ def test_a_pattern_sharing_a_subscribed_glob_is_waited_for_until_the_listener_ap
     assert sink.seqs("d.y.z") == list(range(1, 31))
 
 
+@pytest.mark.timeout(30)
+def test_a_new_pattern_is_never_withdrawn_from_the_broker_on_its_way_to_the_ack(rs, make_server):
+    """The early interest a pattern's subscribe takes (waited for before the ack) is kept by
+    the subscription, never withdrawn and taken again: in between, the listener could leave
+    the Redis subscription and lose what was published meanwhile."""
+    srv = make_server(redis_url=rs.url, max_subscriptions=1)
+    broker = srv.broker
+    calls: List[Tuple[str, bool]] = []
+    real = broker.interest
+
+    def recorded(pattern: str, on: bool, acked: Any = None) -> None:
+        calls.append((pattern, on))
+        real(pattern, on, acked)
+
+    broker.interest = recorded
+    ws = connect(srv.port)
+    try:
+        assert wsraw.subscribe(ws, "w.*", 1)["type"] == "ack"
+        refused = wsraw.subscribe(ws, "v.>", 2)  # over the limit: its early interest is withdrawn
+        assert refused.get("code") == "too_many_subscriptions", refused
+        # (taking interest again is harmless: the broker keeps a set)
+        assert [c for c in calls if c[0] == "w.*"] == [("w.*", True)] * len(calls[:-2]), calls
+        assert calls[-2:] == [("v.>", True), ("v.>", False)], calls
+    finally:
+        ws.close()
+
+
 def test_channel_and_pattern_hand_back_once(rs, brokers):
     a = brokers(rs.url)
     b = brokers(rs.url)

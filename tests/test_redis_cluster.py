@@ -12,6 +12,9 @@ from typing import Any, Dict, List, Tuple
 import pytest
 from redis_cluster import RedisCluster, command
 from test_presence_redis import test_presence_and_join_leave_cover_both_nodes as presence_on_two_nodes
+from test_presence_redis import (
+    test_the_ack_of_join_leave_comes_once_other_nodes_joins_reach_this_node as join_leave_acked_in_effect,
+)
 
 import wsraw
 from conftest import SCALE
@@ -213,6 +216,13 @@ def test_presence_and_join_leave_on_a_cluster(cluster, make_server):
     """One Redis's presence test on the cluster: joins and leaves (sharded, like the messages)
     reach the other node in order with its messages, and presence counts both nodes."""
     presence_on_two_nodes(make_server, cluster.url)
+
+
+@pytest.mark.timeout(60)
+def test_the_ack_of_join_leave_on_a_cluster_comes_once_other_nodes_joins_reach_this_node(cluster, make_server):
+    """One Redis's test on the cluster: a join right after the ack is not lost, however late
+    this node subscribes to the topic's shard."""
+    join_leave_acked_in_effect(make_server, cluster.url)
 
 
 def ws_publish(ws: Any, topic: str, data: Any, ident: str) -> dict:

@@ -122,6 +122,11 @@ class Broker(abc.ABC):
         """Block until this node's interest in ``pattern`` is in effect (never holding the hub lock)."""
         return True
 
+    def wait_join_leave(self, topic: str, timeout: float) -> bool:
+        """Block until the other nodes' joins and leaves of ``topic`` reach this node (never
+        holding the hub lock)."""
+        return True
+
     @property
     def healthy(self) -> bool:
         """False while the broker cannot take publishes (e.g. its server is away)."""

@@ -558,6 +558,9 @@ class RedisBroker(Broker):
     def join_leave_interest(self, topic: str, on: bool) -> None:
         self.interest(_JL + topic, on)
 
+    def wait_join_leave(self, topic: str, timeout: float) -> bool:
+        return self.wait_subscribed(_JL + topic, timeout)
+
     def _send_presence(self, refresh: bool) -> None:
         """Send the queued presence writes and events (with _send_lock held)."""
         with self._pending_lock:

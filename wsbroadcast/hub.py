@@ -138,72 +138,100 @@ class Hub:
         queries: List[PresenceQuery] = []
         early = self._subscribe_early(commands)
         with self.lock:
-            self._drop_early_locked(early)
-            if not conn.registered:
-                return
-            pubs: List[Publish] = []
-            for cmd in commands:
-                kind = type(cmd)
-                if kind is Publish:
-                    refusal = self._check_publish(conn, cmd)
-                    if refusal is None:
-                        pubs.append(cmd)
-                    else:
-                        ops.append((SEND, conn, _frame(error_text(cmd.id, refusal[0], refusal[1]))))
-                    continue
-                if pubs:
-                    self._publish_locked(conn, pubs, ops)
-                    pubs = []
-                if kind is Subscribe:
-                    replay = self._subscribe_locked(conn, cmd, ops)
-                    if replay is not None:
-                        other = replays.get(cmd.topic)
-                        if other is None:
-                            replays[cmd.topic] = replay
-                        elif (replay[0].since or 0) < (other[0].since or 0):  # both set in a replay
-                            replays[cmd.topic] = (replay[0], other[1])  # one replay from the lowest since
-                elif kind is Unsubscribe:
-                    self._unsubscribe_locked(conn, cmd.topic, ops)
-                    ops.append((SEND, conn, _frame(ack_text(cmd.id, cmd.topic))))
-                elif kind is PresenceQuery:
-                    queries.append(cmd)
-                elif kind is Ping:
-                    ops.append((SEND, conn, _frame(pong_text(cmd.id))))
-                elif kind is Invalid:
-                    ops.append((SEND, conn, _frame(error_text(cmd.id, cmd.code, cmd.message))))
-            if pubs:
-                self._publish_locked(conn, pubs, ops)
-            if ops:
-                self.writer.put(ops)
+            try:
+                self._carry_out_locked(conn, commands, ops, replays, queries)
+            finally:
+                self._drop_early_locked(early)  # after the subscribes that may keep it
         for query in queries:
             self._answer_presence(conn, query)
         for cmd, upto in replays.values():
             self._replay(conn, cmd, upto)
 
-    def _subscribe_early(self, commands: Sequence[Any]) -> List[str]:
-        """With a shared broker, make new wildcard interest effective before acking it.
+    def _carry_out_locked(self, conn: Connection, commands: Sequence[Any], ops: List[tuple],
+                          replays: Dict[str, Tuple[Subscribe, int]], queries: List[PresenceQuery]) -> None:
+        """The part of ``handle`` under the hub's lock: replays and presence queries are
+        left in ``replays`` and ``queries`` for after it."""
+        if not conn.registered:
+            return
+        pubs: List[Publish] = []
+        for cmd in commands:
+            kind = type(cmd)
+            if kind is Publish:
+                refusal = self._check_publish(conn, cmd)
+                if refusal is None:
+                    pubs.append(cmd)
+                else:
+                    ops.append((SEND, conn, _frame(error_text(cmd.id, refusal[0], refusal[1]))))
+                continue
+            if pubs:
+                self._publish_locked(conn, pubs, ops)
+                pubs = []
+            if kind is Subscribe:
+                replay = self._subscribe_locked(conn, cmd, ops)
+                if replay is not None:
+                    other = replays.get(cmd.topic)
+                    if other is None:
+                        replays[cmd.topic] = replay
+                    elif (replay[0].since or 0) < (other[0].since or 0):  # both set in a replay
+                        replays[cmd.topic] = (replay[0], other[1])  # one replay from the lowest since
+            elif kind is Unsubscribe:
+                self._unsubscribe_locked(conn, cmd.topic, ops)
+                ops.append((SEND, conn, _frame(ack_text(cmd.id, cmd.topic))))
+            elif kind is PresenceQuery:
+                queries.append(cmd)
+            elif kind is Ping:
+                ops.append((SEND, conn, _frame(pong_text(cmd.id))))
+            elif kind is Invalid:
+                ops.append((SEND, conn, _frame(error_text(cmd.id, cmd.code, cmd.message))))
+        if pubs:
+            self._publish_locked(conn, pubs, ops)
+        if ops:
+            self.writer.put(ops)
 
-        A pattern's ack carries no seq to recover from, so the broker's subscription
-        must be in place before the ack says the client is subscribed. A local broker
-        needs none of this: nothing is done and nothing returned.
+    def _subscribe_early(self, commands: Sequence[Any]) -> List[Tuple[str, bool]]:
+        """With a shared broker, make new interest without a seq effective before acking it.
+
+        A pattern's ack carries no seq to recover from, and joins and leaves are never
+        replayed: the broker's subscription (to the pattern, or to the topic's joins and
+        leaves) must be in place before the ack says the client gets them. Returns
+        (pattern or topic, whether joins and leaves) of each interest added. A local
+        broker needs none of this: nothing is done and nothing returned.
         """
-        early: List[str] = []
+        early: List[Tuple[str, bool]] = []
         if self.broker.delivers_locally:
             return early
         for cmd in commands:
-            if type(cmd) is Subscribe and is_wildcard(cmd.topic) and cmd.topic not in self._interest:
-                self.broker.interest(cmd.topic, True)
-                early.append(cmd.topic)
-        for pattern in early:
-            if not self.broker.wait_subscribed(pattern, 2.0):
-                logger.warning("broker subscription to %s not confirmed in time", pattern)
+            if type(cmd) is not Subscribe:
+                continue
+            if is_wildcard(cmd.topic):
+                if cmd.topic not in self._interest:
+                    self.broker.interest(cmd.topic, True)
+                    early.append((cmd.topic, False))
+            elif cmd.join_leave and not self._listened(cmd.topic):
+                self.broker.join_leave_interest(cmd.topic, True)
+                early.append((cmd.topic, True))
+        for name, join_leave in early:
+            if join_leave:
+                if not self.broker.wait_join_leave(name, 2.0):
+                    logger.warning("broker subscription to the joins and leaves of %s not confirmed "
+                                   "in time", name)
+            elif not self.broker.wait_subscribed(name, 2.0):
+                logger.warning("broker subscription to %s not confirmed in time", name)
         return early
 
-    def _drop_early_locked(self, early: Sequence[str]) -> None:
-        """Withdraw the early interest in patterns that no subscription kept (refused, or gone)."""
-        for pattern in early:
-            if pattern not in self._interest:
-                self.broker.interest(pattern, False)
+    def _listened(self, topic: str) -> bool:
+        """Whether some connection of this node listens to ``topic``'s joins and leaves."""
+        entry = self.presence.get(topic)
+        return entry is not None and bool(entry.listeners)
+
+    def _drop_early_locked(self, early: Sequence[Tuple[str, bool]]) -> None:
+        """Withdraw the early interest that no subscription kept (refused, or gone since)."""
+        for name, join_leave in early:
+            if join_leave:
+                if not self._listened(name):
+                    self.broker.join_leave_interest(name, False)
+            elif name not in self._interest:
+                self.broker.interest(name, False)
 
     def subscribe_seed(self, conn: Connection) -> None:
         """The automatic subscription of a plain connection to the seed topic (no ack)."""
@@ -225,10 +253,10 @@ class Hub:
         early = self._subscribe_early(cmds)
         ops: List[tuple] = [(SEND_WIRE, conn, greeting)] if greeting else []
         with self.lock:
-            self._drop_early_locked(early)
             if conn.registered:
                 for cmd in cmds:
                     self._grant_locked(conn, cmd.topic, ops)
+            self._drop_early_locked(early)  # after the subscriptions that may keep it
             if ops:
                 self.writer.put(ops)
 
