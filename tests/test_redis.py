@@ -291,6 +291,14 @@ def test_a_new_pattern_is_never_withdrawn_from_the_broker_on_its_way_to_the_ack(
         # (taking interest again is harmless: the broker keeps a set)
         assert [c for c in calls if c[0] == "w.*"] == [("w.*", True)] * len(calls[:-2]), calls
         assert calls[-2:] == [("v.>", True), ("v.>", False)], calls
+        # the same for the joins and leaves of a topic: taken before the ack, withdrawn when refused
+        del calls[:]
+        refused = wsraw.subscribe(ws, "jl", 3, join_leave=True)
+        assert refused.get("code") == "too_many_subscriptions", refused
+        assert [on for _name, on in calls] == [True, False] and calls[0][0] == calls[1][0], calls
+        assert wsraw.subscribe(ws, "w.*", 4, join_leave=True).get("code") == "bad_request"
+        wsraw.expect_pong_next(ws)
+        assert wait_for(lambda: broker.status()["subscriptions"] == 1, timeout=T), broker.status()
     finally:
         ws.close()
 

@@ -142,6 +142,8 @@ class Hub:
                 self._carry_out_locked(conn, commands, ops, replays, queries)
             finally:
                 self._drop_early_locked(early)  # after the subscribes that may keep it
+            if ops:  # (after that: a refusal is answered once its interest is withdrawn)
+                self.writer.put(ops)
         for query in queries:
             self._answer_presence(conn, query)
         for cmd, upto in replays.values():
@@ -149,8 +151,8 @@ class Hub:
 
     def _carry_out_locked(self, conn: Connection, commands: Sequence[Any], ops: List[tuple],
                           replays: Dict[str, Tuple[Subscribe, int]], queries: List[PresenceQuery]) -> None:
-        """The part of ``handle`` under the hub's lock: replays and presence queries are
-        left in ``replays`` and ``queries`` for after it."""
+        """The part of ``handle`` under the hub's lock: the frames to send are left in
+        ``ops``, replays and presence queries in ``replays`` and ``queries``."""
         if not conn.registered:
             return
         pubs: List[Publish] = []
@@ -185,8 +187,6 @@ class Hub:
                 ops.append((SEND, conn, _frame(error_text(cmd.id, cmd.code, cmd.message))))
         if pubs:
             self._publish_locked(conn, pubs, ops)
-        if ops:
-            self.writer.put(ops)
 
     def _subscribe_early(self, commands: Sequence[Any]) -> List[Tuple[str, bool]]:
         """With a shared broker, make new interest without a seq effective before acking it.
