@@ -30,6 +30,9 @@ def test_500_connections_get_one_broadcast_and_resources_return():
         base_threads, base_fds = srv.threads(), srv.fds()
         conns = [wsraw.connect(srv.port, subprotocol=None) for _ in range(500)]
         assert wsraw.wait_for(lambda: srv.threads() >= base_threads + 500, timeout=30 * SCALE)
+        # (a plain connection is subscribed to broadcast just after its 101: wait for all 500)
+        assert wsraw.wait_for(lambda: httputil.http_json(srv.port, "GET", "/stats")[1]["subscriptions"] >= 500,
+                              timeout=30 * SCALE)
         pub = wsraw.connect(srv.port)
         pub.send_json({"type": "publish", "topic": "broadcast", "data": {"hello": "all"}, "id": 1})
         assert pub.recv_json()["type"] == "ack"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 
 import pytest
@@ -96,13 +97,15 @@ def test_presence_and_join_leave_cover_both_nodes(make_server, redis_url):
 
 
 def late_listener(server) -> None:
-    """Make ``server``'s broker listener apply new interest half a second late (as on a loaded
-    machine: what it subscribes to in Redis comes well after the interest was taken)."""
+    """Make ``server``'s broker listener, once up, apply new interest 0.2 s late (as on a
+    loaded machine: what it subscribes to in Redis comes well after the interest was taken;
+    the hub waits up to 2 s for it before an ack)."""
     broker = server.broker
+    assert wsraw.wait_for(lambda: broker.healthy, timeout=T)
     real = broker._reconcile
 
     def late(*args, **kwargs):
-        time.sleep(0.5)  # (the delay injected, not a wait for anything)
+        time.sleep(0.2)  # (the delay injected, not a wait for anything)
         return real(*args, **kwargs)
 
     broker._reconcile = late
@@ -130,6 +133,85 @@ def test_the_ack_of_join_leave_comes_once_other_nodes_joins_reach_this_node(make
         left = ws.recv_json(T)
         assert (left["type"], left["client"]["conn"]) == ("leave", joined["client"]["conn"]), left
     for ws in (lis, second):
+        ws.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_subscribe_does_not_withdraw_what_another_subscribe_waits_for(make_server, redis_url):
+    """Two subscribes with join_leave on their way to their answers hold the broker's interest
+    together: the refused one does not withdraw it under the other (whose ack would then come
+    while this node is about to miss the other nodes' joins)."""
+    a = make_server(redis_url=redis_url, max_subscriptions=1)
+    b = make_server(redis_url=redis_url)
+    broker = a.broker
+    refused, lis = wsraw.connect(a.port), wsraw.connect(a.port)
+    assert wsraw.subscribe(refused, "filler", 1)["type"] == "ack"  # at its limit from now on
+    lis_waits, refused_answered = threading.Event(), threading.Event()
+    real_wait, real_interest = broker.wait_join_leave, broker.interest
+    calls = []
+
+    def wait_join_leave(topic, timeout):
+        if threading.current_thread().name == refused_thread:
+            assert lis_waits.wait(T)  # both hold it before the refused one goes on
+        else:
+            lis_waits.set()
+            assert refused_answered.wait(T)
+        return real_wait(topic, timeout)
+
+    def interest(pattern, on, acked=None):
+        calls.append(on)
+        real_interest(pattern, on, acked)
+
+    broker.wait_join_leave, broker.interest = wait_join_leave, interest
+    refused_thread = "wsbroadcast-conn-127.0.0.1:%d" % refused.sock.getsockname()[1]  # its reader
+    refused.send_json({"type": "subscribe", "topic": "pair", "id": 2, "join_leave": True})
+    lis.send_json({"type": "subscribe", "topic": "pair", "id": 1, "join_leave": True})
+    assert refused.recv_json(T).get("code") == "too_many_subscriptions"
+    refused_answered.set()
+    assert lis.recv_json(T)["type"] == "ack"
+    assert False not in calls, calls  # never withdrawn on the way
+    other = wsraw.connect(b.port)
+    assert wsraw.subscribe(other, "pair", 1)["type"] == "ack"
+    joined = lis.recv_json(T)
+    assert (joined["type"], joined["topic"]) == ("join", "pair"), joined
+    for ws in (refused, lis, other):
+        ws.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_resync_of_presence_does_not_deadlock_with_a_publish(make_server, redis_url):
+    """The presence thread's resync reads the hub's members (the hub's lock) while a publish,
+    holding the hub's lock, sends this node's queued joins first: neither waits for the other."""
+    srv = make_server(redis_url=redis_url, presence_ttl=3.0)  # a refresh every second
+    broker = srv.broker
+    entered, publishing = threading.Event(), threading.Event()
+    real_snapshot, real_begin = broker._snapshot, broker._begin_publish
+
+    def snapshot():
+        entered.set()
+        publishing.wait(T)  # until a publish holds the hub's lock and has a join to send first
+        return real_snapshot()
+
+    def begin_publish(items):
+        publishing.set()
+        return real_begin(items)
+
+    broker._snapshot, broker._begin_publish = snapshot, begin_publish
+    with broker._pending_lock:
+        broker._resync = True  # as after a reconnect: the next refresh writes every member again
+    assert entered.wait(T)
+    ws = wsraw.connect(srv.port)
+    try:
+        assert wsraw.subscribe(ws, "dl", 1)["type"] == "ack"  # a join queued for redis
+        reply = wsraw.request(ws, {"type": "publish", "topic": "dl", "data": 1, "id": "p"}, T)
+        assert reply["type"] == "ack", reply
+        assert publishing.is_set()
+        # and the resync went through: another node counts the member
+        assert wsraw.wait_for(lambda: not broker._resync, timeout=T)
+        watcher = wsraw.connect(make_server(redis_url=redis_url).port)
+        assert poll(watcher, "dl", 1)["total"] == 1
+        watcher.close()
+    finally:
         ws.close()
 
 

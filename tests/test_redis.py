@@ -256,16 +256,23 @@ def test_a_pattern_sharing_a_subscribed_glob_is_waited_for_until_the_listener_ap
     a.publish([("d.block", "1")])
     assert entered.wait(T)
     b.interest("d.>", True)
+    # the glob is confirmed, but d.> is not applied while the listener is held
+    in_effect_once_released(a, b, sink, "d.>", "d.y.z", release)
+
+
+def in_effect_once_released(a: RedisBroker, b: RedisBroker, sink: Sink, pattern: str, topic: str,
+                            release: threading.Event) -> None:
+    """``pattern`` is not in effect on ``b`` while its listener is held; released, it is, and
+    none of 30 messages to ``topic`` published through ``a`` right after the yes is lost."""
     try:
-        # the glob is confirmed, but d.> is not applied while the listener is held
-        assert not b.wait_subscribed("d.>", timeout=0.3)
+        assert not b.wait_subscribed(pattern, timeout=0.3)
     finally:
         release.set()
-    assert b.wait_subscribed("d.>", timeout=T)
-    for i in range(30):  # right after the yes: none of these may be dropped
-        a.publish([("d.y.z", str(i))])
-    assert wait_for(lambda: len(sink.seqs("d.y.z")) == 30, timeout=T)
-    assert sink.seqs("d.y.z") == list(range(1, 31))
+    assert b.wait_subscribed(pattern, timeout=T)
+    for i in range(30):
+        a.publish([(topic, str(i))])
+    assert wait_for(lambda: len(sink.seqs(topic)) == 30, timeout=T)
+    assert sink.seqs(topic) == list(range(1, 31))
 
 
 @pytest.mark.timeout(30)
@@ -298,8 +305,93 @@ def test_a_new_pattern_is_never_withdrawn_from_the_broker_on_its_way_to_the_ack(
         assert [on for _name, on in calls] == [True, False] and calls[0][0] == calls[1][0], calls
         assert wsraw.subscribe(ws, "w.*", 4, join_leave=True).get("code") == "bad_request"
         wsraw.expect_pong_next(ws)
-        assert wait_for(lambda: broker.status()["subscriptions"] == 1, timeout=T), broker.status()
     finally:
+        ws.close()
+
+
+def test_a_pattern_withdrawn_and_wanted_again_is_waited_for_until_subscribed_again(rs, brokers):
+    """Withdrawn, then wanted again before the listener applied the withdrawal: the Redis
+    subscription still in effect is about to go, so wait_subscribed must not say yes on it."""
+    a = brokers(rs.url)
+    b = brokers(rs.url)
+    sink = Sink()
+    b.start(sink)
+    b.interest("q.*", True)
+    assert b.wait_subscribed("q.*")
+    taken, release = threading.Event(), threading.Event()
+    real = b._take_interest
+
+    def held():
+        out = real()
+        if "q.*" not in out[0]:  # the withdrawal, taken: the listener stops here a while
+            taken.set()
+            release.wait(T)
+        return out
+
+    b._take_interest = held
+    b.interest("q.*", False)
+    assert taken.wait(T)
+    b.interest("q.*", True)
+    in_effect_once_released(a, b, sink, "q.*", "q.x", release)
+
+
+def test_a_subscribe_reply_due_from_before_an_unsubscribe_does_not_confirm_the_next_subscribe(rs, brokers):
+    """PSUBSCRIBE, PUNSUBSCRIBE, PSUBSCRIBE of one name sent before any reply is read: the
+    first PSUBSCRIBE reply is the first command's, so the name is in effect only at the second."""
+    b = brokers(rs.url)
+    b.start(Sink())
+    b.interest("warm", True)
+    assert b.wait_subscribed("warm")
+    name = b._name("u.*")
+    real_reconcile, real_confirmed = b._reconcile, b._on_confirmed
+    done: List[bool] = []
+    seen: List[bool] = []  # at each PSUBSCRIBE reply: in effect?
+
+    def reconcile(*args: Any, **kwargs: Any) -> None:
+        real_reconcile(*args, **kwargs)
+        if b._sent.get(name) and not done:  # the first PSUBSCRIBE is sent: withdraw, want again
+            done.append(True)
+            for on in (False, True):
+                b.interest("u.*", on)
+                real_reconcile(*args, **kwargs)
+
+    def confirmed(n: str) -> None:
+        real_confirmed(n)
+        if n == name:
+            seen.append("u.*" in b._in_effect)  # (the listener's thread: nothing moves meanwhile)
+
+    b._reconcile, b._on_confirmed = reconcile, confirmed
+    b.interest("u.*", True)
+    assert b.wait_subscribed("u.*", timeout=T)
+    assert seen == [False, True], seen
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_of_new_patterns_waits_for_the_broker_once_not_once_each(rs, make_server):
+    """While the listener takes up no interest (Redis slow or away), a batch of subscribes to
+    new patterns is answered after one wait (EARLY_WAIT, 2 s), not one wait per pattern."""
+    srv = make_server(redis_url=rs.url)
+    broker = srv.broker
+    assert wait_for(lambda: broker.healthy, timeout=T)
+    release = threading.Event()
+    real = broker._take_interest
+
+    def stuck():
+        release.wait(T)  # the listener applies nothing new meanwhile
+        return real()
+
+    broker._take_interest = stuck
+    ws = connect(srv.port)
+    try:
+        frames = [{"type": "subscribe", "topic": "b%d.*" % i, "id": i} for i in range(5)]
+        started = time.monotonic()
+        ws.sock.sendall(b"".join(wsraw.encode_frame(1, json.dumps(f).encode()) for f in frames))
+        answers = [ws.recv_json(T) for _ in frames]
+        took = time.monotonic() - started
+        assert [a["type"] for a in answers] == ["ack"] * 5, answers
+        assert took < 6.0, took  # one wait per pattern: 10 s
+    finally:
+        release.set()
         ws.close()
 
 

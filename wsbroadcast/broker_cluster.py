@@ -640,8 +640,9 @@ class ClusterBroker(RedisBroker):
                 if addr is not None and addr in subs.shards:
                     subs.shards[addr].send_command("SUNSUBSCRIBE", n)
                     self._unsubscribing[n] = self._unsubscribing.get(n, 0) + 1
-            del self._sent[n]
-            self._unconfirmed.pop(n, None)
+                else:
+                    self._unconfirmed.pop(n, None)  # its connection is gone: no reply is due
+            del self._sent[n]  # (replies still due stay counted: a new subscribe waits past them)
         if gone:
             with self._cond:
                 self._active_names.difference_update(gone)

@@ -278,12 +278,17 @@ class RedisBroker(Broker):
         if presence_ttl <= 0:
             raise ValueError("presence_ttl must be > 0")
         self.presence_ttl = float(presence_ttl)
-        # _pending_lock guards _pending (presence writes and events not sent yet) and
-        # _resync; never held during I/O. _send_lock is held while they are sent, by the
-        # presence thread or by publish (which sends them ahead of its messages).
+        # _pending_lock guards _pending (presence writes and events not sent yet), _queued
+        # (how many were ever queued), _resync and _lost_upto (a resync needs a snapshot
+        # taken after the _lost_upto-th change: changes up to it may be lost);
+        # never held during I/O. _send_lock is held while they are sent, by the presence
+        # thread or by publish (which sends them ahead of its messages, holding the hub's
+        # lock: so the hub's lock is never taken with _send_lock held).
         self._pending_lock = threading.Lock()
         self._pending: List[Tuple[str, str, str, str]] = []  # (op, topic, client id, text)
+        self._queued = 0
         self._resync = True
+        self._lost_upto = 0
         self._send_lock = threading.Lock()
         self._snapshot: Any = None  # the hub's members, for a resync (takes the hub lock)
         self._presence_wake = threading.Event()
@@ -301,12 +306,14 @@ class RedisBroker(Broker):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        # _lock guards _wanted, _needs, _dirty: the hub's declared interest, not yet
-        # applied by the listener. Never held during I/O or while calling the handler.
+        # _lock guards _wanted, _needs, _dirty and _changes: the hub's declared interest,
+        # not yet applied by the listener, and how many times the wanted set changed.
+        # Never held during I/O or while calling the handler.
         self._lock = threading.Lock()
         self._wanted: Set[str] = set()
         self._needs: Dict[str, int] = {}
         self._dirty = False
+        self._changes = 0
         # _cond (its own lock) guards _active_names (confirmed subscriptions, by Redis name)
         # and _in_effect (the wanted patterns the listener has applied to a confirmed
         # name: from then on each of their messages is handed back; what wait_subscribed
@@ -314,9 +321,11 @@ class RedisBroker(Broker):
         self._cond = threading.Condition()
         self._active_names: Set[str] = set()
         self._in_effect: FrozenSet[str] = frozenset()
+        self._applied = 0  # the _changes that _in_effect reflects
         # listener thread only
         self._sent: Dict[str, Set[str]] = {}  # redis name -> wanted patterns mapped to it
         self._unconfirmed: Dict[str, int] = {}  # redis name -> (P)SUBSCRIBE replies still due
+        self._taken = 0  # the _changes of the interest last taken
         self._covering: List[str] = []  # wanted patterns whose subscription is confirmed
         self._last: Dict[str, int] = {}  # topic -> last seq handed back
         self._epochs: Dict[str, str] = {}  # topic -> epoch of _last
@@ -511,11 +520,15 @@ class RedisBroker(Broker):
     def interest(self, pattern: str, on: bool, acked: Optional[int] = None) -> None:
         with self._lock:
             if on:
-                self._wanted.add(pattern)
+                if pattern not in self._wanted:
+                    self._wanted.add(pattern)
+                    self._changes += 1
                 if acked is not None and not is_wildcard(pattern):
                     self._needs[pattern] = acked
             else:
-                self._wanted.discard(pattern)
+                if pattern in self._wanted:
+                    self._wanted.discard(pattern)
+                    self._changes += 1
                 self._needs.pop(pattern, None)
             self._dirty = True
         self._wake()
@@ -530,11 +543,15 @@ class RedisBroker(Broker):
         """Block until this node's Redis subscription for ``pattern`` is in effect.
 
         Every publication after that reaches this node. False on timeout (e.g.
-        Redis is away). Not to be called with the hub's lock held.
+        Redis is away). Not to be called with the hub's lock held. The listener must
+        have applied every change of interest made before the call: a subscription
+        still in effect but about to be dropped (withdrawn, then wanted again) is not.
         """
         deadline = time.monotonic() + timeout
+        with self._lock:
+            changes = self._changes
         with self._cond:
-            while pattern not in self._in_effect:
+            while self._applied < changes or pattern not in self._in_effect:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stop.is_set():
                     return False
@@ -543,13 +560,14 @@ class RedisBroker(Broker):
 
     # ------------------------------------------------------------------ presence
     def member(self, topic: str, member: Member, on: bool) -> None:
-        item = ("set" if on else "del", topic, member.conn, member.text)
         with self._pending_lock:
+            self._queued += 1
             if len(self._pending) >= MAX_PRESENCE_PENDING:
                 self._pending = []
                 self._resync = True
+                self._lost_upto = self._queued
             else:
-                self._pending.append(item)
+                self._pending.append(("set" if on else "del", topic, member.conn, member.text))
         self._presence_wake.set()
 
     def presence_source(self, snapshot: Any) -> None:
@@ -561,14 +579,29 @@ class RedisBroker(Broker):
     def wait_join_leave(self, topic: str, timeout: float) -> bool:
         return self.wait_subscribed(_JL + topic, timeout)
 
-    def _send_presence(self, refresh: bool) -> None:
-        """Send the queued presence writes and events (with _send_lock held)."""
+    def _take_snapshot(self) -> Optional[Tuple[int, List[Tuple[str, str, str]]]]:
+        """When a resync is due: (how many changes it holds, every member of this node).
+        Taken without _send_lock held: it takes the hub's lock."""
+        with self._pending_lock:
+            if not self._resync or self._snapshot is None:
+                return None
+            upto = self._queued  # these changes were made under the hub's lock before this
+        return upto, self._snapshot()  # (later ones are queued, and go after it)
+
+    def _send_presence(self, refresh: bool, taken: Optional[Tuple[int, List[Tuple[str, str, str]]]] = None
+                       ) -> None:
+        """Send the queued presence writes and events (with _send_lock held); on a refresh
+        with a resync due, every member again from ``taken`` (``_take_snapshot``)."""
         with self._pending_lock:
             items, self._pending = self._pending, []
-            resync, self._resync = (self._resync and refresh), (self._resync and not refresh)
-        if resync and self._snapshot is not None:
-            # every member again (no events); this node's leaves still queued still go out
-            items = [("sync", t, c, x) for t, c, x in self._snapshot()] + [i for i in items if i[0] == "del"]
+            resync = refresh and self._resync and (
+                self._snapshot is None or (taken is not None and taken[0] >= self._lost_upto))
+            if resync:
+                self._resync = False
+        if resync and taken is not None:
+            # every member again (no events), then what is queued, in order: it may hold
+            # changes the snapshot has not (the last of a member's wins, as in the hub)
+            items = [("sync", t, c, x) for t, c, x in taken[1]] + items
         if not items and not refresh:
             return
         node = self.node
@@ -591,6 +624,7 @@ class RedisBroker(Broker):
             _presence_log.warning("redis %s: presence not written: %s", self._where, _reason(exc))
             with self._pending_lock:
                 self._resync = True  # written again in full once redis answers
+                self._lost_upto = self._queued
 
     def _publish_jl(self, pipe: Any, topic: str, payload: str) -> None:
         """Queue on ``pipe`` the publish of a join or leave of ``topic``."""
@@ -604,8 +638,9 @@ class RedisBroker(Broker):
             refresh = now >= next_refresh
             if refresh:
                 next_refresh = now + interval
+            taken = self._take_snapshot() if refresh else None
             with self._send_lock:
-                self._send_presence(refresh)
+                self._send_presence(refresh, taken)
             self._presence_wake.wait(max(0.0, next_refresh - time.monotonic()))
             self._presence_wake.clear()
 
@@ -778,6 +813,7 @@ class RedisBroker(Broker):
         """A new subscription connection: everything must be subscribed and caught up again."""
         with self._pending_lock:
             self._resync = True  # redis may have lost this node's members (a restart)
+            self._lost_upto = self._queued
         self._sent = {}
         self._unconfirmed = {}
         self._covering = []
@@ -846,6 +882,7 @@ class RedisBroker(Broker):
             needs = self._needs
             self._needs = {}
             self._dirty = False
+            self._taken = self._changes
         by_name: Dict[str, Set[str]] = {}
         for pattern in wanted:
             by_name.setdefault(self._name(pattern), set()).add(pattern)
@@ -873,8 +910,7 @@ class RedisBroker(Broker):
                 for i in range(0, len(names), SUBSCRIBE_CHUNK):
                     conn.send_command(kind, *names[i:i + SUBSCRIBE_CHUNK])
             for n in gone:
-                del self._sent[n]
-                self._unconfirmed.pop(n, None)
+                del self._sent[n]  # (replies still due stay counted: a new SUBSCRIBE waits past them)
             with self._cond:
                 self._active_names.difference_update(gone)
         for n, patterns in by_name.items():
@@ -906,8 +942,9 @@ class RedisBroker(Broker):
         self._covering = [p for n, ps in self._sent.items() if n in active for p in ps]
         in_effect = frozenset(self._covering)
         with self._cond:
-            if in_effect != self._in_effect:
+            if in_effect != self._in_effect or self._applied != self._taken:
                 self._in_effect = in_effect
+                self._applied = self._taken
                 self._cond.notify_all()
 
     def _covered(self, topic: str) -> bool:

@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 #: most messages read from the store per replay page (a page is bounded by bytes too)
 REPLAY_PAGE = 200
+#: seconds a batch of commands waits, at most, for the shared broker to take up the new
+#: interest of its subscribes without a seq (then they are acked all the same)
+EARLY_WAIT = 2.0
 #: the place of a join or leave in a replay's buffer of live frames: after the replayed part
 _AFTER_ANY_SEQ = 1 << 62
 
@@ -70,13 +73,16 @@ class Hub:
         self.writer = writer
         self.max_subscriptions = max_subscriptions
         # The hub lock guards: the subject tree, the set of connections, every
-        # Connection.patterns / .replays / .floors / .registered, _interest,
+        # Connection.patterns / .replays / .floors / .registered, _interest, _early,
         # broker.publish and broker.latest (seq assignment), and the order of puts
         # on the writer's channel for everything above. Never taken by the writer.
         self.lock = threading.Lock()
         self._tree: SubjectTree[Connection] = SubjectTree()
         self._conns: Dict[int, Connection] = {}
         self._interest: Dict[str, int] = {}  # pattern -> local subscribers (node-level interest)
+        # (pattern, False) or (topic, True: its joins and leaves) -> subscribes on their way
+        # to an ack that hold the broker's interest in it (see _subscribe_early)
+        self._early: Dict[Tuple[str, bool], int] = {}
         self._replaying = 0  # connections with a replay in progress
         self._floored = 0  # (connection, topic) floors set: deliveries at or below are dropped
         self.received = 0  # messages published
@@ -201,22 +207,40 @@ class Hub:
         if self.broker.delivers_locally:
             return early
         for cmd in commands:
-            if type(cmd) is not Subscribe:
-                continue
-            if is_wildcard(cmd.topic):
-                if cmd.topic not in self._interest:
-                    self.broker.interest(cmd.topic, True)
+            if type(cmd) is Subscribe:
+                if is_wildcard(cmd.topic):
                     early.append((cmd.topic, False))
-            elif cmd.join_leave and not self._listened(cmd.topic):
-                self.broker.join_leave_interest(cmd.topic, True)
-                early.append((cmd.topic, True))
-        for name, join_leave in early:
-            if join_leave:
-                if not self.broker.wait_join_leave(name, 2.0):
-                    logger.warning("broker subscription to the joins and leaves of %s not confirmed "
-                                   "in time", name)
-            elif not self.broker.wait_subscribed(name, 2.0):
-                logger.warning("broker subscription to %s not confirmed in time", name)
+                elif cmd.join_leave:
+                    early.append((cmd.topic, True))
+        if not early:
+            return early
+        with self.lock:
+            # held until _drop_early_locked: no one withdraws the interest meanwhile
+            for key in early:
+                held = self._early.get(key, 0)
+                self._early[key] = held + 1
+                name, join_leave = key
+                if held:
+                    continue
+                if join_leave:
+                    if not self._listened(name):
+                        self.broker.join_leave_interest(name, True)
+                elif name not in self._interest:
+                    self.broker.interest(name, True)
+        try:
+            deadline = time.monotonic() + EARLY_WAIT  # one for the batch, however many it waits for
+            for name, join_leave in dict.fromkeys(early):
+                left = max(0.0, deadline - time.monotonic())
+                if join_leave:
+                    if not self.broker.wait_join_leave(name, left):
+                        logger.warning("broker subscription to the joins and leaves of %s not "
+                                       "confirmed in time", name)
+                elif not self.broker.wait_subscribed(name, left):
+                    logger.warning("broker subscription to %s not confirmed in time", name)
+        except BaseException:
+            with self.lock:
+                self._drop_early_locked(early)  # (the caller never gets them to release)
+            raise
         return early
 
     def _listened(self, topic: str) -> bool:
@@ -225,8 +249,15 @@ class Hub:
         return entry is not None and bool(entry.listeners)
 
     def _drop_early_locked(self, early: Sequence[Tuple[str, bool]]) -> None:
-        """Withdraw the early interest that no subscription kept (refused, or gone since)."""
-        for name, join_leave in early:
+        """Release what ``_subscribe_early`` held; withdraw the interest nothing keeps (the
+        subscribe refused, or gone since)."""
+        for key in early:
+            held = self._early[key] - 1
+            if held:
+                self._early[key] = held
+                continue
+            del self._early[key]
+            name, join_leave = key
             if join_leave:
                 if not self._listened(name):
                     self.broker.join_leave_interest(name, False)
@@ -253,10 +284,12 @@ class Hub:
         early = self._subscribe_early(cmds)
         ops: List[tuple] = [(SEND_WIRE, conn, greeting)] if greeting else []
         with self.lock:
-            if conn.registered:
-                for cmd in cmds:
-                    self._grant_locked(conn, cmd.topic, ops)
-            self._drop_early_locked(early)  # after the subscriptions that may keep it
+            try:
+                if conn.registered:
+                    for cmd in cmds:
+                        self._grant_locked(conn, cmd.topic, ops)
+            finally:
+                self._drop_early_locked(early)  # after the subscriptions that may keep it
             if ops:
                 self.writer.put(ops)
 
@@ -467,7 +500,8 @@ class Hub:
                 self._interest[pattern] = n
             else:
                 self._interest.pop(pattern, None)
-                self.broker.interest(pattern, False)
+                if (pattern, False) not in self._early:  # (else the last holder withdraws it)
+                    self.broker.interest(pattern, False)
             if not is_wildcard(pattern):
                 self._left(conn, pattern, ops)
         if conn.floors.pop(pattern, None) is not None:
@@ -499,8 +533,8 @@ class Hub:
             self._announce("leave", topic, member.text, entry.listeners, conn, ops)
 
     def _listen(self, topic: str, conn: Connection, on: bool) -> None:
-        if self.presence.listen(topic, conn, on):
-            self.broker.join_leave_interest(topic, on)
+        if self.presence.listen(topic, conn, on) and (on or (topic, True) not in self._early):
+            self.broker.join_leave_interest(topic, on)  # (held early: the last holder withdraws it)
 
     def _remote_event(self, topic: str, kind: str, client: str, ops: List[tuple]) -> None:
         entry = self.presence.get(topic)
