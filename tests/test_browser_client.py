@@ -229,7 +229,7 @@ def test_publish_rejects_with_the_server_code_and_an_expiring_token_is_renewed(a
         return mint_token(secret, sub="page", subscribe=["demo"], publish=["demo"], lifetime=lifetime)
 
     driver.get_log("browser")
-    first = mint(3 * SCALE)
+    first = mint(8 * SCALE)  # (whole seconds: a page load, a connect and two publishes before it ends)
     driver.get(app_origin(srv.port) + "?renew=1&token=" + first)
     _wait(driver, lambda: _connected(driver) and _subscribed(driver), "the page did not subscribe")
     rejection = driver.execute_async_script(
@@ -246,7 +246,7 @@ def test_publish_rejects_with_the_server_code_and_an_expiring_token_is_renewed(a
     driver.execute_script("window.t.nextToken = arguments[0]", mint(600))
     srv.publish("demo", "before expiry")
     _wait(driver, lambda: any(s[1] == 1008 for s in _t(driver)["states"]), "the token did not expire",
-          timeout=WAIT + 3 * SCALE)
+          timeout=WAIT + 8 * SCALE)
     srv.publish("demo", "after expiry")
     _wait(driver, lambda: _connected(driver) and len(_messages(driver)) >= 3, "the page did not come back")
     t = _t(driver)

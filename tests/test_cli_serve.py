@@ -85,7 +85,7 @@ def test_serve_flags_take_effect(tmp_path):
                        "--max-connections", "3", "--max-connections-per-ip", "2",
                        "--max-publish-rate", "0.001", "--publish-burst", "2",
                        "--ping-interval", "0.3", "--ping-timeout", "30",
-                       "--store", db, "--full-sync", "--history-ttl", "1") as srv:
+                       "--store", db, "--full-sync", "--history-ttl", "3") as srv:
         port = srv.port
         # --path: the endpoint moved
         assert wsraw.handshake(port, "/ws")[0] == 404

@@ -127,7 +127,9 @@ def read_history_pages(port: int) -> List[int]:
 @pytest.mark.timeout(180)
 def test_clients_that_never_read_history_cost_about_a_page(tmp_path) -> None:
     count, size = 40, MIB - 64
-    with ServerProcess("--store", str(tmp_path / "history.db"),
+    # (no keepalive: the replaying subscribers never read, and a loaded run can take longer
+    # than ping interval and timeout)
+    with ServerProcess("--store", str(tmp_path / "history.db"), "--ping-interval", "0",
                        "--handshake-timeout", str(2 * SCALE)) as proc:
         data = json.dumps({"topic": TOPIC, "data": "x" * size}).encode()
         conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=30 * SCALE)

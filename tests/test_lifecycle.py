@@ -107,7 +107,7 @@ def test_while_shutdown_drains_handshakes_healthz_and_publish_get_503(make_serve
 
 @pytest.mark.timeout(60)
 def test_silent_tcp_client_holds_no_thread_past_handshake_timeout(make_server):
-    srv = make_server(handshake_timeout=0.5)
+    srv = make_server(handshake_timeout=2.0 * SCALE)
     s = socket.create_connection(("127.0.0.1", srv.port))
     s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # slowloris: never finishes the headers
     assert wsraw.wait_for(lambda: srv.thread_count() == 1, timeout=5)

@@ -238,7 +238,7 @@ def test_killed_node_leaves_presence_within_the_ttl(make_server, redis_url):
 @pytest.mark.timeout(60)
 def test_client_killed_on_another_node_leaves_after_the_keepalive(make_server, redis_url):
     a = make_server(redis_url=redis_url)
-    b = make_server(redis_url=redis_url, ping_interval=0.3 * SCALE, ping_timeout=0.3 * SCALE,
+    b = make_server(redis_url=redis_url, ping_interval=1.5 * SCALE, ping_timeout=1.5 * SCALE,
                     close_timeout=0.5 * SCALE)
     watcher = wsraw.connect(a.port)
     assert wsraw.subscribe(watcher, "hall", 1, join_leave=True)["type"] == "ack"

@@ -150,13 +150,13 @@ def test_history_size_zero_still_counts(rs, brokers):
 
 
 def test_history_ttl_trims_on_publish_and_expires_quiet_topics(rs, brokers):
-    b = brokers(rs.url, history_ttl=0.3)
+    b = brokers(rs.url, history_ttl=1.0)  # (long enough for the next call on a loaded machine)
     b.publish([("q", "1"), ("q", "2")])
     assert b.oldest("q") == 1
-    time.sleep(0.4)
+    time.sleep(1.2)  # past the TTL (the subject, not a wait for anything)
     b.publish([("q", "3")])
     assert [m.seq for m in b.since("q", 0, 10)] == [3]
-    assert wait_for(lambda: b.oldest("q") == 0, timeout=2.0)  # the quiet stream expires
+    assert wait_for(lambda: b.oldest("q") == 0, timeout=5.0)  # the quiet stream expires
     assert b.latest("q")[0] == 3  # seqs live on
 
 
@@ -389,7 +389,7 @@ def test_a_batch_of_new_patterns_waits_for_the_broker_once_not_once_each(rs, mak
         answers = [ws.recv_json(T) for _ in frames]
         took = time.monotonic() - started
         assert [a["type"] for a in answers] == ["ack"] * 5, answers
-        assert took < 6.0, took  # one wait per pattern: 10 s
+        assert took < 2.0 + 4.0 * SCALE, took  # one wait per pattern: 10 s
     finally:
         release.set()
         ws.close()

@@ -112,7 +112,7 @@ def test_memory_store_keeps_to_its_budget_and_forgets_topics() -> None:
 def test_ttl_trim_of_many_topics_runs_in_short_steps() -> None:
     """20,000 topics expire at once: trimmed and forgotten in steps that each hold the
     hub's lock briefly, while a publisher keeps getting answers."""
-    with ServerProcess("--store", "memory", "--history-ttl", "1") as srv:
+    with ServerProcess("--store", "memory", "--history-ttl", "3") as srv:
         ws = connect(srv.port, timeout=10 * SCALE)
         try:
             flood(ws, "ttl", 20000, 64)

@@ -506,7 +506,7 @@ def test_tls_granted_channels_greeting_comes_first(make_server, cert):
 
 def test_tls_stalled_handshakes_hold_no_thread_and_block_no_one(make_server, cert):
     certfile, keyfile = cert
-    timeout = 3.0 * SCALE  # room for the other client's work on a loaded machine
+    timeout = 6.0 * SCALE  # room for the other client's work on a loaded machine
     srv = make_server(certfile=certfile, keyfile=keyfile, handshake_timeout=timeout)
     ctx = certs.client_context(certfile)
     silent = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
@@ -537,7 +537,7 @@ def test_tls_stalled_handshakes_hold_no_thread_and_block_no_one(make_server, cer
 
 
 def test_plain_stalled_handshake_holds_no_thread(make_server):
-    timeout = 1.0 * SCALE
+    timeout = 2.0 * SCALE  # (the test's own client must get through within it on a loaded machine)
     srv = make_server(handshake_timeout=timeout)
     silent = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
     half = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
@@ -581,7 +581,7 @@ def _trickle(srv, raw, data, timeout):
 
 def test_tls_trickled_request_is_cut_at_the_handshake_timeout(make_server, cert):
     certfile, keyfile = cert
-    timeout = 1.0 * SCALE
+    timeout = 2.0 * SCALE  # (the TLS handshake before the trickle is within it, on a loaded machine)
     srv = make_server(certfile=certfile, keyfile=keyfile, handshake_timeout=timeout)
     ctx = certs.client_context(certfile)
     raw = socket.create_connection(("127.0.0.1", srv.port), timeout=5)

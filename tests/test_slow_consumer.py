@@ -145,7 +145,7 @@ def test_stuck_reader_that_resumes_in_time_gets_whole_frames_then_exactly_the_10
 
 @pytest.mark.timeout(60)
 def test_stuck_reader_that_never_reads_is_reset_after_the_grace_and_nobody_waits(make_server):
-    grace = 1.0 * SCALE
+    grace = 3.0 * SCALE  # (the test sees the close a moment after it: room for a loaded machine)
     srv = make_server(max_outbox=64 * 1024, socket_sndbuf=32 * 1024, close_timeout=grace)
     stuck = stuck_subscriber(srv.port, "flood")
     other = wsraw.connect(srv.port)
@@ -165,7 +165,7 @@ def test_stuck_reader_that_never_reads_is_reset_after_the_grace_and_nobody_waits
         time.sleep(0.02)  # pacing of the probes, not synchronisation
     reset_after = time.monotonic() - slow_seen
     assert reset_after >= 0.5 * grace, "reset %.2fs after the close: before its grace" % reset_after
-    assert worst < 1.0 * SCALE, "another subscriber waited %.2fs" % worst
+    assert worst < grace / 2, "another subscriber waited %.2fs" % worst
     assert_reset_after_buffered_data(stuck)
     assert wsraw.wait_for(lambda: len(srv.hub) == 1, timeout=5 * SCALE)
     wsraw.expect_pong_next(other)
