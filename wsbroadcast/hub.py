@@ -219,14 +219,8 @@ class Hub:
             for key in early:
                 held = self._early.get(key, 0)
                 self._early[key] = held + 1
-                name, join_leave = key
-                if held:
-                    continue
-                if join_leave:
-                    if not self._listened(name):
-                        self.broker.join_leave_interest(name, True)
-                elif name not in self._interest:
-                    self.broker.interest(name, True)
+                if not held and not self._kept(key):
+                    self._broker_interest(key, True)
         try:
             deadline = time.monotonic() + EARLY_WAIT  # one for the batch, however many it waits for
             for name, join_leave in dict.fromkeys(early):
@@ -243,6 +237,19 @@ class Hub:
             raise
         return early
 
+    def _kept(self, key: Tuple[str, bool]) -> bool:
+        """Whether a subscription of this node keeps the broker's interest in ``key``
+        (a pattern, or a topic's joins and leaves) on."""
+        name, join_leave = key
+        return self._listened(name) if join_leave else name in self._interest
+
+    def _broker_interest(self, key: Tuple[str, bool], on: bool) -> None:
+        name, join_leave = key
+        if join_leave:
+            self.broker.join_leave_interest(name, on)
+        else:
+            self.broker.interest(name, on)
+
     def _listened(self, topic: str) -> bool:
         """Whether some connection of this node listens to ``topic``'s joins and leaves."""
         entry = self.presence.get(topic)
@@ -257,12 +264,8 @@ class Hub:
                 self._early[key] = held
                 continue
             del self._early[key]
-            name, join_leave = key
-            if join_leave:
-                if not self._listened(name):
-                    self.broker.join_leave_interest(name, False)
-            elif name not in self._interest:
-                self.broker.interest(name, False)
+            if not self._kept(key):
+                self._broker_interest(key, False)
 
     def subscribe_seed(self, conn: Connection) -> None:
         """The automatic subscription of a plain connection to the seed topic (no ack)."""
