@@ -42,8 +42,20 @@ PINS=(
 
 log() { echo "install_autobahn: $*" >&2; }
 
-if [ -x "$ENV_DIR/bin/wstest" ] && "$ENV_DIR/bin/wstest" --help >/dev/null 2>&1; then
+installed() { [ -x "$ENV_DIR/bin/wstest" ] && "$ENV_DIR/bin/wstest" --help >/dev/null 2>&1; }
+
+if installed; then
     log "already installed: $ENV_DIR/bin/wstest"
+    exit 0
+fi
+
+# One install at a time: the test suites of several interpreters run at once and may
+# all find wstest missing; the others wait here, then find it installed.
+mkdir -p "$(dirname "$ENV_DIR")"
+exec 9>"${ENV_DIR}.lock"
+flock 9
+if installed; then
+    log "installed meanwhile by another run: $ENV_DIR/bin/wstest"
     exit 0
 fi
 
@@ -60,7 +72,6 @@ if ! command -v "$PYTHON3" >/dev/null 2>&1; then
 fi
 
 start=$(date +%s)
-mkdir -p "$(dirname "$ENV_DIR")"
 
 # A half-built env from an interrupted run is thrown away.
 rm -rf "$ENV_DIR"
