@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
-from .store import InUse, MemoryStore, MessageStore, StoredMessage
+from .store import InUse, MemoryStore, MessageStore, Pending, StoredMessage
 
 if TYPE_CHECKING:  # pragma: no cover
     from .presence import Member
@@ -49,6 +49,13 @@ class Broker(abc.ABC):
 
         All or nothing: raises StoreError or BrokerUnavailable and stores none.
         """
+
+    def publish_deferred(
+        self, items: Sequence[Tuple[str, str]]
+    ) -> Tuple[List[Tuple[int, str]], Optional[Pending]]:
+        """``publish`` whose commit may come later: ``(positions, pending)``, see
+        ``MessageStore.append_deferred`` (``pending`` None: stored already)."""
+        return self.publish(items), None
 
     @abc.abstractmethod
     def latest(self, topic: str) -> Tuple[int, str]:
@@ -155,6 +162,11 @@ class LocalBroker(Broker):
 
     def publish(self, items: Sequence[Tuple[str, str]]) -> List[Tuple[int, str]]:
         return self.store.append_batch(items)
+
+    def publish_deferred(
+        self, items: Sequence[Tuple[str, str]]
+    ) -> Tuple[List[Tuple[int, str]], Optional[Pending]]:
+        return self.store.append_deferred(items)
 
     def latest(self, topic: str) -> Tuple[int, str]:
         return self.store.latest(topic)

@@ -41,9 +41,9 @@ from .errors import BrokerUnavailable, CloseCode, ErrorCode, StoreError
 from .logutil import RateLimitedLog
 from .presence import Member, PresenceTable, PresenceView, merge
 from .stats import TopicRates
-from .store import StoredMessage
+from .store import Pending, StoredMessage
 from .topics import SubjectTree, is_wildcard, validate_topic
-from .writer import CLOSE, DELIVER, REPLAY, SEND, SEND_WIRE, SLOW, Writer
+from .writer import CLOSE, DELIVER, REPLAY, SEND, SEND_WIRE, SLOW, STORED, Writer
 from .wsframe import text_frame, text_frame_of
 
 logger = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ class Hub:
         validate_topic(topic)
         ops: List[tuple] = []
         with self.lock:
-            pubs = self._store_locked([Publish(topic, data_json, None)])
+            pubs, _stored = self._store_locked([Publish(topic, data_json, None)], defer=False)
             if self.broker.delivers_locally:
                 self._deliver_locked(pubs, ops)
                 self.writer.put(ops)
@@ -353,27 +353,44 @@ class Hub:
             return claims.can_publish(pattern)
         return claims.can_subscribe(pattern)
 
-    def _store_locked(self, pubs: Sequence[Publish]) -> List[Publication]:
-        positions = self.broker.publish([(p.topic, p.data) for p in pubs])
+    def _store_locked(self, pubs: Sequence[Publish],
+                      defer: bool) -> Tuple[List[Publication], Optional[Pending]]:
+        """Give ``pubs`` their seqs; with ``defer``, their commit may be left to the writer
+        (then nothing about them may be sent before the Pending returned settles)."""
+        items = [(p.topic, p.data) for p in pubs]
+        if defer:
+            positions, pending = self.broker.publish_deferred(items)
+        else:
+            positions, pending = self.broker.publish(items), None
         self.received += len(pubs)
         self.topic_rates.add([p.topic for p in pubs])
-        return [Publication(p.topic, seq, epoch, p.data) for p, (seq, epoch) in zip(pubs, positions)]
+        return ([Publication(p.topic, seq, epoch, p.data) for p, (seq, epoch) in zip(pubs, positions)],
+                pending)
 
     def _publish_locked(self, conn: Connection, pubs: List[Publish], ops: List[tuple]) -> None:
         try:
-            stored = self._store_locked(pubs)
+            # While a replay runs, live frames are kept for it as they are published:
+            # only stored ones may be (the commit is not left to the writer then).
+            stored, pending = self._store_locked(pubs, defer=not self._replaying)
         except (StoreError, BrokerUnavailable) as exc:
             self._refused_log.error("publish of %d message(s) from %s failed: %s",
                                     len(pubs), conn.label, exc)
-            for p in pubs:
-                ops.append((SEND, conn, _frame(error_text(
-                    p.id, ErrorCode.UNAVAILABLE, "message not stored: %s" % exc))))
+            ops.extend(self._not_stored(conn, pubs, exc))
             return
+        out = ops if pending is None else []
         for p, (topic, seq, epoch, _data) in zip(pubs, stored):
             if has_id(p.id):
-                ops.append((SEND, conn, _frame(ack_text(p.id, topic, seq, epoch))))
+                out.append((SEND, conn, _frame(ack_text(p.id, topic, seq, epoch))))
         if self.broker.delivers_locally:
-            self._deliver_locked(stored, ops)
+            self._deliver_locked(stored, out)
+        if pending is not None:  # the writer commits, then sends ``out`` (or the refusals)
+            ops.append((STORED, pending, out, lambda: self._not_stored(conn, pubs, pending.error)))
+
+    @staticmethod
+    def _not_stored(conn: Connection, pubs: Sequence[Publish], why: object) -> List[tuple]:
+        """The answers to publishes that could not be stored."""
+        return [(SEND, conn, _frame(error_text(p.id, ErrorCode.UNAVAILABLE, "message not stored: %s" % why)))
+                for p in pubs]
 
     def _deliver_locked(self, stored: Sequence[Publication], ops: List[tuple]) -> None:
         now = time.monotonic()

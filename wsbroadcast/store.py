@@ -12,11 +12,11 @@ One interface (:class:`MessageStore`), two implementations:
   and only a bounded cache of their metadata is kept in memory. A topic's messages
   appended in one commit are one row (a *run*, see :func:`pack_run`).
 
-Threading contract: ``append_batch`` and ``latest`` are called by one thread at a
-time (the hub holds its lock around them; ``in_use`` and ``trim_step(in_use=...)``
-rely on it). ``since``, ``oldest`` and ``trim`` may be called from any thread
-concurrently with them. Every failure to read or write
-surfaces as :class:`~wsbroadcast.errors.StoreError`; ``append_batch`` is
+Threading contract: ``append_batch``, ``append_deferred`` and ``latest`` are called
+by one thread at a time (the hub holds its lock around them; ``in_use`` and
+``trim_step(in_use=...)`` rely on it); a ``Pending`` may be settled from any thread.
+``since``, ``oldest`` and ``trim`` may be called from any thread concurrently with
+them. Every failure to read or write surfaces as :class:`~wsbroadcast.errors.StoreError`; ``append_batch`` is
 all-or-nothing.
 """
 
@@ -135,6 +135,19 @@ def _check_items(items: Sequence[Tuple[str, str]]) -> None:
             raise StoreError("append_batch items must be (topic: str, data: str) tuples")
 
 
+class Pending(abc.ABC):
+    """Appends made in a transaction left open: stored once :meth:`settle` says so."""
+
+    #: why they were not stored (set when :meth:`settle` returned False)
+    error: Optional[str] = None
+
+    @abc.abstractmethod
+    def settle(self) -> bool:
+        """Commit the transaction if it is still open; True once stored, False once
+        rolled back (nothing of it was stored, and its seqs are given out again). Any
+        thread; never raises."""
+
+
 class MessageStore(abc.ABC):
     """Sequence numbers, epochs and retained history of topics.
 
@@ -174,6 +187,19 @@ class MessageStore(abc.ABC):
         Each item gets its topic's next seq, in item order. On failure raise
         StoreError and leave every seq as if the call never happened.
         """
+
+    def append_deferred(
+        self, items: Sequence[Tuple[str, str]]
+    ) -> Tuple[List[Tuple[int, str]], Optional[Pending]]:
+        """``append_batch`` whose commit may be left for later: ``(positions, pending)``.
+
+        With ``pending`` None the items are stored already. Otherwise they are stored
+        only once ``pending.settle()`` returns True: nothing about them (an ack, a
+        delivery) may leave the process before. Later appends may join the same open
+        transaction; ``latest`` of a topic in it, and every other write, settle it
+        first. Raises StoreError (nothing appended) like ``append_batch``.
+        """
+        return self.append_batch(items), None
 
     @abc.abstractmethod
     def since(self, topic: str, seq: int, limit: int,
@@ -651,6 +677,11 @@ _MAX_IDLE_READERS = 8
 _READER_CACHE_KIB = 256
 #: topics whose epoch and last seq a SqliteStore keeps in memory
 _META_CACHE = 65536
+#: an open transaction (see SqliteStore.append_deferred) is committed by the append that
+#: brings it to this many appends or characters of messages: what it holds and what waits
+#: on its commit stay bounded
+_GROUP_APPENDS = 256
+_GROUP_CHARS = 4 * 1024 * 1024
 #: WAL pages past which a commit checkpoints by itself: a backstop only, as the store's
 #: checkpoint() (the trimmer thread, every round) keeps the WAL well below it
 _WAL_BACKSTOP_PAGES = 16384
@@ -764,6 +795,30 @@ def runs_of_messages(messages: Iterable[Tuple[str, int, str, float]]) -> List[Ru
     return [(r.topic, r.first, r.last, r.time) + pack_run(r.texts) for r in runs]
 
 
+class _Group(Pending):
+    """The appends of one open transaction of a SqliteStore (its ``_wlock`` guards it)."""
+
+    __slots__ = ("_store", "meta", "new", "appends", "chars", "stored", "error")
+
+    def __init__(self, store: "SqliteStore") -> None:
+        self._store = store
+        #: topic -> (epoch, last seq) once the transaction commits
+        self.meta: Dict[str, Tuple[str, int]] = {}
+        self.new: Set[str] = set()  # topics whose row the transaction inserts
+        self.appends = 0
+        self.chars = 0
+        #: None while open; True once committed, False once rolled back
+        self.stored: Optional[bool] = None
+        self.error: Optional[str] = None
+
+    def settle(self) -> bool:
+        try:
+            return self._store._settle(self)
+        except Exception as exc:  # e.g. the store closed meanwhile: it was not committed
+            logger.debug("settling appends failed: %s", exc)
+            return bool(self.stored)
+
+
 class SqliteStore(MessageStore):
     """History in one SQLite file (WAL, ``synchronous=NORMAL``, FULL with ``full_sync``).
 
@@ -801,6 +856,14 @@ class SqliteStore(MessageStore):
     a run has one time. A file of schema 1 (a row per message) is migrated when
     opened writable, in one transaction; opened read-only it is read as it is. A
     file of a newer schema is refused with StoreError.
+
+    Group commit: :meth:`append_deferred` appends in a transaction left open, which
+    later appends join, and which the first ``settle()`` of any of them commits (the
+    server's writer does, before it sends their acks and deliveries). It is committed
+    by the append that takes it to _GROUP_APPENDS appends or _GROUP_CHARS characters,
+    by ``latest`` of one of its topics, ``append_batch``, reads through the writer
+    connection, trims and close. A failed commit rolls all of it back; its seqs are
+    given out again (none of them was acknowledged or delivered).
 
     Count retention is applied by :meth:`trim` (call it periodically, e.g. with
     :class:`RetentionTrimmer`), so between trims a topic can hold more than
@@ -842,7 +905,7 @@ class SqliteStore(MessageStore):
         self._errors = RateLimitedLog(logger)
 
         # _wlock guards the writer connection _writer and everything only the writer
-        # changes: _meta, _dirty, _scan, and what open() sets once
+        # changes: _meta, _dirty, _scan, _group (and the _Group it names), and what open() sets once
         # (_writer, epoch, read_only, _reader_uri, _identity, _lock_file); _closed is set holding
         # both _wlock and _pool_lock, so either one suffices to read it. Lock order:
         # the hub's lock, then _wlock, then _pool_lock; never the other way round.
@@ -856,6 +919,8 @@ class SqliteStore(MessageStore):
         # changed): the last topic scanned ("" to start), or None when no pass is due.
         self._scan: Optional[str] = ""
         self._scan_size = history_size
+        # the appends of the transaction left open by append_deferred, or None
+        self._group: Optional[_Group] = None
         self._closed = False
         # the file has the version-1 layout (one row per message): only when opened
         # read-only, which cannot migrate it; set by open()
@@ -1121,6 +1186,7 @@ class SqliteStore(MessageStore):
         if self._shared_reads or self._reader_failed or self._lost:
             with self._wlock:
                 self._check_open()
+                self._settle_locked()  # the writer connection would see the open transaction
                 yield self._conn()
             return
         with self._pool_lock:
@@ -1139,6 +1205,7 @@ class SqliteStore(MessageStore):
         if conn is None:
             with self._wlock:
                 self._check_open()
+                self._settle_locked()
                 yield self._conn()
             return
         keep = False
@@ -1208,6 +1275,13 @@ class SqliteStore(MessageStore):
             raise StoreError("store is not open")
 
     def latest(self, topic: str) -> Tuple[int, str]:
+        if self._group is not None:
+            with self._wlock:
+                group = self._group
+                if group is not None and topic in group.meta:
+                    # a seq given out only once it is stored: an ack that says it must
+                    # not meet a rollback that gives it out again
+                    self._settle_locked(group)
         meta = self._meta.get(topic)
         if meta is None:
             with self._wlock:
@@ -1326,6 +1400,14 @@ class SqliteStore(MessageStore):
     # -- writing
 
     def append_batch(self, items: Sequence[Tuple[str, str]]) -> List[Tuple[int, str]]:
+        out, pending = self.append_deferred(items)
+        if pending is not None and not pending.settle():
+            raise StoreError(pending.error or "cannot store messages")
+        return out
+
+    def append_deferred(
+        self, items: Sequence[Tuple[str, str]]
+    ) -> Tuple[List[Tuple[int, str]], Optional[Pending]]:
         _check_items(items)
         with self._wlock:
             self._check_open()
@@ -1334,23 +1416,34 @@ class SqliteStore(MessageStore):
             if self._lost:
                 raise StoreError(self._lost)
             if not items:
-                return []
+                return [], None
+            conn = self._conn()
+            group = self._group
+            if group is not None and not conn.in_transaction:
+                # SQLite rolled the transaction back by itself (after an I/O error, a full
+                # disk, ...): the group is gone, and nothing may join it in autocommit
+                self._end_group(group, "the transaction was rolled back by SQLite", group.appends)
+                group = None
+            fresh = group is None
+            if group is None:
+                group = _Group(self)
             now = self._clock()
             # topic -> its texts in this batch, and its (epoch, seq before the batch)
             texts: Dict[str, List[str]] = {}
             before: Dict[str, Tuple[str, int]] = {}
             known: Set[str] = set()
             out: List[Tuple[int, str]] = []
-            conn = self._conn()
             try:
                 for topic, data in items:
                     run = texts.get(topic)
                     if run is None:
                         run = texts[topic] = []
-                        meta = self._lookup(topic)
+                        meta = group.meta.get(topic)
+                        if meta is None:
+                            meta = self._lookup(topic)
                         if meta is None:
                             meta = (self.epoch, 0)
-                        else:
+                        elif topic not in group.new:
                             known.add(topic)
                         before[topic] = meta
                     else:
@@ -1358,28 +1451,31 @@ class SqliteStore(MessageStore):
                     run.append(data)
                     out.append((meta[1] + len(run), meta[0]))
             except sqlite3.Error as exc:
+                if not fresh:  # it may have ended the open transaction: end the group with it
+                    self._end_group(group, "cannot read topics: %s" % exc, group.appends)
                 raise StoreError("cannot read topics: %s" % exc) from exc
-            pending: Dict[str, Tuple[str, int]] = {}
             new: List[Tuple[str, str, int]] = []
             old: List[Tuple[int, str]] = []
             rows: List[RunRow] = []
             keep = self.history_size > 0
+            chars = 0
             for topic, run in texts.items():
                 epoch, seq = before[topic]
                 last = seq + len(run)
-                pending[topic] = (epoch, last)
-                if topic in known:
+                if topic in known or topic in group.new:
                     old.append((last, topic))
                 else:
                     new.append((topic, epoch, last))
                 if not keep:
                     continue
+                chars += sum(map(len, run))
                 if len(run) == 1:
                     rows.append((topic, last, last, now, None, run[0]))
                 else:
                     rows.extend(run_rows(topic, seq + 1, run, now))
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                if fresh:
+                    conn.execute("BEGIN IMMEDIATE")
                 if len(rows) == 1:
                     conn.execute(_INSERT_RUN, rows[0])
                 elif rows:
@@ -1390,33 +1486,74 @@ class SqliteStore(MessageStore):
                     )
                 if old:
                     conn.executemany("UPDATE topics SET last_seq = ? WHERE topic = ?", old)
-                # Last check before the commit: a file deleted or replaced is one no
-                # restart opens, so what would be acked now would be lost.
-                lost = self._check_file()
-                if lost is None:
-                    conn.execute("COMMIT")
             except Exception as exc:
-                _rollback(conn)
-                self._append_error = "cannot store messages: %s" % exc
-                self._errors.error(
-                    "sqlite store %s: append of %d messages failed: %s", self.path, len(items), exc
-                )
-                raise StoreError(self._append_error) from exc
+                # a statement failed in the open transaction: none of it is kept
+                self._end_group(group, "cannot store messages: %s" % exc, group.appends + 1)
+                raise StoreError(self._append_error or str(exc)) from exc
             except BaseException:
-                _rollback(conn)
+                self._end_group(group, "interrupted", group.appends + 1)
                 raise
-            if lost is not None:
-                _rollback(conn)
-                raise StoreError(lost)
-            self._append_error = None
-            # Committed: only now does the cache move forward.
-            self._remember(pending)
+            self._group = group
+            for topic, run in texts.items():
+                group.meta[topic] = (before[topic][0], before[topic][1] + len(run))
+            group.new.update(t for t, _e, _s in new)
+            group.appends += 1
+            group.chars += chars
+            if group.appends >= _GROUP_APPENDS or group.chars >= _GROUP_CHARS:
+                self._settle_locked(group)  # a bounded transaction (memory, latency)
+            return out, group
+
+    def _settle(self, group: "_Group") -> bool:
+        """Commit ``group`` if it is still open (see Pending.settle)."""
+        if group.stored is None:
+            with self._wlock:
+                self._settle_locked(group)
+        return bool(group.stored)
+
+    def _settle_locked(self, group: Optional["_Group"] = None) -> None:
+        """Commit the open group (or ``group``, if it is the open one), under _wlock."""
+        if group is None:
+            group = self._group
+        if group is None or group.stored is not None:
+            return
+        conn = self._conn()
+        try:
+            # Last check before the commit: a file deleted or replaced is one no
+            # restart opens, so what would be acked now would be lost.
+            lost = self._check_file()
+            if lost is None:
+                conn.execute("COMMIT")
+        except Exception as exc:
+            self._end_group(group, "cannot store messages: %s" % exc, group.appends)
+            return
+        except BaseException:
+            self._end_group(group, "interrupted", group.appends)
+            raise
+        if lost is not None:  # (a lost file was logged once by _check_file)
+            self._end_group(group, lost, group.appends, log=lost != self._lost)
+            return
+        self._group = None
+        group.stored = True
+        self._append_error = None
+        # Committed: only now does the cache move forward.
+        self._remember(group.meta)
+        if self.history_size > 0:
             size = self.history_size
-            if rows:
-                for topic, (_e, seq) in pending.items():
-                    if seq > size:
-                        self._dirty[topic] = seq
-            return out
+            for topic, (_e, seq) in group.meta.items():
+                if seq > size:
+                    self._dirty[topic] = seq
+
+    def _end_group(self, group: "_Group", error: str, appends: int, log: bool = True) -> None:
+        """Roll back the open transaction: nothing of ``group`` is stored."""
+        _rollback(self._conn())
+        self._group = None
+        group.stored = False
+        group.error = error
+        if error != self._lost:
+            self._append_error = error
+        if log:
+            self._errors.error("sqlite store %s: %d append(s) not stored: %s",
+                               self.path, appends, error)
 
     def trim(self, now: Optional[float] = None) -> int:
         return self._trim_in_steps(now)
@@ -1438,6 +1575,7 @@ class SqliteStore(MessageStore):
         with self._wlock:
             if self._closed or self._writer is None or self.read_only or self._lost:
                 return 0, False
+            self._settle_locked()  # its own transactions follow
             size = self.history_size
             ttl = self.history_ttl
             conn = self._conn()
@@ -1564,6 +1702,8 @@ class SqliteStore(MessageStore):
 
     def close(self) -> None:
         with self._wlock:
+            if self._writer is not None and not self._closed:
+                self._settle_locked()
             with self._pool_lock:
                 if self._closed:
                     return

@@ -58,6 +58,10 @@ CALL = 8  # (CALL, callable)  runs in the writer thread, in order
 SLOW = 9  # (SLOW, conn)  close as a slow consumer
 SEND_WIRE = 10  # (SEND_WIRE, conn, bytes)  bytes as they are (not a frame); b"": the TLS layer's own output
 RELEASE = 11  # (RELEASE, conn, Done or None)  its reader has ended: close the socket
+#: (STORED, pending, ops, if_not)  ``ops`` once ``pending.settle()`` says stored, else
+#: ``if_not()``'s ops: publications whose commit is left to the writer, which makes one
+#: commit of all the appends made meanwhile (see MessageStore.append_deferred)
+STORED = 12
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _DONTWAIT = socket.MSG_DONTWAIT
@@ -280,6 +284,9 @@ class Writer:
                         self._fan_out()
                     self._run_to = op[4]
                 self._run_msgs.append(op)
+                continue
+            if kind == STORED:  # (its deliveries may join the current run)
+                self._apply(op[2] if op[1].settle() else op[3]())
                 continue
             if self._run_msgs:
                 self._fan_out()
