@@ -14,7 +14,7 @@ import json
 import os
 import sqlite3
 import threading
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Tuple
 
 import pytest
 
@@ -202,17 +202,27 @@ def publish(ws: RawWS, topic: str, data: Any, ident: Any) -> None:
     ws.send_text(json.dumps({"type": "publish", "topic": topic, "data": data, "id": ident}))
 
 
+def subscriber_and_publishers(srv: Any, n: int) -> Tuple[RawWS, List[RawWS]]:
+    """A subscriber of "t" and ``n`` more connections."""
+    sub = connect(srv.port)
+    subscribe(sub, "t")
+    return sub, [connect(srv.port) for _ in range(n)]
+
+
+def publish_each(srv: Any, pubs: List[RawWS]) -> None:
+    """Connection i publishes i on "t" with id "p<i>"; returns once the hub took all of them."""
+    for i, ws in enumerate(pubs):
+        publish(ws, "t", i, "p%d" % i)
+    assert wait_for(lambda: srv.hub.received == len(pubs), T)
+
+
 def test_publishes_of_several_connections_are_acked_and_delivered_after_one_commit(make_server, tmp_path) -> None:
     path = str(tmp_path / "h.db")
     srv = make_sqlite_server(make_server, path)
-    sub = connect(srv.port)
-    subscribe(sub, "t")
-    pubs = [connect(srv.port) for _ in range(3)]
+    sub, pubs = subscriber_and_publishers(srv, 3)
     release = hold_writer(srv)
     try:
-        for i, ws in enumerate(pubs):
-            publish(ws, "t", i, "p%d" % i)
-        assert wait_for(lambda: srv.hub.received == 3, T)
+        publish_each(srv, pubs)
         # the three appends are in one open transaction: nothing is in the file yet
         group = srv.hub.broker.store._group
         assert group is not None and group.appends == 3
@@ -234,14 +244,10 @@ def test_publishes_of_several_connections_are_acked_and_delivered_after_one_comm
 def test_a_failed_group_commit_answers_unavailable_and_delivers_nothing(make_server, tmp_path) -> None:
     path = str(tmp_path / "h.db")
     srv = make_sqlite_server(make_server, path)
-    sub = connect(srv.port)
-    subscribe(sub, "t")
-    pubs = [connect(srv.port) for _ in range(2)]
+    sub, pubs = subscriber_and_publishers(srv, 2)
     release = hold_writer(srv)
     try:
-        for i, ws in enumerate(pubs):
-            publish(ws, "t", i, "p%d" % i)
-        assert wait_for(lambda: srv.hub.received == 2, T)
+        publish_each(srv, pubs)
         os.unlink(path)  # the commit will find the file gone
     finally:
         release()

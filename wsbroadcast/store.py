@@ -1183,29 +1183,25 @@ class SqliteStore(MessageStore):
         """Lend a reader connection (or the writer, under _wlock, as a fallback)."""
         # Once the file was replaced, a new reader would open the other file: read the
         # one this store wrote, through the writer.
-        if self._shared_reads or self._reader_failed or self._lost:
+        conn: Optional[sqlite3.Connection] = None
+        if not (self._shared_reads or self._reader_failed or self._lost):
+            with self._pool_lock:
+                self._check_open()
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                try:
+                    conn = self._open_reader()
+                except sqlite3.Error as exc:
+                    logger.warning(
+                        "cannot open a reader connection to %s (%s); reading through the writer",
+                        self.path,
+                        exc,
+                    )
+                    self._reader_failed = True
+        if conn is None:
             with self._wlock:
                 self._check_open()
                 self._settle_locked()  # the writer connection would see the open transaction
-                yield self._conn()
-            return
-        with self._pool_lock:
-            self._check_open()
-            conn = self._idle.pop() if self._idle else None
-        if conn is None:
-            try:
-                conn = self._open_reader()
-            except sqlite3.Error as exc:
-                logger.warning(
-                    "cannot open a reader connection to %s (%s); reading through the writer",
-                    self.path,
-                    exc,
-                )
-                self._reader_failed = True
-        if conn is None:
-            with self._wlock:
-                self._check_open()
-                self._settle_locked()
                 yield self._conn()
             return
         keep = False
@@ -1281,7 +1277,7 @@ class SqliteStore(MessageStore):
                 if group is not None and topic in group.meta:
                     # a seq given out only once it is stored: an ack that says it must
                     # not meet a rollback that gives it out again
-                    self._settle_locked(group)
+                    self._settle_locked()
         meta = self._meta.get(topic)
         if meta is None:
             with self._wlock:
@@ -1500,21 +1496,20 @@ class SqliteStore(MessageStore):
             group.appends += 1
             group.chars += chars
             if group.appends >= _GROUP_APPENDS or group.chars >= _GROUP_CHARS:
-                self._settle_locked(group)  # a bounded transaction (memory, latency)
+                self._settle_locked()  # a bounded transaction (memory, latency)
             return out, group
 
     def _settle(self, group: "_Group") -> bool:
         """Commit ``group`` if it is still open (see Pending.settle)."""
         if group.stored is None:
             with self._wlock:
-                self._settle_locked(group)
+                self._settle_locked()  # (a group not settled yet is the open one)
         return bool(group.stored)
 
-    def _settle_locked(self, group: Optional["_Group"] = None) -> None:
-        """Commit the open group (or ``group``, if it is the open one), under _wlock."""
+    def _settle_locked(self) -> None:
+        """Commit the open group, if any, under _wlock."""
+        group = self._group
         if group is None:
-            group = self._group
-        if group is None or group.stored is not None:
             return
         conn = self._conn()
         try:
