@@ -1,11 +1,12 @@
 """Publishes of several readers committed together (SqliteStore.append_deferred, the writer's STORED).
 
-A publish is appended in a transaction left open; the writer commits everything appended
+A publish is given its seq and kept in an open group; the writer writes everything appended
 meanwhile in one commit before it sends any ack or delivery of it. Checked here: nothing
 about a publish leaves before its commit (a reader of the file sees it when its ack
-arrives); a commit that fails answers every publish of the transaction `unavailable`
-and delivers none, and their seqs are given out again; an ack of a subscribe never
-names a seq that is not stored; the transaction is bounded; close and trims commit it.
+arrives); a commit that fails answers every publish of the group `unavailable` and
+delivers none, and their seqs are given out again; an ack of a subscribe never names a
+seq that is not stored; a group is bounded; close and trims commit it; a topic's
+messages of one group are one run.
 """
 
 from __future__ import annotations
@@ -44,33 +45,35 @@ def committed_rows(path: str, topic: str) -> List[int]:
 # --------------------------------------------------------------------------- the store
 
 
-def test_appends_join_one_open_transaction_until_settled(tmp_path) -> None:
+def test_appends_join_one_open_group_until_settled(tmp_path) -> None:
     path = str(tmp_path / "h.db")
     with SqliteStore(path) as store:
         out1, p1 = store.append_deferred([("a", DATA)])
         out2, p2 = store.append_deferred([("b", DATA), ("a", DATA)])
         assert out1 == [(1, store.epoch)]
         assert out2 == [(1, store.epoch), (2, store.epoch)]
-        assert p1 is not None and p1 is p2  # one transaction
+        assert p1 is not None and p1 is p2  # one group
         assert committed_rows(path, "a") == []  # nothing is visible before the commit
         assert store.since("a", 0, 10) == []
+        assert not store._conn().in_transaction  # nor is anything written yet
         assert p1.settle() is True
         assert p2.settle() is True  # settled once, answered again
-        assert committed_rows(path, "a") == [1, 2]
+        assert committed_rows(path, "a") == [2]  # a's two messages: one run
+        assert [(m.seq, m.data) for m in store.since("a", 0, 10)] == [(1, DATA), (2, DATA)]
         assert [m.seq for m in store.since("b", 0, 10)] == [1]
         _out3, p3 = store.append_deferred([("a", DATA)])
         assert p3 is not None and p3 is not p1  # the next append opens another one
         assert p3.settle()
-        assert committed_rows(path, "a") == [1, 2, 3]
+        assert committed_rows(path, "a") == [2, 3]
 
 
-def test_latest_of_a_topic_in_the_open_transaction_commits_it_first(tmp_path) -> None:
+def test_latest_of_a_topic_in_the_open_group_commits_it_first(tmp_path) -> None:
     path = str(tmp_path / "h.db")
     with SqliteStore(path) as store:
         store.append_batch([("other", DATA)])
         _out, pending = store.append_deferred([("a", DATA)])
         assert pending is not None
-        # another topic's latest is the stored one and leaves the transaction open
+        # another topic's latest is the stored one and leaves the group open
         assert store.latest("other")[0] == 1
         assert committed_rows(path, "a") == []
         # the topic's own latest names its new seq only once it is stored
@@ -88,20 +91,21 @@ def test_append_batch_commits_what_others_appended_before_it(tmp_path) -> None:
         assert pending is not None and pending.settle()
 
 
-def test_a_failed_commit_stores_nothing_of_the_transaction_and_gives_its_seqs_again(tmp_path) -> None:
+def test_a_failed_commit_stores_nothing_of_the_group_and_gives_its_seqs_again(tmp_path) -> None:
     path = str(tmp_path / "h.db")
     with SqliteStore(path) as store:
         store.append_batch([("a", DATA)])
         out, pending = store.append_deferred([("a", DATA), ("new", DATA)])
         assert out == [(2, store.epoch), (1, store.epoch)] and pending is not None
-        # a statement of a later append fails inside the transaction: all of it goes
+        # the insert of a later append's run fails in the commit: all of the group goes
         store._conn().execute("CREATE TEMP TRIGGER boom BEFORE INSERT ON runs"
                               " WHEN NEW.topic = 'bad' BEGIN SELECT RAISE(ABORT, 'refused'); END")
-        with pytest.raises(StoreError, match="refused"):
-            store.append_deferred([("bad", DATA)])
+        out, bad = store.append_deferred([("bad", DATA)])
+        assert out == [(1, store.epoch)] and bad is pending
         assert pending.settle() is False
         assert pending.error is not None and "refused" in pending.error
         assert store.failure is not None and "refused" in store.failure
+        assert not store._conn().in_transaction  # rolled back
         assert committed_rows(path, "a") == [1] and committed_rows(path, "new") == []
         assert store.latest("a")[0] == 1 and store.latest("new")[0] == 0
         # the seqs are given out again, and the next commit clears the failure
@@ -110,23 +114,36 @@ def test_a_failed_commit_stores_nothing_of_the_transaction_and_gives_its_seqs_ag
         assert committed_rows(path, "a") == [1, 2] and committed_rows(path, "new") == [1]
 
 
-def test_a_transaction_sqlite_rolled_back_by_itself_is_not_joined_in_autocommit(tmp_path) -> None:
+def test_a_failed_topic_read_refuses_that_append_only(tmp_path) -> None:
     path = str(tmp_path / "h.db")
     with SqliteStore(path) as store:
-        store.append_batch([("a", DATA)])
-        out, first = store.append_deferred([("a", DATA)])
-        assert out == [(2, store.epoch)] and first is not None
-        # what SQLite does by itself after an I/O error or a full disk
-        store._conn().execute("ROLLBACK")
-        out, second = store.append_deferred([("a", DATA), ("b", DATA)])
-        assert out == [(2, store.epoch), (1, store.epoch)]  # seq 2 was never stored
-        assert second is not None and second is not first
-        assert committed_rows(path, "a") == [1] and committed_rows(path, "b") == []  # not autocommitted
-        assert first.settle() is False and second.settle() is True
-        assert committed_rows(path, "a") == [1, 2] and committed_rows(path, "b") == [1]
+        _out, pending = store.append_deferred([("a", DATA)])
+        # a topic not cached is read from the table: make that read fail
+        store._conn().execute("ALTER TABLE topics RENAME TO gone")
+        with pytest.raises(StoreError, match="cannot read topics"):
+            store.append_deferred([("b", DATA)])
+        store._conn().execute("ALTER TABLE gone RENAME TO topics")
+        assert store._group is pending  # the group is as it was
+        assert pending is not None and pending.settle() is True
+        assert committed_rows(path, "a") == [1] and committed_rows(path, "b") == []
+        assert store.append_batch([("b", DATA)]) == [(1, store.epoch)]
 
 
-def test_a_file_deleted_before_the_commit_fails_the_transaction(tmp_path) -> None:
+def test_a_topics_messages_of_one_group_are_one_run_of_bounded_size(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(store_mod, "_RUN_MESSAGES", 4)
+    path = str(tmp_path / "h.db")
+    with SqliteStore(path) as store:
+        pending = None
+        for i in range(6):
+            _out, pending = store.append_deferred([("a", json.dumps(i)), ("b", json.dumps(i))])
+        assert pending is not None and pending.settle()
+        # six appends, two topics: two runs each (4 + 2), not a row per append
+        assert committed_rows(path, "a") == [4, 6] and committed_rows(path, "b") == [4, 6]
+        assert [m.data for m in store.since("a", 0, 10)] == [json.dumps(i) for i in range(6)]
+        assert [m.seq for m in store.since("b", 3, 10)] == [4, 5, 6]
+
+
+def test_a_file_deleted_before_the_commit_fails_the_group(tmp_path) -> None:
     path = str(tmp_path / "h.db")
     with SqliteStore(path) as store:
         _out, pending = store.append_deferred([("a", DATA)])
@@ -138,24 +155,24 @@ def test_a_file_deleted_before_the_commit_fails_the_transaction(tmp_path) -> Non
             store.append_deferred([("a", DATA)])
 
 
-def test_the_open_transaction_is_bounded(tmp_path, monkeypatch) -> None:
+def test_the_open_group_is_bounded(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(store_mod, "_GROUP_APPENDS", 3)
     monkeypatch.setattr(store_mod, "_GROUP_CHARS", 100)
     path = str(tmp_path / "h.db")
     with SqliteStore(path) as store:
         pendings = [store.append_deferred([("a", DATA)])[1] for _ in range(3)]
         # the third append reached the bound and committed: the three are stored
-        assert committed_rows(path, "a") == [1, 2, 3]
+        assert committed_rows(path, "a") == [3]
         assert all(p is not None and p.settle() for p in pendings)
         _out, big = store.append_deferred([("a", json.dumps("y" * 99))])
-        assert committed_rows(path, "a") == [1, 2, 3, 4]  # past the characters' bound
+        assert committed_rows(path, "a") == [3, 4]  # past the characters' bound
         _out, small = store.append_deferred([("a", DATA)])
-        assert committed_rows(path, "a") == [1, 2, 3, 4]  # below both: left open
+        assert committed_rows(path, "a") == [3, 4]  # below both: left open
         assert big is not None and small is not None and small.settle()
 
 
 @pytest.mark.parametrize("how", ["close", "trim"])
-def test_close_and_trims_commit_the_open_transaction(tmp_path, how) -> None:
+def test_close_and_trims_commit_the_open_group(tmp_path, how) -> None:
     path = str(tmp_path / "h.db")
     store = SqliteStore(path, history_size=1)
     try:
@@ -223,7 +240,7 @@ def test_publishes_of_several_connections_are_acked_and_delivered_after_one_comm
     release = hold_writer(srv)
     try:
         publish_each(srv, pubs)
-        # the three appends are in one open transaction: nothing is in the file yet
+        # the three appends are in one open group: nothing is in the file yet
         group = srv.hub.broker.store._group
         assert group is not None and group.appends == 3
         assert committed_rows(path, "t") == []
@@ -258,7 +275,7 @@ def test_a_failed_group_commit_answers_unavailable_and_delivers_nothing(make_ser
     expect_pong_next(sub)  # nothing was delivered before it
 
 
-def test_a_subscribe_meeting_an_open_transaction_is_acked_with_stored_seqs_only(make_server, tmp_path) -> None:
+def test_a_subscribe_meeting_an_open_group_is_acked_with_stored_seqs_only(make_server, tmp_path) -> None:
     path = str(tmp_path / "h.db")
     srv = make_sqlite_server(make_server, path)
     pub = connect(srv.port)
@@ -290,15 +307,16 @@ def test_the_seqs_of_a_failed_group_are_given_again_with_no_gap_for_a_subscriber
     pub, bad = connect(srv.port), connect(srv.port)
     publish(pub, "t", "first", "p0")
     assert pub.recv_json(timeout=T)["seq"] == 1
-    with store._wlock:  # a publish of "bad" fails in the transaction, and with it its group
+    with store._wlock:  # the run holding "bad" fails in the commit, and with it its group
         store._conn().execute("CREATE TEMP TRIGGER boom BEFORE INSERT ON runs"
-                              " WHEN NEW.data = '\"bad\"' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+                              " WHEN NEW.data LIKE '%bad%' BEGIN SELECT RAISE(ABORT, 'refused'); END")
     release = hold_writer(srv)
     try:
         publish(pub, "t", "lost", "p1")  # seq 2, in the open group
         assert wait_for(lambda: srv.hub.received == 2, T)
         publish(bad, "t", "bad", "b1")
-        assert wait_for(lambda: store._group is None, T)  # the failed insert ended the group
+        assert wait_for(lambda: srv.hub.received == 3, T)
+        assert store._group is not None and store._group.appends == 2
     finally:
         release()
     for ws, ident in ((pub, "p1"), (bad, "b1")):
@@ -327,7 +345,7 @@ def test_an_http_publish_commits_the_open_group_and_answers_at_once(make_server,
         assert committed_rows(path, "t") == []
         # answered while the writer is held: its own commit took the open group along
         assert publish_ok(srv.port, "t", "http")["seq"] == 2
-        assert committed_rows(path, "t") == [1, 2]
+        assert committed_rows(path, "t") == [2]  # (one run)
     finally:
         release()
     ack = pub.recv_json(timeout=T)

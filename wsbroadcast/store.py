@@ -136,16 +136,16 @@ def _check_items(items: Sequence[Tuple[str, str]]) -> None:
 
 
 class Pending(abc.ABC):
-    """Appends made in a transaction left open: stored once :meth:`settle` says so."""
+    """Appends whose commit is left for later: stored once :meth:`settle` says so."""
 
     #: why they were not stored (set when :meth:`settle` returned False)
     error: Optional[str] = None
 
     @abc.abstractmethod
     def settle(self) -> bool:
-        """Commit the transaction if it is still open; True once stored, False once
-        rolled back (nothing of it was stored, and its seqs are given out again). Any
-        thread; never raises."""
+        """Commit the appends if not done yet; True once stored, False once failed
+        (nothing of them was stored, and their seqs are given out again). Any thread;
+        never raises."""
 
 
 class MessageStore(abc.ABC):
@@ -665,6 +665,7 @@ _SCHEMA = (
 _SCHEMA_VERSION = 2
 _RUN_COLUMNS = "topic, first_seq, last_seq, time, lens, data"
 _INSERT_RUN = "INSERT INTO runs (%s) VALUES (?, ?, ?, ?, ?, ?)" % _RUN_COLUMNS
+_UPDATE_TOPIC = "UPDATE topics SET last_seq = ? WHERE topic = ?"
 #: most messages in one run, and most characters (code points) of a run of more than
 #: one: what one row costs to read, whatever a since() asks for
 _RUN_MESSAGES = 256
@@ -677,7 +678,7 @@ _MAX_IDLE_READERS = 8
 _READER_CACHE_KIB = 256
 #: topics whose epoch and last seq a SqliteStore keeps in memory
 _META_CACHE = 65536
-#: an open transaction (see SqliteStore.append_deferred) is committed by the append that
+#: an open group (see SqliteStore.append_deferred) is committed by the append that
 #: brings it to this many appends or characters of messages: what it holds and what waits
 #: on its commit stay bounded
 _GROUP_APPENDS = 256
@@ -796,15 +797,21 @@ def runs_of_messages(messages: Iterable[Tuple[str, int, str, float]]) -> List[Ru
 
 
 class _Group(Pending):
-    """The appends of one open transaction of a SqliteStore (its ``_wlock`` guards it)."""
+    """Appends given their seqs and kept in memory until one commit writes them all
+    (a SqliteStore's ``_wlock`` guards it)."""
 
-    __slots__ = ("_store", "meta", "new", "appends", "chars", "stored", "error")
+    __slots__ = ("_store", "base", "meta", "new", "texts", "time", "appends", "chars",
+                 "stored", "error")
 
     def __init__(self, store: "SqliteStore") -> None:
         self._store = store
-        #: topic -> (epoch, last seq) once the transaction commits
+        #: topic -> (epoch, last seq) before the group, and once the group commits
+        self.base: Dict[str, Tuple[str, int]] = {}
         self.meta: Dict[str, Tuple[str, int]] = {}
-        self.new: Set[str] = set()  # topics whose row the transaction inserts
+        self.new: Set[str] = set()  # topics the topics table does not hold yet
+        #: topic -> its texts, in seq order from ``base``'s seq + 1 (none when no history is kept)
+        self.texts: Dict[str, List[str]] = {}
+        self.time = 0.0  # of the last append: the time of every run the commit writes
         self.appends = 0
         self.chars = 0
         #: None while open; True once committed, False once rolled back
@@ -817,6 +824,13 @@ class _Group(Pending):
         except Exception as exc:  # e.g. the store closed meanwhile: it was not committed
             logger.debug("settling appends failed: %s", exc)
             return bool(self.stored)
+
+    def rows(self) -> List[RunRow]:
+        """The runs the commit inserts: each topic's texts cut into runs."""
+        out: List[RunRow] = []
+        for topic, texts in self.texts.items():
+            out.extend(run_rows(topic, self.base[topic][1] + 1, texts, self.time))
+        return out
 
 
 class SqliteStore(MessageStore):
@@ -850,20 +864,21 @@ class SqliteStore(MessageStore):
     never seen torn); if a reader connection cannot be opened, reads fall back to
     the writer connection.
 
-    Layout (schema 2): the messages of a topic appended by one ``append_batch`` are
+    Layout (schema 2): the messages of a topic committed together are
     stored as runs, one row each, of at most _RUN_MESSAGES messages and (when more
     than one) _RUN_CHARS characters, so that a row costs a bounded amount to read;
     a run has one time. A file of schema 1 (a row per message) is migrated when
     opened writable, in one transaction; opened read-only it is read as it is. A
     file of a newer schema is refused with StoreError.
 
-    Group commit: :meth:`append_deferred` appends in a transaction left open, which
-    later appends join, and which the first ``settle()`` of any of them commits (the
-    server's writer does, before it sends their acks and deliveries). It is committed
-    by the append that takes it to _GROUP_APPENDS appends or _GROUP_CHARS characters,
-    by ``latest`` of one of its topics, ``append_batch``, reads through the writer
-    connection, trims and close. A failed commit rolls all of it back; its seqs are
-    given out again (none of them was acknowledged or delivered).
+    Group commit: :meth:`append_deferred` gives the messages their seqs and keeps them
+    in an open group, which later appends join, and which the first ``settle()`` of any
+    of them writes in one transaction (the server's writer does, before it sends their
+    acks and deliveries): one statement per table, each topic's messages in as few runs
+    as fit. It is committed by the append that takes it to _GROUP_APPENDS appends or
+    _GROUP_CHARS characters, by ``latest`` of one of its topics, ``append_batch``,
+    trims and close. A failed commit stores none
+    of it; its seqs are given out again (none of them was acknowledged or delivered).
 
     Count retention is applied by :meth:`trim` (call it periodically, e.g. with
     :class:`RetentionTrimmer`), so between trims a topic can hold more than
@@ -919,7 +934,7 @@ class SqliteStore(MessageStore):
         # changed): the last topic scanned ("" to start), or None when no pass is due.
         self._scan: Optional[str] = ""
         self._scan_size = history_size
-        # the appends of the transaction left open by append_deferred, or None
+        # the appends append_deferred left for a later commit, or None
         self._group: Optional[_Group] = None
         self._closed = False
         # the file has the version-1 layout (one row per message): only when opened
@@ -1201,7 +1216,6 @@ class SqliteStore(MessageStore):
         if conn is None:
             with self._wlock:
                 self._check_open()
-                self._settle_locked()  # the writer connection would see the open transaction
                 yield self._conn()
             return
         keep = False
@@ -1413,90 +1427,45 @@ class SqliteStore(MessageStore):
                 raise StoreError(self._lost)
             if not items:
                 return [], None
-            conn = self._conn()
             group = self._group
-            if group is not None and not conn.in_transaction:
-                # SQLite rolled the transaction back by itself (after an I/O error, a full
-                # disk, ...): the group is gone, and nothing may join it in autocommit
-                self._end_group(group, "the transaction was rolled back by SQLite", group.appends)
-                group = None
-            fresh = group is None
             if group is None:
                 group = _Group(self)
-            now = self._clock()
-            # topic -> its texts in this batch, and its (epoch, seq before the batch)
-            texts: Dict[str, List[str]] = {}
-            before: Dict[str, Tuple[str, int]] = {}
-            known: Set[str] = set()
-            out: List[Tuple[int, str]] = []
+            meta = group.meta
+            # topic -> (epoch, last seq) of the topics this batch adds to the group, None
+            # for one the topics table does not hold
+            first: Dict[str, Optional[Tuple[str, int]]] = {}
             try:
-                for topic, data in items:
+                for topic, _data in items:
+                    if topic not in meta and topic not in first:
+                        first[topic] = self._lookup(topic)
+            except sqlite3.Error as exc:  # (only a read: the group is as it was)
+                raise StoreError("cannot read topics: %s" % exc) from exc
+            # Nothing below can fail: the batch joins the group whole.
+            self._group = group
+            for topic, known in first.items():
+                if known is None:
+                    known = (self.epoch, 0)
+                    group.new.add(topic)
+                group.base[topic] = meta[topic] = known
+            keep = self.history_size > 0
+            texts = group.texts
+            out: List[Tuple[int, str]] = []
+            chars = 0
+            for topic, data in items:
+                epoch, seq = meta[topic]
+                meta[topic] = (epoch, seq + 1)
+                out.append((seq + 1, epoch))
+                if keep:
                     run = texts.get(topic)
                     if run is None:
                         run = texts[topic] = []
-                        meta = group.meta.get(topic)
-                        if meta is None:
-                            meta = self._lookup(topic)
-                        if meta is None:
-                            meta = (self.epoch, 0)
-                        elif topic not in group.new:
-                            known.add(topic)
-                        before[topic] = meta
-                    else:
-                        meta = before[topic]
                     run.append(data)
-                    out.append((meta[1] + len(run), meta[0]))
-            except sqlite3.Error as exc:
-                if not fresh:  # it may have ended the open transaction: end the group with it
-                    self._end_group(group, "cannot read topics: %s" % exc, group.appends)
-                raise StoreError("cannot read topics: %s" % exc) from exc
-            new: List[Tuple[str, str, int]] = []
-            old: List[Tuple[int, str]] = []
-            rows: List[RunRow] = []
-            keep = self.history_size > 0
-            chars = 0
-            for topic, run in texts.items():
-                epoch, seq = before[topic]
-                last = seq + len(run)
-                if topic in known or topic in group.new:
-                    old.append((last, topic))
-                else:
-                    new.append((topic, epoch, last))
-                if not keep:
-                    continue
-                chars += sum(map(len, run))
-                if len(run) == 1:
-                    rows.append((topic, last, last, now, None, run[0]))
-                else:
-                    rows.extend(run_rows(topic, seq + 1, run, now))
-            try:
-                if fresh:
-                    conn.execute("BEGIN IMMEDIATE")
-                if len(rows) == 1:
-                    conn.execute(_INSERT_RUN, rows[0])
-                elif rows:
-                    conn.executemany(_INSERT_RUN, rows)
-                if new:
-                    conn.executemany(
-                        "INSERT INTO topics (topic, epoch, last_seq) VALUES (?, ?, ?)", new
-                    )
-                if old:
-                    conn.executemany("UPDATE topics SET last_seq = ? WHERE topic = ?", old)
-            except Exception as exc:
-                # a statement failed in the open transaction: none of it is kept
-                self._end_group(group, "cannot store messages: %s" % exc, group.appends + 1)
-                raise StoreError(self._append_error or str(exc)) from exc
-            except BaseException:
-                self._end_group(group, "interrupted", group.appends + 1)
-                raise
-            self._group = group
-            for topic, run in texts.items():
-                group.meta[topic] = (before[topic][0], before[topic][1] + len(run))
-            group.new.update(t for t, _e, _s in new)
+                    chars += len(data)
+            group.time = self._clock()
             group.appends += 1
             group.chars += chars
             if group.appends >= _GROUP_APPENDS or group.chars >= _GROUP_CHARS:
-                self._settle_locked()  # a bounded transaction (memory, latency)
+                self._settle_locked()  # bounded: what the group holds, what waits on it
             return out, group
 
     def _settle(self, group: "_Group") -> bool:
@@ -1507,28 +1476,47 @@ class SqliteStore(MessageStore):
         return bool(group.stored)
 
     def _settle_locked(self) -> None:
-        """Commit the open group, if any, under _wlock."""
+        """Write and commit the open group, if any, in one transaction (under _wlock)."""
         group = self._group
         if group is None:
             return
         conn = self._conn()
+        lost = None
         try:
+            conn.execute("BEGIN IMMEDIATE")
+            rows = group.rows()
+            if len(rows) == 1:
+                conn.execute(_INSERT_RUN, rows[0])
+            elif rows:
+                conn.executemany(_INSERT_RUN, rows)
+            meta = group.meta
+            if group.new:
+                conn.executemany(
+                    "INSERT INTO topics (topic, epoch, last_seq) VALUES (?, ?, ?)",
+                    [(t, meta[t][0], meta[t][1]) for t in group.new],
+                )
+            old = [(seq, t) for t, (_e, seq) in meta.items() if t not in group.new]
+            if len(old) == 1:
+                conn.execute(_UPDATE_TOPIC, old[0])
+            elif old:
+                conn.executemany(_UPDATE_TOPIC, old)
             # Last check before the commit: a file deleted or replaced is one no
             # restart opens, so what would be acked now would be lost.
             lost = self._check_file()
             if lost is None:
                 conn.execute("COMMIT")
         except Exception as exc:
-            self._end_group(group, "cannot store messages: %s" % exc, group.appends)
+            self._end_group(group, "cannot store messages: %s" % exc)
             return
         except BaseException:
-            self._end_group(group, "interrupted", group.appends)
+            self._end_group(group, "interrupted")
             raise
         if lost is not None:  # (a lost file was logged once by _check_file)
-            self._end_group(group, lost, group.appends, log=lost != self._lost)
+            self._end_group(group, lost, log=lost != self._lost)
             return
         self._group = None
         group.stored = True
+        group.texts = {}
         self._append_error = None
         # Committed: only now does the cache move forward.
         self._remember(group.meta)
@@ -1538,17 +1526,18 @@ class SqliteStore(MessageStore):
                 if seq > size:
                     self._dirty[topic] = seq
 
-    def _end_group(self, group: "_Group", error: str, appends: int, log: bool = True) -> None:
-        """Roll back the open transaction: nothing of ``group`` is stored."""
+    def _end_group(self, group: "_Group", error: str, log: bool = True) -> None:
+        """Roll back the commit of ``group``, if begun: nothing of it is stored."""
         _rollback(self._conn())
         self._group = None
         group.stored = False
         group.error = error
+        group.texts = {}
         if error != self._lost:
             self._append_error = error
         if log:
             self._errors.error("sqlite store %s: %d append(s) not stored: %s",
-                               self.path, appends, error)
+                               self.path, group.appends, error)
 
     def trim(self, now: Optional[float] = None) -> int:
         return self._trim_in_steps(now)
