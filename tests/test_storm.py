@@ -2,7 +2,8 @@
 
 A reader whose connection ends hands it to the writer, which lets a close frame out
 and detaches the connection; the reader's thread waits for that, blocked, then
-closes the socket and ends. Figures (how fast, how many) come from scripts/bench; these tests
+closes the socket and ends. Idle readers wait in the idle park, which wakes at most a
+few at a time. Figures (how fast, how many) come from scripts/bench; these tests
 check that everything is released, with no error logged.
 """
 
@@ -77,12 +78,16 @@ def test_readers_ending_while_the_writer_is_busy_wait_for_it_then_all_are_releas
 
 
 @pytest.mark.timeout(120)
-def test_many_clients_dropping_at_once_are_all_released(make_server):
-    srv = make_server(ping_interval=0)  # (raw clients answer no ping; a loaded run is slow)
+@pytest.mark.parametrize("idle_park", [True, False], ids=["parked", "in-recv"])
+def test_many_clients_dropping_at_once_are_all_released(make_server, idle_park):
+    # (raw clients answer no ping; a loaded run is slow)
+    srv = make_server(ping_interval=0, idle_park=idle_park)
     fds = _fds()
     n = 300
     clients = [wsraw.connect(srv.port, subprotocol=None) for _ in range(n)]
     assert wsraw.wait_for(lambda: len(srv.hub) == n, timeout=60 * SCALE)
+    if idle_park:  # they wait in the park, which wakes them a few at a time
+        assert wsraw.wait_for(lambda: srv._park.parked() == n, timeout=30 * SCALE)
     stay = wsraw.connect(srv.port)
     assert wsraw.subscribe(stay, "t")["type"] == "ack"
     assert len(srv.hub) == n + 1

@@ -22,6 +22,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 from .connection import Connection, Flag
 from .envelope import parse_client_frame
 from .errors import CloseCode
+from .idlepark import wait_readable
 from .writer import CLOSE, SEND, SEND_WIRE
 from .wsframe import FrameSplitter, pong_frame
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from wsproto.extensions import Extension
 
     from .hub import Hub
+    from .idlepark import IdlePark
     from .writer import Writer
 
 logger = logging.getLogger(__name__)
@@ -46,11 +48,15 @@ class Reader:
 
     __slots__ = ("conn", "_ws", "extensions", "hub", "writer", "max_message_size", "max_message_frames",
                  "close_timeout", "_parts", "_size", "_frames", "_failed", "_close_requested", "splitter",
-                 )
+                 "park", "_slot")
 
     def __init__(self, conn: Connection, extensions: Sequence["Extension"], hub: "Hub", writer: "Writer",
-                 max_message_size: int, close_timeout: float, max_message_frames: int = 4096) -> None:
+                 max_message_size: int, close_timeout: float, max_message_frames: int = 4096,
+                 park: Optional["IdlePark"] = None) -> None:
         self.conn = conn
+        #: where the thread waits once the connection is idle (None: always in recv)
+        self.park = park
+        self._slot = False  # woken by the park: holds one of its slots until done()
         #: the extensions agreed in the handshake, for the frame parser
         self.extensions = extensions
         # wsproto's frame parser, made when a frame first needs it (most connections never do)
@@ -117,13 +123,26 @@ class Reader:
         conn = self.conn
         recv = conn.recv
         # an idle connection waits without a receive buffer (recv allocates its buffer
-        # before it blocks): it peeks one byte, then reads what came; TLS reads as is
+        # before it blocks): it peeks one byte, then reads what came. With a park, it
+        # waits there; only a connection whose last two inputs came less than
+        # park.idle_after seconds apart (busy) waits in its own thread first, for at most
+        # that long. TLS reads as is (its layer may hold input the socket no longer shows).
         sock = conn.sock if conn.tls is None else None
+        park = self.park
         size = RECV_IDLE
+        busy = False
+        last = 0.0
         while True:
+            if self._slot:  # what the park woke this thread for is handled
+                self._slot = False
+                park.done()  # type: ignore[union-attr]  # (a slot comes from the park)
             try:
-                if sock is not None and size == RECV_IDLE and not sock.recv(1, _PEEK):
-                    return
+                if sock is not None and size == RECV_IDLE:
+                    if park is None:
+                        if not sock.recv(1, _PEEK):
+                            return
+                    elif not (busy and wait_readable(sock, park.idle_after)):
+                        self._slot = park.park(sock)
                 data = recv(size)
             except OSError:
                 return
@@ -131,7 +150,10 @@ class Reader:
             size = RECV_SIZE if len(data) >= size else RECV_IDLE
             if not data:
                 return
-            conn.last_seen = time.monotonic()
+            now = conn.last_seen = time.monotonic()
+            if park is not None:
+                busy = now - last < park.idle_after
+                last = now
             if self._failed:
                 continue  # discard until the peer closes or the grace period ends
             if conn.tls is not None and conn.tls.output_waiting():
@@ -147,6 +169,10 @@ class Reader:
         # writer's pace, instead of all asking for the GIL at once), then closes the socket
         done = Flag()  # (lighter than an Event: one lock, set by the writer)
         self.writer.release(conn, done)
+        if self._slot and self.park is not None:
+            # the wait is the writer's: the park's next reader need not wait for it too
+            self._slot = False
+            self.park.done()
         while not done.wait(30.0):
             if not self.writer.alive:  # (stopped: it detached what it was handed as it stopped)
                 break

@@ -30,9 +30,11 @@ from .config import Config, human_bytes
 from .connection import Connection, TokenBucket
 from .envelope import PLAIN, encode_json
 from .errors import CloseCode, ConfigError, ServerClosed, StoreError, StoreInUse
+from .futexhash import ensure_slots as ensure_futex_slots
 from .hosts import HostRule, is_loopback
 from .http import HttpSession, Upgrade, load_demo_page
 from .hub import Hub
+from .idlepark import IdlePark, make_park
 from .logutil import RateLimitedLog
 from .metrics import Metrics
 from .reader import Reader
@@ -253,6 +255,7 @@ class Server:
         self.upgraded = 0  # WebSocket connections admitted (under _count_lock)
         self._listener: Optional[socket.socket] = None
         self._trimmer: Optional[RetentionTrimmer] = None
+        self._park: Optional[IdlePark] = None
         self._accept_thread: Optional[threading.Thread] = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._stopping = False
@@ -343,7 +346,10 @@ class Server:
                 threading.stack_size(cfg.thread_stack_size)
             except (ValueError, RuntimeError):
                 logger.warning("cannot set thread stack size to %d", cfg.thread_stack_size)
+        # a thread per connection: the kernel's futex table sized for as many (Linux 6.16+)
+        ensure_futex_slots(self.max_connections + self.max_pending + 64)
         self.writer.start()
+        self._park = make_park(cfg.idle_park)
         if self.store is not None:
             self._trimmer = RetentionTrimmer(self.store, step=self.hub.trim_step)
             self._trimmer.start()
@@ -409,6 +415,8 @@ class Server:
         for thread, _sock in leftover:
             thread.join(max(0.1, deadline + 5.0 - time.monotonic()))
         self.writer.stop()
+        if self._park is not None:
+            self._park.stop(5.0)
         if self._trimmer is not None:
             self._trimmer.stop(5.0)
         self.broker.close()
@@ -568,7 +576,7 @@ class Server:
                     deflate=upgrade.deflate.server_bits if upgrade.deflate is not None else 0)
                 reader = self.reader_class(conn, upgrade.extensions, self.hub, self.writer,
                                            cfg.max_message_size, cfg.close_timeout,
-                                           max_message_frames=cfg.max_message_frames)
+                                           max_message_frames=cfg.max_message_frames, park=self._park)
             except BaseException:
                 sock.close()  # no reader to hand it to the writer
                 raise
@@ -702,6 +710,7 @@ class Server:
                       "longest_hold_ms": round(self._trimmer.longest_hold * 1000.0, 3),
                       "longest_cpu_ms": round(self._trimmer.longest_cpu * 1000.0, 3)}
                      if self._trimmer is not None else None),
+            "idle_park": self._park.status() if self._park is not None else None,
         })
         return doc
 

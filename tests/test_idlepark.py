@@ -1,0 +1,197 @@
+"""The idle park (wsbroadcast/idlepark.py) and the futex table (wsbroadcast/futexhash.py).
+
+Readers of idle connections wait in the park; it wakes them when their socket is
+readable, at most ``slots`` at a time, those with input before those whose peer hung
+up. Checked with real sockets and threads; the server-level storm is in test_storm.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import socket
+import threading
+from typing import List, Tuple
+
+import pytest
+
+import wsraw
+from conftest import SCALE
+
+from wsbroadcast.futexhash import ensure_slots
+from wsbroadcast.idlepark import IdlePark
+
+pytestmark = pytest.mark.timeout(60)
+T = 10 * SCALE
+
+
+class Parked:
+    """A thread parked on one end of a socket pair; ``woken`` once the park let it go."""
+
+    def __init__(self, park: IdlePark) -> None:
+        self.park = park
+        self.ours, self.peer = socket.socketpair()
+        self.woken = threading.Event()
+        self.got_slot: List[bool] = []
+        self.thread = threading.Thread(target=self._run, name="test-parked", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.got_slot.append(self.park.park(self.ours))
+        self.woken.set()
+
+    def close(self) -> None:
+        self.thread.join(T)
+        self.ours.close()
+        self.peer.close()
+
+
+def park_many(park: IdlePark, n: int) -> List[Parked]:
+    before = park.parked()
+    out = [Parked(park) for _ in range(n)]
+    assert wsraw.wait_for(lambda: park.parked() == before + n, T)
+    return out
+
+
+@pytest.fixture
+def park():
+    p = IdlePark(slots=2).start()
+    yield p
+    p.stop(T)
+
+
+def test_a_parked_reader_wakes_when_its_socket_is_readable_and_holds_a_slot(park) -> None:
+    [a] = park_many(park, 1)
+    assert not a.woken.wait(0.2)  # nothing to read: it stays parked
+    a.peer.send(b"x")
+    assert a.woken.wait(T) and a.got_slot == [True]
+    assert park.parked() == 0 and park.status()["wakes"] == 1
+    park.done()
+    a.close()
+
+
+def test_at_most_slots_woken_readers_run_at_once(park) -> None:
+    ps = park_many(park, 5)
+    for p in ps:
+        p.peer.send(b"x")
+    assert wsraw.wait_for(lambda: sum(p.woken.is_set() for p in ps) == 2, T)
+    assert wsraw.wait_for(lambda: park.status()["queued"] == 3, T)
+    assert sum(p.woken.is_set() for p in ps) == 2  # the other three wait for a slot
+    for want in (3, 4, 5):
+        park.done()  # a slot comes free: exactly one more runs
+        assert wsraw.wait_for(lambda w=want: sum(p.woken.is_set() for p in ps) == w, T)
+    park.done()
+    park.done()
+    for p in ps:
+        assert p.got_slot == [True]
+        p.close()
+    # every slot is free again: the next two wake at once
+    more = park_many(park, 2)
+    for p in more:
+        p.peer.send(b"y")
+    assert all(p.woken.wait(T) for p in more)
+    park.done()
+    park.done()
+    for p in more:
+        p.close()
+
+
+def test_readers_with_input_go_before_those_whose_peer_hung_up() -> None:
+    park = IdlePark(slots=1).start()
+    try:
+        busy, gone, live = park_many(park, 3)
+        busy.peer.send(b"x")
+        assert busy.woken.wait(T)  # it holds the one slot
+        gone.peer.close()  # hung up first ...
+        assert wsraw.wait_for(lambda: park.status()["queued"] == 1, T)
+        live.peer.send(b"x")  # ... input later
+        assert wsraw.wait_for(lambda: park.status()["queued"] == 2, T)
+        park.done()
+        assert live.woken.wait(T) and not gone.woken.is_set()
+        park.done()
+        assert gone.woken.wait(T)
+        park.done()
+        for p in (busy, gone, live):
+            p.close()
+    finally:
+        park.stop(T)
+
+
+def test_stop_wakes_every_parked_and_waiting_reader_and_joins_the_thread() -> None:
+    park = IdlePark(slots=1).start()
+    ps = park_many(park, 3)
+    ps[0].peer.send(b"x")
+    ps[1].peer.send(b"x")  # woken by the kernel, waiting for the slot
+    assert ps[0].woken.wait(T)
+    assert wsraw.wait_for(lambda: park.status()["queued"] == 1, T)
+    park.stop(T)
+    assert all(p.woken.wait(T) for p in ps)
+    assert not any(t.name == "wsbroadcast-idle-park" and t.is_alive() for t in threading.enumerate())
+    # parking after the stop returns at once, without a slot
+    late = Parked(park)
+    assert late.woken.wait(T) and late.got_slot == [False]
+    park.done()  # (the slots no longer count: harmless)
+    for p in ps + [late]:
+        p.close()
+
+
+def test_parking_a_closed_socket_returns_at_once(park) -> None:
+    a, b = socket.socketpair()
+    a.close()
+    assert park.park(a) is False
+    b.close()
+    with pytest.raises(ValueError):
+        IdlePark(slots=0)
+
+
+def _futex_slots() -> Tuple[int, int]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(78, 2, 0, 0, 0), ctypes.get_errno()  # PR_FUTEX_HASH, GET_SLOTS
+
+
+def test_the_futex_table_is_sized_for_the_threads_and_never_shrunk() -> None:
+    got = ensure_slots(20000)
+    current, errno = _futex_slots()
+    if current < 0:  # a kernel before 6.16: nothing to size
+        assert got is None and errno != 0
+        return
+    assert got is not None and got >= 32768 and current == got
+    assert ensure_slots(100) == got  # never smaller
+    assert _futex_slots()[0] == got
+
+
+def test_idle_connections_park_and_are_served_when_they_speak(make_server) -> None:
+    srv = make_server(ping_interval=0)
+    park = srv._park
+    assert park is not None
+    clients = [wsraw.connect(srv.port) for _ in range(20)]
+    for c in clients:
+        assert wsraw.subscribe(c, "t")["type"] == "ack"
+    # one input each since the upgrade: every reader waits in the park, none in recv
+    assert wsraw.wait_for(lambda: park.parked() == 20, T), park.status()
+    srv.publish("t", {"n": 1})  # deliveries do not need the readers
+    for c in clients:
+        assert c.recv_json(timeout=T)["data"] == {"n": 1}
+    # a parked reader is woken by its client's publish, which every client gets
+    clients[3].send_text(json.dumps({"type": "publish", "topic": "t", "data": 2, "id": "p"}))
+    got = [clients[3].recv_json(timeout=T) for _ in range(2)]
+    assert sorted(m["type"] for m in got) == ["ack", "message"], got
+    for c in clients[:3] + clients[4:]:
+        assert c.recv_json(timeout=T)["data"] == 2
+    assert wsraw.wait_for(lambda: park.parked() == 20, T)
+    assert srv.health()["idle_park"]["wakes"] >= 21
+    for c in clients:
+        c.close()
+    assert wsraw.wait_for(lambda: srv.thread_count() == 0 and park.parked() == 0, T)
+
+
+def test_without_the_park_readers_wait_in_recv(make_server) -> None:
+    srv = make_server(idle_park=False)
+    assert srv._park is None and srv.health()["idle_park"] is None
+    c = wsraw.connect(srv.port)
+    assert wsraw.subscribe(c, "t")["type"] == "ack"
+    c.send_text(json.dumps({"type": "publish", "topic": "t", "data": 1, "id": "p"}))
+    got = [c.recv_json(timeout=T) for _ in range(2)]
+    assert {m["type"] for m in got} == {"ack", "message"}
+    c.close()
+    assert wsraw.wait_for(lambda: srv.thread_count() == 0, T)
