@@ -195,3 +195,26 @@ def test_without_the_park_readers_wait_in_recv(make_server) -> None:
     assert {m["type"] for m in got} == {"ack", "message"}
     c.close()
     assert wsraw.wait_for(lambda: srv.thread_count() == 0, T)
+
+
+def test_tls_connections_park_too_and_all_end_when_they_drop_at_once(make_server, tmp_path) -> None:
+    import certs
+
+    certfile, keyfile = certs.make_cert(str(tmp_path))
+    srv = make_server(certfile=certfile, keyfile=keyfile, ping_interval=0)
+    park = srv._park
+    ctx = certs.client_context(certfile)
+    clients = [wsraw.connect(srv.port, ssl_context=ctx, timeout=T) for _ in range(30)]
+    for c in clients:
+        assert wsraw.subscribe(c, "t")["type"] == "ack"
+    # nothing decrypted is left: each waits in the park, on its raw socket
+    assert wsraw.wait_for(lambda: park.parked() == 30, T), park.status()
+    clients[0].send_text(json.dumps({"type": "publish", "topic": "t", "data": "over tls", "id": "p"}))
+    got = [clients[0].recv_json(timeout=T) for _ in range(2)]
+    assert sorted(m["type"] for m in got) == ["ack", "message"], got
+    for c in clients[1:]:
+        assert c.recv_json(timeout=T)["data"] == "over tls"
+    for c in clients:
+        c.sock.close()
+    assert wsraw.wait_for(lambda: srv.thread_count() == 0 and len(srv.hub) == 0, T)
+    assert park.parked() == 0

@@ -48,7 +48,7 @@ class Reader:
 
     __slots__ = ("conn", "_ws", "extensions", "hub", "writer", "max_message_size", "max_message_frames",
                  "close_timeout", "_parts", "_size", "_frames", "_failed", "_close_requested", "splitter",
-                 "park", "_slot")
+                 "park", "_slot", "_busy")
 
     def __init__(self, conn: Connection, extensions: Sequence["Extension"], hub: "Hub", writer: "Writer",
                  max_message_size: int, close_timeout: float, max_message_frames: int = 4096,
@@ -57,6 +57,7 @@ class Reader:
         #: where the thread waits once the connection is idle (None: always in recv)
         self.park = park
         self._slot = False  # woken by the park: holds one of its slots until done()
+        self._busy = False  # the last two inputs came less than park.idle_after apart
         #: the extensions agreed in the handshake, for the frame parser
         self.extensions = extensions
         # wsproto's frame parser, made when a frame first needs it (most connections never do)
@@ -123,14 +124,14 @@ class Reader:
         conn = self.conn
         recv = conn.recv
         # an idle connection waits without a receive buffer (recv allocates its buffer
-        # before it blocks): it peeks one byte, then reads what came. With a park, it
-        # waits there; only a connection whose last two inputs came less than
-        # park.idle_after seconds apart (busy) waits in its own thread first, for at most
-        # that long. TLS reads as is (its layer may hold input the socket no longer shows).
+        # before it blocks): it peeks one byte, or with a park waits (see _wait), then
+        # reads what came. Over TLS the TLS layer waits (_wait) once it holds nothing
+        # decrypted.
         sock = conn.sock if conn.tls is None else None
         park = self.park
+        if park is not None and conn.tls is not None:
+            conn.tls.wait_input = self._wait
         size = RECV_IDLE
-        busy = False
         last = 0.0
         while True:
             if self._slot:  # what the park woke this thread for is handled
@@ -141,8 +142,8 @@ class Reader:
                     if park is None:
                         if not sock.recv(1, _PEEK):
                             return
-                    elif not (busy and wait_readable(sock, park.idle_after)):
-                        self._slot = park.park(sock)
+                    else:
+                        self._wait(sock)
                 data = recv(size)
             except OSError:
                 return
@@ -152,7 +153,7 @@ class Reader:
                 return
             now = conn.last_seen = time.monotonic()
             if park is not None:
-                busy = now - last < park.idle_after
+                self._busy = now - last < park.idle_after
                 last = now
             if self._failed:
                 continue  # discard until the peer closes or the grace period ends
@@ -160,6 +161,17 @@ class Reader:
                 self.writer.put(((SEND_WIRE, conn, b""),))  # the writer takes it, in order
             if self._feed(data):
                 return
+
+    def _wait(self, sock: socket.socket) -> None:
+        """Block until ``sock`` is readable: in the park, or, for a busy connection, in
+        this thread for up to park.idle_after seconds first."""
+        park = self.park
+        assert park is not None
+        if self._slot:  # (TLS: a record still incomplete; its slot goes on while it waits)
+            self._slot = False
+            park.done()
+        if not (self._busy and wait_readable(sock, park.idle_after)):
+            self._slot = park.park(sock)
 
     def _finish(self) -> None:
         conn = self.conn

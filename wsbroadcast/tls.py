@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 class TLSStream:
@@ -31,6 +31,9 @@ class TLSStream:
         self._lock = threading.Lock()
         #: TLS records made and not yet sent (bytes, a memoryview once partly sent); writer thread only
         self.wire: Any = b""
+        #: called with the raw socket before ``recv`` blocks on it with no timeout and
+        #: nothing decrypted left (the reader's wait in the idle park)
+        self.wait_input: Optional[Callable[[socket.socket], None]] = None
 
     # ------------------------------------------------------------------ handshake
     def handshake(self, timeout: float) -> None:
@@ -90,6 +93,8 @@ class TLSStream:
                 if remaining <= 0:
                     raise socket.timeout("timed out")
                 self.raw.settimeout(remaining)
+            elif self.wait_input is not None:
+                self.wait_input(self.raw)
             data = self.raw.recv(65536)
             if not data:
                 return b""
