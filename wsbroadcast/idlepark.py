@@ -72,6 +72,7 @@ class IdlePark:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._epoll.register(self._wake_r, select.EPOLLIN)
+        # guards _parked, _live, _ending, _active, _stopping and the counters
         self._lock = threading.Lock()
         self._parked: Dict[int, threading.Lock] = {}  # fd -> the lock its reader waits on
         # readable, waiting for a slot: with input, and hung up (served after the others)
