@@ -64,6 +64,8 @@ RELEASE = 11  # (RELEASE, conn, Done or None)  its reader has ended: close the s
 STORED = 12
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+#: released connections reaped per round of the writer (see Writer._released)
+_REAP_PER_ROUND = 256
 _DONTWAIT = socket.MSG_DONTWAIT
 #: over TLS, pending frames are sealed into records only while fewer record bytes than this wait
 #: unsent: what a slow consumer is owed stays mostly frames, which its close can drop
@@ -115,6 +117,11 @@ class Writer:
         self._closing: Set[Connection] = set()
         #: released connections whose close frame is still on its way -> their ``done``
         self._lingering: Dict[Connection, Optional[Done]] = {}
+        # connections released (RELEASE) and not reaped yet: taken off the channel at once
+        # and reaped at most _REAP_PER_ROUND a round, after the round's deliveries, so that
+        # thousands of connections ending at once do not queue the living's messages
+        # behind them (at most one entry per connection)
+        self._released: Deque[Tuple[Connection, Optional[Done]]] = collections.deque()
         self._n_waiting = 0
         self._round_t0: List[float] = []  # publish times of the messages of this round
         self._run_msgs: List[tuple] = []  # DELIVER ops of the current run
@@ -203,12 +210,16 @@ class Writer:
             while not self._stop:
                 if self._attaching:
                     self._attach()
-                # 1. drain what is queued (bounded per round so sockets get serviced)
-                for _ in range(512):
+                # 1. drain what is queued (bounded per round so sockets get serviced; a
+                # release is only noted here, and does not count)
+                budget = 512
+                while budget:
                     try:
                         ops = get()
                     except queue.Empty:
                         break
+                    if not ops or ops[0][0] != RELEASE:
+                        budget -= 1
                     try:
                         self._apply(ops)
                     except Exception:  # a bug must not stop delivery to everyone
@@ -227,13 +238,15 @@ class Writer:
                     self._record_latency(time.monotonic())
                 if self._dirty:
                     self._flush_dirty()
+                if self._released:
+                    self._reap_released()
                 now = time.monotonic()
                 if now >= next_tick:
                     self._tick(now)
                     next_tick = now + self._tick_every
                 # 3. wait for work or writability, never blocking while work is queued
                 timeout: Optional[float] = 0.0
-                if self.queue.empty():
+                if self.queue.empty() and not self._released:
                     self._sleeping = True
                     if self.queue.empty():
                         timeout = max(0.0, next_tick - time.monotonic())
@@ -262,6 +275,8 @@ class Writer:
             self._attach()
             for conn in list(self._conns):
                 conn.drained.set()
+            while self._released:
+                self._end(*self._released.popleft())
             for conn in list(self._lingering):
                 self._end(conn)
             while True:  # connections released but not reaped: detached all the same
@@ -310,7 +325,7 @@ class Writer:
             elif kind == CLOSE:
                 self._close(op[1], op[2], op[3])
             elif kind == RELEASE:
-                self._reap(op[1], op[2])
+                self._released.append((op[1], op[2]))
             elif kind == CLOSE_ALL:
                 for conn in list(self._conns):
                     self._close(conn, op[1], op[2])
@@ -610,6 +625,13 @@ class Writer:
             if not conn.dead:  # (a connection released at once may be gone already)
                 conn.attached = True
                 self._conns.add(conn)
+
+    def _reap_released(self) -> None:
+        """Reap the oldest released connections, at most _REAP_PER_ROUND of them."""
+        released = self._released
+        for _ in range(min(_REAP_PER_ROUND, len(released))):
+            conn, done = released.popleft()
+            self._reap(conn, done)
 
     def _reap(self, conn: Connection, done: Optional[Done]) -> None:
         """End a connection whose reader has ended (see release)."""
