@@ -79,8 +79,8 @@ class Config:
     #: stack size of threads started from now on, process-wide (bytes; 0 = leave as is);
     #: ``wsbroadcast serve`` sets 256 KiB so that ~20,000 connection threads fit
     thread_stack_size: int = 0
-    #: readers of connections idle for a second wait in one epoll thread, which wakes at
-    #: most a few of them at a time (thousands of clients dropping at once then end at
+    #: readers of idle connections wait in one epoll thread, which wakes at most a few
+    #: of them at a time (thousands of clients dropping at once then end at
     #: the writer's pace instead of all asking for the GIL); False: each waits in recv
     idle_park: bool = True
     #: seconds to wait for connections to close on shutdown

@@ -13,9 +13,10 @@ a steady sender does not go through the park for every message.)
 When the socket becomes readable (data, end of stream, an error, the server's
 shutdown), the park wakes the reader, but lets at most ``slots`` woken readers run at
 once: a reader holds its slot until it has handled what it read (or handed its ended
-connection to the writer) and then calls :meth:`IdlePark.done`, which hands the slot to the next reader whose
-socket is ready: first those with input, then those whose peer hung up, so that
-while thousands of connections end, the living ones are still served.
+connection to the writer) and then calls :meth:`IdlePark.done`, which hands the slot
+to the next reader whose socket is ready: first those with input, then those whose
+peer hung up, so that while thousands of connections end, the living ones are still
+served.
 """
 
 from __future__ import annotations

@@ -134,9 +134,7 @@ class Reader:
         size = RECV_IDLE
         last = 0.0
         while True:
-            if self._slot:  # what the park woke this thread for is handled
-                self._slot = False
-                park.done()  # type: ignore[union-attr]  # (a slot comes from the park)
+            self._give_slot_back()  # what the park woke this thread for is handled
             try:
                 if sock is not None and size == RECV_IDLE:
                     if park is None:
@@ -167,11 +165,15 @@ class Reader:
         this thread for up to park.idle_after seconds first."""
         park = self.park
         assert park is not None
-        if self._slot:  # (TLS: a record still incomplete; its slot goes on while it waits)
-            self._slot = False
-            park.done()
+        self._give_slot_back()  # (TLS: a record still incomplete; its slot goes on while it waits)
         if not (self._busy and wait_readable(sock, park.idle_after)):
             self._slot = park.park(sock)
+
+    def _give_slot_back(self) -> None:
+        """Hand the park's slot this thread holds, if any, to the next woken reader."""
+        if self._slot:
+            self._slot = False
+            self.park.done()  # type: ignore[union-attr]  # (a slot comes from the park)
 
     def _finish(self) -> None:
         conn = self.conn
@@ -181,10 +183,7 @@ class Reader:
         # writer's pace, instead of all asking for the GIL at once), then closes the socket
         done = Flag()  # (lighter than an Event: one lock, set by the writer)
         self.writer.release(conn, done)
-        if self._slot and self.park is not None:
-            # the wait is the writer's: the park's next reader need not wait for it too
-            self._slot = False
-            self.park.done()
+        self._give_slot_back()  # the wait is the writer's: the park's next reader need not wait too
         while not done.wait(30.0):
             if not self.writer.alive:  # (stopped: it detached what it was handed as it stopped)
                 break

@@ -665,7 +665,6 @@ _SCHEMA = (
 _SCHEMA_VERSION = 2
 _RUN_COLUMNS = "topic, first_seq, last_seq, time, lens, data"
 _INSERT_RUN = "INSERT INTO runs (%s) VALUES (?, ?, ?, ?, ?, ?)" % _RUN_COLUMNS
-_UPDATE_TOPIC = "UPDATE topics SET last_seq = ? WHERE topic = ?"
 #: most messages in one run, and most characters (code points) of a run of more than
 #: one: what one row costs to read, whatever a since() asks for
 _RUN_MESSAGES = 256
@@ -800,16 +799,14 @@ class _Group(Pending):
     """Appends given their seqs and kept in memory until one commit writes them all
     (a SqliteStore's ``_wlock`` guards it)."""
 
-    __slots__ = ("_store", "base", "meta", "new", "texts", "time", "appends", "chars",
-                 "stored", "error")
+    __slots__ = ("_store", "meta", "new", "texts", "time", "appends", "chars", "stored", "error")
 
     def __init__(self, store: "SqliteStore") -> None:
         self._store = store
-        #: topic -> (epoch, last seq) before the group, and once the group commits
-        self.base: Dict[str, Tuple[str, int]] = {}
+        #: topic -> (epoch, last seq) once the group commits
         self.meta: Dict[str, Tuple[str, int]] = {}
         self.new: Set[str] = set()  # topics the topics table does not hold yet
-        #: topic -> its texts, in seq order from ``base``'s seq + 1 (none when no history is kept)
+        #: topic -> its texts of the group, the last one ``meta``'s seq (none when no history is kept)
         self.texts: Dict[str, List[str]] = {}
         self.time = 0.0  # of the last append: the time of every run the commit writes
         self.appends = 0
@@ -829,7 +826,7 @@ class _Group(Pending):
         """The runs the commit inserts: each topic's texts cut into runs."""
         out: List[RunRow] = []
         for topic, texts in self.texts.items():
-            out.extend(run_rows(topic, self.base[topic][1] + 1, texts, self.time))
+            out.extend(run_rows(topic, self.meta[topic][1] - len(texts) + 1, texts, self.time))
         return out
 
 
@@ -1446,7 +1443,7 @@ class SqliteStore(MessageStore):
                 if known is None:
                     known = (self.epoch, 0)
                     group.new.add(topic)
-                group.base[topic] = meta[topic] = known
+                meta[topic] = known
             keep = self.history_size > 0
             texts = group.texts
             out: List[Tuple[int, str]] = []
@@ -1484,22 +1481,12 @@ class SqliteStore(MessageStore):
         lost = None
         try:
             conn.execute("BEGIN IMMEDIATE")
-            rows = group.rows()
-            if len(rows) == 1:
-                conn.execute(_INSERT_RUN, rows[0])
-            elif rows:
-                conn.executemany(_INSERT_RUN, rows)
             meta = group.meta
-            if group.new:
-                conn.executemany(
-                    "INSERT INTO topics (topic, epoch, last_seq) VALUES (?, ?, ?)",
-                    [(t, meta[t][0], meta[t][1]) for t in group.new],
-                )
-            old = [(seq, t) for t, (_e, seq) in meta.items() if t not in group.new]
-            if len(old) == 1:
-                conn.execute(_UPDATE_TOPIC, old[0])
-            elif old:
-                conn.executemany(_UPDATE_TOPIC, old)
+            _execute_rows(conn, _INSERT_RUN, group.rows())
+            _execute_rows(conn, "INSERT INTO topics (topic, epoch, last_seq) VALUES (?, ?, ?)",
+                          [(t, meta[t][0], meta[t][1]) for t in group.new])
+            _execute_rows(conn, "UPDATE topics SET last_seq = ? WHERE topic = ?",
+                          [(seq, t) for t, (_e, seq) in meta.items() if t not in group.new])
             # Last check before the commit: a file deleted or replaced is one no
             # restart opens, so what would be acked now would be lost.
             lost = self._check_file()
@@ -1747,6 +1734,14 @@ class SqliteStore(MessageStore):
             )
             logger.error("%s", self._lost)
         return self._lost
+
+
+def _execute_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple]) -> None:
+    """``sql`` once per row (``execute`` for one: cheaper than ``executemany``)."""
+    if len(rows) == 1:
+        conn.execute(sql, rows[0])
+    elif rows:
+        conn.executemany(sql, rows)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
