@@ -144,6 +144,84 @@ def test_parking_a_closed_socket_returns_at_once(park) -> None:
         IdlePark(slots=0)
 
 
+class SlowEpoll:
+    """The park's epoll, with a hook run before a call goes through (a slow or racing epoll_ctl)."""
+
+    def __init__(self, real, before=None) -> None:
+        self.real = real
+        self.before = before or {}
+
+    def __getattr__(self, name):
+        call = getattr(self.real, name)
+        hook = self.before.get(name)
+        if hook is None:
+            return call
+
+        def hooked(*args):
+            hook(*args)
+            return call(*args)
+        return hooked
+
+
+def test_a_reader_parks_while_another_is_inside_epoll_ctl() -> None:
+    # epoll_ctl lets the GIL go: a parking reader inside it must not hold the lock that
+    # every other parking reader (and the park's thread) needs
+    inside, go_on = threading.Event(), threading.Event()
+    first = []
+
+    def slow_register(fd, mask):
+        if not first:
+            first.append(fd)
+            inside.set()
+            assert go_on.wait(T)
+
+    park = IdlePark(slots=2)
+    park._epoll = SlowEpoll(park._epoll, {"register": slow_register})
+    park.start()
+    try:
+        a = Parked(park)
+        assert inside.wait(T)  # a is inside its epoll_ctl
+        b = Parked(park)
+        assert wsraw.wait_for(lambda: park.parked() == 2, T)
+        b.peer.send(b"x")
+        assert b.woken.wait(T) and b.got_slot == [True]  # served while a's call is not done
+        assert not a.woken.is_set()
+        go_on.set()
+        a.peer.send(b"x")
+        assert a.woken.wait(T) and a.got_slot == [True]
+        park.done()
+        park.done()
+        a.close()
+        b.close()
+    finally:
+        go_on.set()
+        park.stop(T)
+
+
+def test_readers_taken_off_the_watch_list_are_woken_when_the_park_stops_meanwhile() -> None:
+    # the park's thread unwatches woken sockets outside its lock; a stop() in that moment
+    # no longer sees their readers, so the thread itself lets them go
+    stopper: List[threading.Thread] = []
+
+    park = IdlePark(slots=2)
+
+    def stop_now(fd):
+        t = threading.Thread(target=park.stop, args=(T,), name="test-stopper", daemon=True)
+        stopper.append(t)
+        t.start()
+        assert wsraw.wait_for(lambda: park._stopping, T)
+
+    park._epoll = SlowEpoll(park._epoll, {"unregister": stop_now})
+    park.start()
+    [a] = park_many(park, 1)
+    a.peer.send(b"x")
+    assert a.woken.wait(T) and a.got_slot == [True]
+    stopper[0].join(T)
+    assert not stopper[0].is_alive()
+    assert not any(t.name == "wsbroadcast-idle-park" and t.is_alive() for t in threading.enumerate())
+    a.close()
+
+
 def _futex_slots() -> Tuple[int, int]:
     libc = ctypes.CDLL(None, use_errno=True)
     return libc.prctl(78, 2, 0, 0, 0), ctypes.get_errno()  # PR_FUTEX_HASH, GET_SLOTS

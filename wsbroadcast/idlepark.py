@@ -108,11 +108,15 @@ class IdlePark:
             if self._stopping:
                 return False
             self._parked[fd] = gate
-            try:
-                self._epoll.register(fd, _WATCH)
-            except (OSError, ValueError):  # closed meanwhile: read at once, it will say so
-                del self._parked[fd]
-                return False
+        # epoll_ctl lets the GIL go: not under _lock, which every parking reader takes (nothing
+        # wakes this gate before the socket is watched)
+        try:
+            self._epoll.register(fd, _WATCH)
+        except (OSError, ValueError):  # closed meanwhile: read at once, it will say so
+            with self._lock:
+                if self._parked.get(fd) is gate:
+                    del self._parked[fd]
+            return False
         gate.acquire()
         return True
 
@@ -154,19 +158,28 @@ class IdlePark:
                 events = epoll.poll()
             except InterruptedError:  # (only before Python 3.5 retried it)
                 continue
+            woken = []
             with self._lock:
                 if self._stopping:
                     return
                 for fd, mask in events:
-                    if fd == self._wake_r:
-                        continue
-                    gate = self._parked.pop(fd, None)
-                    if gate is None:
-                        continue
-                    try:
-                        epoll.unregister(fd)
-                    except OSError:
-                        pass
+                    if fd != self._wake_r:
+                        gate = self._parked.pop(fd, None)
+                        if gate is not None:
+                            woken.append((fd, mask, gate))
+            # unwatched before their readers run (a reader may close its socket, and a new
+            # one reuse the number), outside _lock: epoll_ctl lets the GIL go
+            for fd, _mask, _gate in woken:
+                try:
+                    epoll.unregister(fd)
+                except OSError:
+                    pass
+            with self._lock:
+                if self._stopping:  # (stop() no longer sees these gates)
+                    for _fd, _mask, gate in woken:
+                        gate.release()
+                    return
+                for _fd, mask, gate in woken:
                     self.wakes += 1
                     if self._active < self.slots:
                         self._active += 1
