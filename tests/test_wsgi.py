@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -283,6 +284,30 @@ def test_shutdown_closes_mounted_connections_and_joins_threads(mounted):
     assert status == 503 and json.loads(body)["error"] == "unavailable"
     with pytest.raises(ServerClosed):
         broker.publish("news", 1)
+
+
+def test_a_signal_shuts_the_broker_down_in_a_thread_that_shutdown_joins(mounted):
+    broker, port = mounted()
+    c = wsraw.connect(port, path="/live")
+    c.send_json({"type": "subscribe", "topic": "news", "id": 1})
+    assert c.recv_json()["type"] == "ack"
+    earlier = []
+    previous = signal.signal(signal.SIGUSR1, lambda number, frame: earlier.append(number))
+    try:
+        broker.shutdown_on_signal(signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert wsraw.wait_for(lambda: earlier == [signal.SIGUSR1])  # the handler before still runs
+        assert c.expect_close() == (1001, "server shutting down")
+        thread = broker._signal_shutdown
+        assert thread is not None and thread.name == "wsbroadcast-shutdown"
+        broker.shutdown()  # (at exit, say): the signal's shutdown is waited for and its thread joined
+        assert not thread.is_alive()
+        os.kill(os.getpid(), signal.SIGUSR1)  # a second signal starts no second shutdown
+        assert wsraw.wait_for(lambda: len(earlier) == 2)
+        assert broker._signal_shutdown is thread
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    c.close()
 
 
 GUNICORN_APP = '''

@@ -172,6 +172,8 @@ class Broker(Server):
         port = settings.pop("port", 0)
         super().__init__(host, port, config=config, message_store=message_store, **settings)
         self._response_classes: Dict[type, type] = {}
+        #: the thread a signal started to shut down (see shutdown_on_signal); shutdown() joins it
+        self._signal_shutdown: Optional[threading.Thread] = None
 
     def start(self, listen: bool = False) -> "Broker":
         """Start the writer and retention threads (no listening socket unless ``listen``)."""
@@ -191,7 +193,10 @@ class Broker(Server):
 
         def on_signal(number: int, frame: Any) -> None:
             # shutdown() waits for the connections to close: not in a signal handler
-            threading.Thread(target=self.shutdown, name="wsbroadcast-shutdown", daemon=True).start()
+            if self._signal_shutdown is None:
+                thread = threading.Thread(target=self.shutdown, name="wsbroadcast-shutdown", daemon=True)
+                self._signal_shutdown = thread
+                thread.start()
             if callable(previous):
                 previous(number, frame)
             elif previous == signal.SIG_DFL:
@@ -199,6 +204,14 @@ class Broker(Server):
                 os.kill(os.getpid(), number)
 
         signal.signal(signum, on_signal)
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Close every connection with 1001, stop all threads and join them (also the thread
+        a signal started to do so)."""
+        super().shutdown(timeout)
+        thread = self._signal_shutdown
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self.config.shutdown_timeout if timeout is None else timeout)
 
     # ------------------------------------------------------------------ the endpoint
     def serve(self, environ: Dict[str, Any]) -> Tuple[Optional[HttpError], str]:
