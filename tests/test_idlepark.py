@@ -198,28 +198,69 @@ def test_a_reader_parks_while_another_is_inside_epoll_ctl() -> None:
         park.stop(T)
 
 
-def test_readers_taken_off_the_watch_list_are_woken_when_the_park_stops_meanwhile() -> None:
-    # the park's thread unwatches woken sockets outside its lock; a stop() in that moment
-    # no longer sees their readers, so the thread itself lets them go
-    stopper: List[threading.Thread] = []
+def test_the_park_thread_wakes_readers_without_an_epoll_call_and_they_park_again() -> None:
+    # a woken socket stays watched, disarmed: the park's thread makes no epoll_ctl call
+    # (each would let the GIL go), and the reader's next park arms it again in one call
+    calls: List[Tuple[str, str]] = []
+
+    def record(name):
+        return lambda *args: calls.append((name, threading.current_thread().name))
 
     park = IdlePark(slots=2)
-
-    def stop_now(fd):
-        t = threading.Thread(target=park.stop, args=(T,), name="test-stopper", daemon=True)
-        stopper.append(t)
-        t.start()
-        assert wsraw.wait_for(lambda: park._stopping, T)
-
-    park._epoll = SlowEpoll(park._epoll, {"unregister": stop_now})
+    park._epoll = SlowEpoll(park._epoll, {n: record(n) for n in ("register", "modify", "unregister")})
     park.start()
-    [a] = park_many(park, 1)
-    a.peer.send(b"x")
-    assert a.woken.wait(T) and a.got_slot == [True]
-    stopper[0].join(T)
-    assert not stopper[0].is_alive()
-    assert not any(t.name == "wsbroadcast-idle-park" and t.is_alive() for t in threading.enumerate())
-    a.close()
+    try:
+        ours, peer = socket.socketpair()
+        got: List[bool] = []
+
+        def park_twice() -> None:
+            got.append(park.park(ours))
+            park.done()
+            ours.recv(16)
+            got.append(park.park(ours, watched=True))
+            park.done()
+
+        t = threading.Thread(target=park_twice, name="test-parked", daemon=True)
+        t.start()
+        assert wsraw.wait_for(lambda: park.parked() == 1, T)
+        peer.send(b"a")
+        assert wsraw.wait_for(lambda: len(got) == 1 and park.parked() == 1, T)
+        peer.send(b"b")  # wakes it again: the socket was armed again
+        t.join(T)
+        assert got == [True, True] and park.status()["wakes"] == 2
+        assert calls == [("register", "test-parked"), ("modify", "test-parked")]
+        ours.close()
+        peer.close()
+    finally:
+        park.stop(T)
+
+
+def test_a_closed_socket_s_number_taken_by_a_new_one_is_watched_again(park) -> None:
+    # closing a socket ends its watch: a new socket given the same number parks and wakes,
+    # whether its reader says it was watched or not
+    for watched in (False, True, False):
+        a = Parked(park)
+        assert wsraw.wait_for(lambda: park.parked() == 1, T)
+        number = a.ours.fileno()
+        a.peer.send(b"x")
+        assert a.woken.wait(T)
+        park.done()
+        a.close()
+        ours, peer = socket.socketpair()
+        assert ours.fileno() == number or peer.fileno() == number
+        side = ours if ours.fileno() == number else peer
+        other = peer if side is ours else ours
+        got: List[bool] = []
+        t = threading.Thread(target=lambda g=got, s=side, w=watched: g.append(park.park(s, watched=w)),
+                             name="test-parked", daemon=True)
+        t.start()
+        assert wsraw.wait_for(lambda: park.parked() == 1, T)
+        other.send(b"y")
+        t.join(T)
+        assert got == [True]
+        park.done()
+        ours.close()
+        peer.close()
 
 
 def _futex_slots() -> Tuple[int, int]:

@@ -98,9 +98,14 @@ class IdlePark:
         """Counters for /healthz: parked now, woken so far, woken after waiting for a slot."""
         return {"parked": self.parked(), "wakes": self.wakes, "queued": self.queued}
 
-    def park(self, sock: socket.socket) -> bool:
+    def park(self, sock: socket.socket, watched: bool = False) -> bool:
         """Block until ``sock`` is readable and a slot is free; True: the caller holds a
-        slot and must call :meth:`done`. False at once when the park is stopping."""
+        slot and must call :meth:`done`. False at once when the park is stopping.
+
+        A socket stays watched once parked (a wake-up only disarms it; closing it ends
+        the watch): ``watched`` says that this socket was parked here before, so that
+        one call arms it again.
+        """
         fd = sock.fileno()
         gate = threading.Lock()
         gate.acquire()
@@ -109,9 +114,18 @@ class IdlePark:
                 return False
             self._parked[fd] = gate
         # epoll_ctl lets the GIL go: not under _lock, which every parking reader takes (nothing
-        # wakes this gate before the socket is watched)
+        # wakes this gate before the socket is armed)
+        epoll = self._epoll
         try:
-            self._epoll.register(fd, _WATCH)
+            try:
+                if watched:
+                    epoll.modify(fd, _WATCH)
+                else:
+                    epoll.register(fd, _WATCH)
+            except FileNotFoundError:  # (not watched after all)
+                epoll.register(fd, _WATCH)
+            except FileExistsError:  # (watched already)
+                epoll.modify(fd, _WATCH)
         except (OSError, ValueError):  # closed meanwhile: read at once, it will say so
             with self._lock:
                 if self._parked.get(fd) is gate:
@@ -158,28 +172,19 @@ class IdlePark:
                 events = epoll.poll()
             except InterruptedError:  # (only before Python 3.5 retried it)
                 continue
-            woken = []
+            # A socket that fired is disarmed (EPOLLONESHOT) and stays in the epoll set
+            # until its reader parks it again (re-armed) or closes it (which ends the
+            # watch; a number reused by a new socket is a new watch): no epoll_ctl here,
+            # which would let the GIL go once per woken reader.
             with self._lock:
                 if self._stopping:
                     return
                 for fd, mask in events:
-                    if fd != self._wake_r:
-                        gate = self._parked.pop(fd, None)
-                        if gate is not None:
-                            woken.append((fd, mask, gate))
-            # unwatched before their readers run (a reader may close its socket, and a new
-            # one reuse the number), outside _lock: epoll_ctl lets the GIL go
-            for fd, _mask, _gate in woken:
-                try:
-                    epoll.unregister(fd)
-                except OSError:
-                    pass
-            with self._lock:
-                if self._stopping:  # (stop() no longer sees these gates)
-                    for _fd, _mask, gate in woken:
-                        gate.release()
-                    return
-                for _fd, mask, gate in woken:
+                    if fd == self._wake_r:
+                        continue
+                    gate = self._parked.pop(fd, None)
+                    if gate is None:
+                        continue
                     self.wakes += 1
                     if self._active < self.slots:
                         self._active += 1

@@ -48,7 +48,7 @@ class Reader:
 
     __slots__ = ("conn", "_ws", "extensions", "hub", "writer", "max_message_size", "max_message_frames",
                  "close_timeout", "_parts", "_size", "_frames", "_failed", "_close_requested", "splitter",
-                 "park", "_slot", "_busy")
+                 "park", "_slot", "_busy", "_watched")
 
     def __init__(self, conn: Connection, extensions: Sequence["Extension"], hub: "Hub", writer: "Writer",
                  max_message_size: int, close_timeout: float, max_message_frames: int = 4096,
@@ -58,6 +58,7 @@ class Reader:
         self.park = park
         self._slot = False  # woken by the park: holds one of its slots until done()
         self._busy = False  # the last two inputs came less than park.idle_after apart
+        self._watched = False  # the socket was parked before (the park still watches it)
         #: the extensions agreed in the handshake, for the frame parser
         self.extensions = extensions
         # wsproto's frame parser, made when a frame first needs it (most connections never do)
@@ -167,7 +168,8 @@ class Reader:
         assert park is not None
         self._give_slot_back()  # (TLS: a record still incomplete; its slot goes on while it waits)
         if not (self._busy and wait_readable(sock, park.idle_after)):
-            self._slot = park.park(sock)
+            self._slot = park.park(sock, self._watched)
+            self._watched = True
 
     def _give_slot_back(self) -> None:
         """Hand the park's slot this thread holds, if any, to the next woken reader."""
