@@ -19,7 +19,7 @@ import wsraw
 from conftest import SCALE
 
 from wsbroadcast.futexhash import ensure_slots
-from wsbroadcast.idlepark import IdlePark
+from wsbroadcast.idlepark import ENDING, LIVE, IdlePark
 
 pytestmark = pytest.mark.timeout(60)
 T = 10 * SCALE
@@ -64,7 +64,7 @@ def test_a_parked_reader_wakes_when_its_socket_is_readable_and_holds_a_slot(park
     [a] = park_many(park, 1)
     assert not a.woken.wait(0.2)  # nothing to read: it stays parked
     a.peer.send(b"x")
-    assert a.woken.wait(T) and a.got_slot == [True]
+    assert a.woken.wait(T) and a.got_slot == [LIVE]
     assert park.parked() == 0 and park.status()["wakes"] == 1
     park.done()
     a.close()
@@ -83,7 +83,7 @@ def test_at_most_slots_woken_readers_run_at_once(park) -> None:
     park.done()
     park.done()
     for p in ps:
-        assert p.got_slot == [True]
+        assert p.got_slot == [LIVE]
         p.close()
     # every slot is free again: the next two wake at once
     more = park_many(park, 2)
@@ -117,6 +117,41 @@ def test_readers_with_input_go_before_those_whose_peer_hung_up() -> None:
         park.stop(T)
 
 
+def test_at_most_ending_slots_hung_up_readers_run_while_live_ones_take_the_other_slots() -> None:
+    park = IdlePark(slots=3, ending_slots=1).start()
+    try:
+        gone = park_many(park, 3)
+        live = park_many(park, 2)
+        for p in gone:
+            p.peer.close()  # three hang-ups: one runs, two wait for the one ending slot
+        assert wsraw.wait_for(lambda: sum(p.woken.is_set() for p in gone) == 1, T)
+        assert wsraw.wait_for(lambda: park.status()["queued"] == 2, T)
+        for p in live:
+            p.peer.send(b"x")  # input: the two other slots, at once
+        assert all(p.woken.wait(T) for p in live)
+        assert all(p.got_slot == [LIVE] for p in live)
+        assert sum(p.woken.is_set() for p in gone) == 1
+        first = next(p for p in gone if p.woken.is_set())
+        assert first.got_slot == [ENDING]
+        park.done(LIVE)
+        park.done(LIVE)  # live slots free: the hung-up ones still wait for the ending slot
+        assert not wsraw.wait_for(lambda: sum(p.woken.is_set() for p in gone) > 1, 0.2)
+        for want in (2, 3):
+            park.done(ENDING)
+            assert wsraw.wait_for(lambda w=want: sum(p.woken.is_set() for p in gone) == w, T)
+        park.done(ENDING)
+        assert all(p.got_slot == [ENDING] for p in gone)
+        for p in gone + live:
+            p.close()
+        with pytest.raises(ValueError):
+            IdlePark(slots=2, ending_slots=0)
+        other = IdlePark(slots=2, ending_slots=5)
+        assert other.ending_slots == 2
+        other.stop(T)
+    finally:
+        park.stop(T)
+
+
 def test_stop_wakes_every_parked_and_waiting_reader_and_joins_the_thread() -> None:
     park = IdlePark(slots=1).start()
     ps = park_many(park, 3)
@@ -129,7 +164,7 @@ def test_stop_wakes_every_parked_and_waiting_reader_and_joins_the_thread() -> No
     assert not any(t.name == "wsbroadcast-idle-park" and t.is_alive() for t in threading.enumerate())
     # parking after the stop returns at once, without a slot
     late = Parked(park)
-    assert late.woken.wait(T) and late.got_slot == [False]
+    assert late.woken.wait(T) and late.got_slot == [0]
     park.done()  # (the slots no longer count: harmless)
     for p in ps + [late]:
         p.close()
@@ -138,7 +173,7 @@ def test_stop_wakes_every_parked_and_waiting_reader_and_joins_the_thread() -> No
 def test_parking_a_closed_socket_returns_at_once(park) -> None:
     a, b = socket.socketpair()
     a.close()
-    assert park.park(a) is False
+    assert park.park(a) == 0  # no slot
     b.close()
     with pytest.raises(ValueError):
         IdlePark(slots=0)
@@ -184,11 +219,11 @@ def test_a_reader_parks_while_another_is_inside_epoll_ctl() -> None:
         b = Parked(park)
         assert wsraw.wait_for(lambda: park.parked() == 2, T)
         b.peer.send(b"x")
-        assert b.woken.wait(T) and b.got_slot == [True]  # served while a's call is not done
+        assert b.woken.wait(T) and b.got_slot == [LIVE]  # served while a's call is not done
         assert not a.woken.is_set()
         go_on.set()
         a.peer.send(b"x")
-        assert a.woken.wait(T) and a.got_slot == [True]
+        assert a.woken.wait(T) and a.got_slot == [LIVE]
         park.done()
         park.done()
         a.close()
@@ -227,7 +262,7 @@ def test_the_park_thread_wakes_readers_without_an_epoll_call_and_they_park_again
         assert wsraw.wait_for(lambda: len(got) == 1 and park.parked() == 1, T)
         peer.send(b"b")  # wakes it again: the socket was armed again
         t.join(T)
-        assert got == [True, True] and park.status()["wakes"] == 2
+        assert got == [LIVE, LIVE] and park.status()["wakes"] == 2
         assert calls == [("register", "test-parked"), ("modify", "test-parked")]
         ours.close()
         peer.close()
@@ -257,7 +292,7 @@ def test_a_closed_socket_s_number_taken_by_a_new_one_is_watched_again(park) -> N
         assert wsraw.wait_for(lambda: park.parked() == 1, T)
         other.send(b"y")
         t.join(T)
-        assert got == [True]
+        assert got == [LIVE]
         park.done()
         ours.close()
         peer.close()

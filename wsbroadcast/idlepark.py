@@ -15,8 +15,8 @@ shutdown), the park wakes the reader, but lets at most ``slots`` woken readers r
 once: a reader holds its slot until it has handled what it read (or handed its ended
 connection to the writer) and then calls :meth:`IdlePark.done`, which hands the slot
 to the next reader whose socket is ready: first those with input, then those whose
-peer hung up, so that while thousands of connections end, the living ones are still
-served.
+peer hung up, of which at most ``ending_slots`` run at once, so that while thousands
+of connections end, the writer and the living connections are still served.
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ logger = logging.getLogger(__name__)
 IDLE_AFTER = 0.5
 #: woken readers that run at once
 SLOTS = 16
+#: of them, readers whose peer hung up: when thousands of connections end at once, their
+#: readers must leave most of the GIL to the writer and to the connections still alive
+ENDING_SLOTS = 2
+#: what :meth:`IdlePark.park` returns: the kind of slot its caller holds (0: none)
+LIVE, ENDING = 1, 2
 
 _HANGUP = (getattr(select, "EPOLLRDHUP", 0x2000) | getattr(select, "EPOLLHUP", 0x10)
            | getattr(select, "EPOLLERR", 0x8))
@@ -55,6 +60,17 @@ def wait_readable(sock: socket.socket, timeout: float) -> bool:
     return bool(poller.poll(int(timeout * 1000)))
 
 
+class _Gate:
+    """What a parked reader waits on: a lock held until it is woken, and the slot it got."""
+
+    __slots__ = ("lock", "kind")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.kind = 0  # LIVE or ENDING once woken with a slot; 0 when woken by stop()
+
+
 class IdlePark:
     """Parked readers and the thread that wakes them (see the module's docstring).
 
@@ -63,23 +79,26 @@ class IdlePark:
     unregister), which the kernel allows concurrently.
     """
 
-    def __init__(self, slots: int = SLOTS, idle_after: float = IDLE_AFTER) -> None:
-        if slots < 1:
-            raise ValueError("slots must be >= 1, got %r" % (slots,))
+    def __init__(self, slots: int = SLOTS, idle_after: float = IDLE_AFTER,
+                 ending_slots: int = ENDING_SLOTS) -> None:
+        if slots < 1 or ending_slots < 1:
+            raise ValueError("slots and ending_slots must be >= 1, got %r and %r" % (slots, ending_slots))
         self.slots = slots
+        self.ending_slots = min(ending_slots, slots)
         self.idle_after = idle_after
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._epoll.register(self._wake_r, select.EPOLLIN)
-        # guards _parked, _live, _ending, _active, _stopping and the counters
+        # guards _parked, _live, _ending, _active, _ending_active, _stopping and the counters
         self._lock = threading.Lock()
-        self._parked: Dict[int, threading.Lock] = {}  # fd -> the lock its reader waits on
+        self._parked: Dict[int, _Gate] = {}  # fd -> the gate its reader waits on
         # readable, waiting for a slot: with input, and hung up (served after the others)
-        self._live: Deque[threading.Lock] = collections.deque()
-        self._ending: Deque[threading.Lock] = collections.deque()
+        self._live: Deque[_Gate] = collections.deque()
+        self._ending: Deque[_Gate] = collections.deque()
         self._active = 0  # readers woken and not done yet
+        self._ending_active = 0  # of them, those woken because their peer hung up
         self._stopping = False
         #: readers woken so far, and how many of them waited for a slot
         self.wakes = 0
@@ -98,20 +117,20 @@ class IdlePark:
         """Counters for /healthz: parked now, woken so far, woken after waiting for a slot."""
         return {"parked": self.parked(), "wakes": self.wakes, "queued": self.queued}
 
-    def park(self, sock: socket.socket, watched: bool = False) -> bool:
-        """Block until ``sock`` is readable and a slot is free; True: the caller holds a
-        slot and must call :meth:`done`. False at once when the park is stopping.
+    def park(self, sock: socket.socket, watched: bool = False) -> int:
+        """Block until ``sock`` is readable and a slot is free: LIVE or ENDING (the peer hung
+        up), the slot the caller holds and hands back with :meth:`done`; 0 (no slot) at
+        once when the park is stopping, or when it stopped meanwhile.
 
         A socket stays watched once parked (a wake-up only disarms it; closing it ends
         the watch): ``watched`` says that this socket was parked here before, so that
         one call arms it again.
         """
         fd = sock.fileno()
-        gate = threading.Lock()
-        gate.acquire()
+        gate = _Gate()
         with self._lock:
             if self._stopping:
-                return False
+                return 0
             self._parked[fd] = gate
         # epoll_ctl lets the GIL go: not under _lock, which every parking reader takes (nothing
         # wakes this gate before the socket is armed)
@@ -130,19 +149,29 @@ class IdlePark:
             with self._lock:
                 if self._parked.get(fd) is gate:
                     del self._parked[fd]
-            return False
-        gate.acquire()
-        return True
+            return 0
+        gate.lock.acquire()
+        return gate.kind
 
-    def done(self) -> None:
-        """A woken reader has handled what it read: its slot goes to the next in line."""
+    def done(self, kind: int = LIVE) -> None:
+        """A woken reader has handled what it read: its slot (``kind``, what park returned)
+        goes to the next in line."""
         with self._lock:
+            self._active -= 1
+            if kind == ENDING:
+                self._ending_active -= 1
             if self._live:
-                self._live.popleft().release()
-            elif self._ending:
-                self._ending.popleft().release()
-            else:
-                self._active -= 1
+                self._grant(self._live.popleft(), LIVE)
+            elif self._ending and self._ending_active < self.ending_slots:
+                self._grant(self._ending.popleft(), ENDING)
+
+    def _grant(self, gate: _Gate, kind: int) -> None:
+        """Under _lock: wake ``gate``'s reader with a slot of ``kind``."""
+        self._active += 1
+        if kind == ENDING:
+            self._ending_active += 1
+        gate.kind = kind
+        gate.lock.release()
 
     def stop(self, timeout: float) -> None:
         """Wake every parked reader (no slots from now on), stop the thread and join it."""
@@ -153,7 +182,7 @@ class IdlePark:
             self._live.clear()
             self._ending.clear()
         for gate in gates:
-            gate.release()
+            gate.lock.release()  # (kind 0: no slot)
         try:
             os.write(self._wake_w, b"\0")
         except OSError:
@@ -186,12 +215,17 @@ class IdlePark:
                     if gate is None:
                         continue
                     self.wakes += 1
-                    if self._active < self.slots:
-                        self._active += 1
-                        gate.release()
+                    if not mask & _HANGUP:
+                        if self._active < self.slots:
+                            self._grant(gate, LIVE)
+                        else:
+                            self.queued += 1
+                            self._live.append(gate)
+                    elif self._active < self.slots and self._ending_active < self.ending_slots:
+                        self._grant(gate, ENDING)
                     else:
                         self.queued += 1
-                        (self._ending if mask & _HANGUP else self._live).append(gate)
+                        self._ending.append(gate)
 
 
 def make_park(enabled: bool = True) -> Optional[IdlePark]:

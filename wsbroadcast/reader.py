@@ -56,7 +56,7 @@ class Reader:
         self.conn = conn
         #: where the thread waits once the connection is idle (None: always in recv)
         self.park = park
-        self._slot = False  # woken by the park: holds one of its slots until done()
+        self._slot = 0  # woken by the park: the kind of slot it holds until done() (0: none)
         self._busy = False  # the last two inputs came less than park.idle_after apart
         self._watched = False  # the socket was parked before (the park still watches it)
         #: the extensions agreed in the handshake, for the frame parser
@@ -173,9 +173,10 @@ class Reader:
 
     def _give_slot_back(self) -> None:
         """Hand the park's slot this thread holds, if any, to the next woken reader."""
-        if self._slot:
-            self._slot = False
-            self.park.done()  # type: ignore[union-attr]  # (a slot comes from the park)
+        kind = self._slot
+        if kind:
+            self._slot = 0
+            self.park.done(kind)  # type: ignore[union-attr]  # (a slot comes from the park)
 
     def _finish(self) -> None:
         conn = self.conn
