@@ -74,9 +74,9 @@ class _Gate:
 class IdlePark:
     """Parked readers and the thread that wakes them (see the module's docstring).
 
-    ``_lock`` guards ``_parked``, ``_live``, ``_ending``, ``_active`` and ``_stopping``; the epoll
-    object is used by the parking threads (register) and the park's thread (poll,
-    unregister), which the kernel allows concurrently.
+    ``_lock`` guards ``_parked``, ``_live``, ``_ending``, ``_active``, ``_ending_active`` and
+    ``_stopping``; the epoll object is used by the parking threads (register, modify) and the
+    park's thread (poll), which the kernel allows concurrently.
     """
 
     def __init__(self, slots: int = SLOTS, idle_after: float = IDLE_AFTER,
