@@ -108,7 +108,9 @@ def _serve(name: str, profile: bool) -> None:
         base_threads = threading.active_count()
 
         def count() -> Tuple[int, int]:
-            return len(wss.clients), threading.active_count() - base_threads
+            # its client list may keep a client whose thread has ended: a client thread is one held
+            threads = threading.active_count() - base_threads
+            return threads, threads
     print("PORT %d" % port, flush=True)
     for line in sys.stdin:
         cmd = line.strip()
@@ -279,14 +281,10 @@ def close_all(socks: List[socket.socket], clean: bool, timeout: float = 60.0) ->
 def one_round(srv: ServerProc, k: int, clean: bool) -> Dict[str, float]:
     c0, w0 = srv.cpu(), time.monotonic()
     socks = open_all(srv.port, k)
-    # (websocket-server may keep a client whose thread has ended in its list: its threads are counted)
-    if srv.name == "websocket-server":
-        srv.wait_count(None, k)
-    else:
-        srv.wait_count(k, None)
+    srv.wait_count(k, None)
     c1, w1 = srv.cpu(), time.monotonic()
     close_all(socks, clean)
-    srv.wait_count(0 if srv.name != "websocket-server" else None, 0)
+    srv.wait_count(0, 0)
     c2, w2 = srv.cpu(), time.monotonic()
     return {"connect_us": (sum(c1) - sum(c0)) / k * 1e6, "close_us": (sum(c2) - sum(c1)) / k * 1e6,
             "connect_sys_us": (c1[1] - c0[1]) / k * 1e6, "close_sys_us": (c2[1] - c1[1]) / k * 1e6,

@@ -162,8 +162,12 @@ class IdlePark:
                 self._ending_active -= 1
             if self._live:
                 self._grant(self._live.popleft(), LIVE)
-            elif self._ending and self._ending_active < self.ending_slots:
+            elif self._ending and self._room(ENDING):
                 self._grant(self._ending.popleft(), ENDING)
+
+    def _room(self, kind: int) -> bool:
+        """Under _lock: whether a slot of ``kind`` is free."""
+        return self._active < self.slots and (kind == LIVE or self._ending_active < self.ending_slots)
 
     def _grant(self, gate: _Gate, kind: int) -> None:
         """Under _lock: wake ``gate``'s reader with a slot of ``kind``."""
@@ -215,17 +219,12 @@ class IdlePark:
                     if gate is None:
                         continue
                     self.wakes += 1
-                    if not mask & _HANGUP:
-                        if self._active < self.slots:
-                            self._grant(gate, LIVE)
-                        else:
-                            self.queued += 1
-                            self._live.append(gate)
-                    elif self._active < self.slots and self._ending_active < self.ending_slots:
-                        self._grant(gate, ENDING)
+                    kind = ENDING if mask & _HANGUP else LIVE
+                    if self._room(kind):
+                        self._grant(gate, kind)
                     else:
                         self.queued += 1
-                        self._ending.append(gate)
+                        (self._ending if kind == ENDING else self._live).append(gate)
 
 
 def make_park(enabled: bool = True) -> Optional[IdlePark]:
