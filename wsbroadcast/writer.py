@@ -258,8 +258,8 @@ class Writer:
                 for key, _mask in events:
                     conn = key.data
                     if conn is None:
-                        try:
-                            while self._wake_r.recv(4096):
+                        try:  # (one read takes every wake-up byte but in a flood of them)
+                            while len(self._wake_r.recv(4096)) == 4096:
                                 pass
                         except OSError:
                             pass
@@ -439,9 +439,32 @@ class Writer:
 
     def _flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, []
+        sent_all = 0
         for conn in dirty:
-            if not conn.waiting_write and (conn.out or conn.tls is not None):
+            if conn.waiting_write:
+                continue
+            out = conn.out
+            if len(out) == 1 and conn.tls is None and not (conn.dead or conn.close_sent):
+                # the common case, inline: one frame (or one block of them) that the socket takes whole
+                data = out[0]
+                try:
+                    sent = conn.sock.send(data, _DONTWAIT)
+                except OSError:
+                    sent = -1  # (_send tries again: it waits for writability, or kills the connection)
+                if sent == len(data):
+                    out.clear()
+                    conn.out_bytes = 0
+                    sent_all += sent
+                    conn.drained.set()
+                    continue
+                if sent > 0:
+                    out[0] = memoryview(data)[sent:]
+                    conn.out_bytes -= sent
+                    sent_all += sent
                 self._send(conn)
+            elif out or conn.tls is not None:
+                self._send(conn)
+        self.stats.bytes_out += sent_all
 
     def _send(self, conn: Connection) -> None:
         out = conn.out
