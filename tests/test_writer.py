@@ -15,6 +15,7 @@ import pytest
 
 import wsraw
 from conftest import SCALE
+
 from wsbroadcast.connection import Connection
 from wsbroadcast.writer import DELIVER, SEND, Writer
 from wsbroadcast.wsframe import text_frame
