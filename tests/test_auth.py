@@ -551,7 +551,7 @@ def concrete_topic(draw, pattern: str) -> str:
 
 # --------------------------------------------------------------- redaction
 
-JWT = mint_token(SECRET, sub="leak")
+JWT = mint_token(SECRET, sub="leak", lifetime=None, extra={"iat": 1700000000})  # (the same in every xdist worker)
 
 
 @pytest.mark.parametrize(
