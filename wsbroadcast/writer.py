@@ -445,54 +445,67 @@ class Writer:
                 continue
             out = conn.out
             if len(out) == 1 and conn.tls is None and not (conn.dead or conn.close_sent):
-                # the common case, inline: one frame (or one block of them) that the socket takes whole
+                # _send's common case inline (a call less per recipient): one frame, or one block
+                # of them, most often taken whole
                 data = out[0]
                 try:
                     sent = conn.sock.send(data, _DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
                 except OSError:
-                    sent = -1  # (_send tries again: it waits for writability, or kills the connection)
+                    self._send(conn)  # (it sends again: the same error ends the connection there)
+                    continue
+                sent_all += sent
                 if sent == len(data):
                     out.clear()
                     conn.out_bytes = 0
-                    sent_all += sent
                     conn.drained.set()
-                    continue
-                if sent > 0:
-                    out[0] = memoryview(data)[sent:]
-                    conn.out_bytes -= sent
-                    sent_all += sent
-                self._send(conn)
+                else:
+                    self._advance(conn, data, sent)
+                    self._settle(conn)
             elif out or conn.tls is not None:
                 self._send(conn)
         self.stats.bytes_out += sent_all
 
     def _send(self, conn: Connection) -> None:
-        out = conn.out
         if conn.dead:
             return
         tls = conn.tls
         if tls is not None:
             if not self._send_tls(conn, tls):
                 return
-        elif out:
+        elif conn.out:
+            out = conn.out
             data = out[0] if len(out) == 1 else b"".join(out)
             sent = self._write(conn, data)
             if sent < 0:
                 return
-            if sent == len(data):
-                out.clear()
-                conn.out_bytes = 0
-            else:
-                conn.out_bytes -= sent
-                i = 0
-                while sent >= len(out[i]):
-                    sent -= len(out[i])
-                    i += 1
-                if i:
-                    del out[:i]
-                if sent:
-                    out[0] = memoryview(out[0])[sent:]
-        if out or (tls is not None and tls.wire):
+            self._advance(conn, data, sent)
+        self._settle(conn)
+
+    @staticmethod
+    def _advance(conn: Connection, data: Any, sent: int) -> None:
+        """Take out of the outbox the ``sent`` bytes of ``data`` (its frames joined) that went out."""
+        out = conn.out
+        if sent == len(data):
+            out.clear()
+            conn.out_bytes = 0
+            return
+        conn.out_bytes -= sent
+        i = 0
+        while sent >= len(out[i]):
+            sent -= len(out[i])
+            i += 1
+        if i:
+            del out[:i]
+        if sent:
+            out[0] = memoryview(out[0])[sent:]
+
+    def _settle(self, conn: Connection) -> None:
+        """After a send: wait for writability while anything is left, else stop waiting (and
+        finish a close); a replay waiting for room goes on once the outbox is low."""
+        tls = conn.tls
+        if conn.out or (tls is not None and tls.wire):
             if not conn.waiting_write:
                 try:
                     self._sel.register(conn.sock, selectors.EVENT_WRITE, conn)
